@@ -1,0 +1,223 @@
+"""EchoAI model configuration.
+
+One `EchoAIConfig` drives every module of the encoder, the masked-autoencoder decoder and the heads.
+Field names follow transformers' `VideoMAEConfig` wherever VideoMAE has the same concept, so users who
+know VideoMAE know EchoAI's config.
+
+This file imports only transformers (and the standard library) so that `save_pretrained` can ship it
+as Hub remote code next to `modeling_echoai.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+# Named sizes. Geometry (112 px, 16 frames, tubelet 2, patch 16) is EchoNet-Dynamic's and is shared by
+# all presets; only widths and depths change. `small`/`base` follow ViT-S/ViT-B and VideoMAE's decoder
+# proportions (decoder half the encoder width, 4 layers).
+PRESETS: dict[str, dict] = {
+    # A few hundred thousand parameters: the CPU default for `scripts/pretrain.py` and the tests' base.
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
+        decoder_hidden_size=64,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=256,
+    ),
+    # ViT-S width (22 M encoder parameters).
+    "small": dict(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        decoder_hidden_size=192,
+        decoder_num_hidden_layers=4,
+        decoder_num_attention_heads=3,
+        decoder_intermediate_size=768,
+    ),
+    # ViT-B width (86 M encoder parameters), the size class of the reference paper.
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        decoder_hidden_size=384,
+        decoder_num_hidden_layers=4,
+        decoder_num_attention_heads=6,
+        decoder_intermediate_size=1536,
+    ),
+}
+
+
+@strict
+class EchoAIConfig(PreTrainedConfig):
+    r"""
+    Configuration of an EchoAI model: a ViViT-style video encoder with separable (spatial + temporal)
+    learned position embeddings, pretrained as a VideoMAE-style masked autoencoder.
+
+    Geometry:
+        image_size (`int`, defaults to 112): height and width of the input frames (EchoNet-Dynamic's 112 px).
+        patch_size (`int`, defaults to 16): spatial side of a tubelet.
+        num_channels (`int`, defaults to 3): channels of `pixel_values`; 1 is fine for grayscale echo.
+        num_frames (`int`, defaults to 16): frames per clip the position embeddings are learned for.
+            Other counts work with `interpolate_pos_encoding=True`.
+        tubelet_size (`int`, defaults to 2): frames per tubelet (temporal side of the Conv3d patch).
+
+    Encoder:
+        hidden_size (`int`, defaults to 384): width D of the encoder.
+        num_hidden_layers (`int`, defaults to 12): encoder depth.
+        num_attention_heads (`int`, defaults to 6): heads per encoder attention layer; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 1536): width of the encoder MLP.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation, any key of `transformers.activations.ACT2FN`.
+        hidden_dropout_prob (`float`, defaults to 0.0): dropout after attention projection and MLP.
+        attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on attention probabilities.
+        drop_path_rate (`float`, defaults to 0.0): stochastic-depth rate of the last encoder layer, rising
+            linearly from 0 at the first (as in timm / the MAE fine-tuning recipe).
+        initializer_range (`float`, defaults to 0.02): std of the truncated-normal initialiser.
+        layer_norm_eps (`float`, defaults to 1e-6): epsilon of every LayerNorm.
+        qkv_bias (`bool`, defaults to `True`): bias in the fused query/key/value projection.
+
+    Masked-autoencoder pretraining:
+        decoder_hidden_size (`int`, defaults to 192), decoder_num_hidden_layers (`int`, defaults to 4),
+        decoder_num_attention_heads (`int`, defaults to 3), decoder_intermediate_size (`int`, defaults to 768):
+            the VideoMAE-style decoder, used only by `EchoAIForPreTraining`.
+        norm_pix_loss (`bool`, defaults to `True`): regress each tubelet's pixels normalised by their own
+            mean and variance (MAE's "norm-pix" target), instead of raw pixel values.
+        mask_ratio (`float`, defaults to 0.9): fraction of tubelets hidden from the encoder; in (0, 1).
+        mask_strategy (`str`, defaults to `"tube"`): `"tube"` hides the same spatial patches in every
+            tubelet slice (VideoMAE's tube masking, which stops the model copying a patch from its temporal
+            neighbour); `"random"` hides tubelets independently.
+
+    Heads:
+        use_mean_pooling (`bool`, defaults to `True`): pool the encoder output by averaging all tokens (then
+            LayerNorm) instead of using the first token.
+        regression_loss (`str`, defaults to `"mse"`): `"mse"`, `"l1"` or `"huber"`, the loss of
+            `EchoAIForVideoClassification` when `problem_type="regression"` (EF estimation).
+        regression_target_mean (`float`, defaults to 0.0), regression_target_std (`float`, defaults to 1.0):
+            the regression head predicts `(y - mean) / std` and its output is mapped back, so `logits` are in
+            the target's own units (EF in %) while the head trains on a unit-scale target. Set them to the
+            training split's EF statistics when fine-tuning.
+
+    Presets: `EchoAIConfig.from_preset("tiny" | "small" | "base", **overrides)`; see `PRESETS`.
+    """
+
+    model_type = "echoai"
+
+    image_size: int = 112
+    patch_size: int = 16
+    num_channels: int = 3
+    num_frames: int = 16
+    tubelet_size: int = 2
+    hidden_size: int = 384
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    intermediate_size: int = 1536
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    drop_path_rate: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    decoder_hidden_size: int = 192
+    decoder_num_hidden_layers: int = 4
+    decoder_num_attention_heads: int = 3
+    decoder_intermediate_size: int = 768
+    norm_pix_loss: bool = True
+    mask_ratio: float = 0.9
+    mask_strategy: Literal["tube", "random"] = "tube"
+    use_mean_pooling: bool = True
+    regression_loss: Literal["mse", "l1", "huber"] = "mse"
+    regression_target_mean: float = 0.0
+    regression_target_std: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check()
+
+    def _check(self) -> None:
+        """Reject geometry the model cannot build, naming the field and its value."""
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EchoAIConfig.{name} must be a positive integer, got {value!r}.")
+
+        for name in (
+            "image_size", "patch_size", "num_channels", "num_frames", "tubelet_size",
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
+            "decoder_intermediate_size",
+        ):  # fmt: skip
+            positive(name)
+
+        def divides(small: str, large: str) -> None:
+            if getattr(self, large) % getattr(self, small):
+                raise ValueError(
+                    f"EchoAIConfig.{large}={getattr(self, large)} must be divisible by {small}={getattr(self, small)}."
+                )
+
+        divides("patch_size", "image_size")
+        divides("tubelet_size", "num_frames")
+        divides("num_attention_heads", "hidden_size")
+        divides("decoder_num_attention_heads", "decoder_hidden_size")
+
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"EchoAIConfig.mask_ratio must lie in (0, 1), got {self.mask_ratio!r}.")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"EchoAIConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}.")
+        if self.mask_strategy not in ("tube", "random"):
+            raise ValueError(f"EchoAIConfig.mask_strategy must be 'tube' or 'random', got {self.mask_strategy!r}.")
+        if self.regression_loss not in ("mse", "l1", "huber"):
+            raise ValueError(
+                f"EchoAIConfig.regression_loss must be 'mse', 'l1' or 'huber', got {self.regression_loss!r}."
+            )
+        if not self.regression_target_std > 0:
+            raise ValueError(
+                f"EchoAIConfig.regression_target_std must be positive, got {self.regression_target_std!r}."
+            )
+        # Tube masking hides whole spatial positions, so at least one must stay visible per slice.
+        patches_per_frame = (self.image_size // self.patch_size) ** 2
+        tokens = (
+            patches_per_frame
+            if self.mask_strategy == "tube"
+            else patches_per_frame * (self.num_frames // self.tubelet_size)
+        )
+        if int(self.mask_ratio * tokens) >= tokens:
+            raise ValueError(
+                f"EchoAIConfig.mask_ratio={self.mask_ratio} hides all {tokens} maskable positions; lower it."
+            )
+
+    # `validate()` runs at save time and after every attribute change made through `from_dict`; keeping
+    # our checks there too means a config edited by hand is re-checked before it is written.
+    def validate_geometry(self) -> None:
+        self._check()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> EchoAIConfig:
+        """Build the named preset (`tiny`, `small`, `base`), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown EchoAI preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
+
+    # Derived geometry, used by the model and the processor; never stored, so it cannot disagree.
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens L = T' * N of a clip at the config's geometry."""
+        return (self.num_frames // self.tubelet_size) * self.patches_per_frame
+
+
+__all__ = ["EchoAIConfig", "PRESETS"]

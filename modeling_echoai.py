@@ -1,0 +1,746 @@
+"""EchoAI: a ViViT-style echocardiogram video encoder, pretrained as a masked video autoencoder.
+
+Architecture
+------------
+* **Tubelet embedding** (ViViT / VideoMAE): a Conv3d with kernel = stride = (tubelet, patch, patch) turns a
+  clip into a grid of tokens.
+* **Separable learned position embeddings** (ViViT's spatial + temporal embeddings): token (t, n) gets
+  `spatial[n] + temporal[t]`, so frame order is encoded independently of position in the frame, and
+  each table can be resampled on its own axis (`interpolate_pos_encoding=True`): bicubic over the 2-D
+  patch grid, linear over time.
+* **Encoder**: pre-norm ViT blocks (fused QKV, SDPA or eager attention through transformers' attention
+  interface, stochastic depth), a final LayerNorm. With a mask it encodes only the visible tokens (MAE).
+* **Pretraining** (`EchoAIForPreTraining`, VideoMAE): tube masking (90 % by default), a narrow decoder over
+  visible + mask tokens, pixels of the masked tubelets regressed with the norm-pix MSE loss.
+* **Fine-tuning** (`EchoAIForVideoClassification`): mean-pooled tokens -> head; `num_labels=1` with
+  `problem_type="regression"` estimates ejection fraction.
+
+This file imports only torch, transformers, einops and `configuration_echoai`, so `save_pretrained`
+can ship it as Hub remote code.
+
+Shape letters used in comments and einops patterns:
+    B batch, T frames, C channels, H x W frame size,
+    t tubelet (frames per token), p patch side, T' = T / t token slices, h = H / p, w = W / p,
+    N = h * w tokens per slice, L = T' * N tokens per clip, V visible tokens, M masked tokens (V + M = L),
+    D encoder width, E decoder width, P = t * p * p * C pixels per tubelet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForVideoClassification,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+
+try:  # loaded as Hub remote code: the two files sit side by side in one dynamic package
+    from .configuration_echoai import EchoAIConfig
+except ImportError:  # installed as top-level modules (`pip install echoai`)
+    from configuration_echoai import EchoAIConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EchoAIForPreTrainingOutput(ModelOutput):
+    """
+    Output of `EchoAIForPreTraining`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): norm-pix MSE over the masked tubelets.
+        logits (`torch.FloatTensor` of shape `(B, M, P)`): predicted pixels of the masked tubelets, in the
+            order of `bool_masked_pos`'s True entries (ascending token index); P = tubelet * patch² * channels,
+            laid out as (t p q c). With `norm_pix_loss` they are per-tubelet normalised pixels.
+        bool_masked_pos (`torch.BoolTensor` of shape `(B, L)`): the mask used (True = hidden), returned so a
+            mask the model drew itself can be inspected or visualised.
+        hidden_states, attentions: the encoder's, when requested.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    bool_masked_pos: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers: patchify, masking, position-table resampling
+# --------------------------------------------------------------------------------------------------
+
+
+def patchify(pixel_values: torch.Tensor, tubelet_size: int, patch_size: int) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, L, P), tokens in the Conv3d's (T', h, w) order, pixels as (t p q c)."""
+    return rearrange(
+        pixel_values, "b (T t) c (h p) (w q) -> b (T h w) (t p q c)", t=tubelet_size, p=patch_size, q=patch_size
+    )
+
+
+def unpatchify(patches: torch.Tensor, tubelet_size: int, patch_size: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of `patchify`: (B, L, P) -> (B, T, C, H, W) for a token grid (T', h, w)."""
+    num_slices, h, w = grid
+    return rearrange(
+        patches, "b (T h w) (t p q c) -> b (T t) c (h p) (w q)",
+        T=num_slices, h=h, w=w, t=tubelet_size, p=patch_size, q=patch_size,
+    )  # fmt: skip
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's norm-pix target: each tubelet's pixels minus their mean, over their std (unbiased, as in MAE)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def make_mask(
+    batch_size: int,
+    grid: tuple[int, int, int],
+    mask_ratio: float,
+    strategy: str = "tube",
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.BoolTensor:
+    """
+    Draw a (B, L) boolean mask over a (T', h, w) token grid: True = hidden from the encoder, False = kept.
+
+    `"tube"` (VideoMAE): the same int(mask_ratio * N) spatial positions are hidden in every token slice, so
+    a masked patch cannot be copied from its temporal neighbour (echo frames are highly redundant).
+    `"random"` (MAE-ST): int(mask_ratio * L) tokens hidden independently. Either way every sample hides the
+    same number of tokens, which lets the encoder gather the visible ones into a dense (B, V, D) tensor.
+    Uses `generator` if given (reproducible masks), else torch's global RNG.
+    """
+    num_slices, h, w = grid
+    positions = h * w if strategy == "tube" else num_slices * h * w
+    num_masked = int(mask_ratio * positions)
+    rng_device = generator.device if generator is not None else device
+    noise = torch.rand(batch_size, positions, generator=generator, device=rng_device)
+    # Rank of each position's noise: the num_masked lowest-noise positions are hidden.
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    mask = ranks < num_masked
+    if strategy == "tube":
+        mask = repeat(mask, "b n -> b (T n)", T=num_slices)
+    return mask.to(device)
+
+
+def resample_temporal(table: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """Linearly resample a (T'0, D) temporal table to (T', D); identity when the length already matches.
+
+    Tokens are treated as cell centres (align_corners=False), i.e. the new clip spans the same time as the
+    one the table was learned for, sampled more or less densely.
+    """
+    if table.shape[0] == num_slices:
+        return table
+    resampled = F.interpolate(rearrange(table, "T d -> 1 d T").float(), size=num_slices, mode="linear")
+    return rearrange(resampled, "1 d T -> T d").to(table.dtype)
+
+
+def resample_spatial(table: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubically resample a (h0 * w0, D) spatial table to (h * w, D); identity when the grid matches."""
+    if tuple(grid) == tuple(new_grid):
+        return table
+    image = rearrange(table, "(h w) d -> 1 d h w", h=grid[0], w=grid[1]).float()
+    resampled = F.interpolate(image, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    return rearrange(resampled, "1 d h w -> (h w) d").to(table.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------
+
+
+class EchoAIPositionEmbeddings(nn.Module):
+    """Separable learned position embeddings: a spatial table over the patch grid and a temporal table over
+    token slices, summed per token. Used by the encoder (width D) and the decoder (width E)."""
+
+    def __init__(self, config: EchoAIConfig, width: int):
+        super().__init__()
+        self.grid = (config.image_size // config.patch_size,) * 2  # (h0, w0) the tables are learned for
+        self.spatial = nn.Parameter(torch.zeros(self.grid[0] * self.grid[1], width))  # (N0, width)
+        self.temporal = nn.Parameter(torch.zeros(config.num_frames // config.tubelet_size, width))  # (T'0, width)
+
+    def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The (L, width) table for a (T', h, w) token grid, resampled if it differs from the learned one."""
+        num_slices, h, w = grid
+        spatial = resample_spatial(self.spatial, self.grid, (h, w))  # (N, width)
+        temporal = resample_temporal(self.temporal, num_slices)  # (T', width)
+        return rearrange(temporal[:, None, :] + spatial[None, :, :], "T n d -> (T n) d")
+
+
+class EchoAIPatchEmbeddings(nn.Module):
+    """Tubelet embedding: Conv3d with kernel = stride = (t, p, p); (B, T, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__()
+        self.tubelet_size = config.tubelet_size
+        self.patch_size = config.patch_size
+        self.projection = nn.Conv3d(
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=(config.tubelet_size, config.patch_size, config.patch_size),
+            stride=(config.tubelet_size, config.patch_size, config.patch_size),
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.projection(rearrange(pixel_values, "b T c H W -> b c T H W"))  # (B, D, T', h, w)
+        return rearrange(x, "b d T h w -> b (T h w) d")
+
+
+class EchoAIEmbeddings(nn.Module):
+    """Tubelet embedding + separable position embeddings; keeps only the visible tokens when masked."""
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = EchoAIPatchEmbeddings(config)
+        self.position_embeddings = EchoAIPositionEmbeddings(config, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
+        embeddings = self.patch_embeddings(pixel_values)  # (B, L, D)
+        embeddings = embeddings + self.position_embeddings(grid).to(embeddings.dtype)
+        if bool_masked_pos is not None:
+            check_mask(bool_masked_pos, embeddings.shape[0], embeddings.shape[1])
+            embeddings = rearrange(embeddings[~bool_masked_pos], "(b v) d -> b v d", b=embeddings.shape[0])
+        return self.dropout(embeddings)  # (B, V or L, D)
+
+
+def token_grid(
+    config: EchoAIConfig, pixel_values: torch.Tensor, interpolate_pos_encoding: bool
+) -> tuple[int, int, int]:
+    """Validate `pixel_values` against the config and return its token grid (T', h, w).
+
+    Every shape error a user can make is caught here with a message naming the fix, before a reshape
+    deep inside the model fails cryptically.
+    """
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(
+            f"pixel_values must be a 5-D tensor (batch, frames, channels, height, width); got {shape}. "
+            "A single clip needs a batch dimension: pixel_values[None]."
+        )
+    _, num_frames, num_channels, height, width = pixel_values.shape
+    if num_channels != config.num_channels:
+        raise ValueError(
+            f"pixel_values has {num_channels} channels (dim 2) but the model expects num_channels="
+            f"{config.num_channels}. Check the layout is (batch, frames, channels, height, width)."
+        )
+    if num_frames % config.tubelet_size:
+        raise ValueError(f"pixel_values has {num_frames} frames, not divisible by tubelet_size={config.tubelet_size}.")
+    if height % config.patch_size or width % config.patch_size:
+        raise ValueError(f"Frame size {height}x{width} is not divisible by patch_size={config.patch_size}.")
+    if not interpolate_pos_encoding and (num_frames, height, width) != (
+        config.num_frames,
+        config.image_size,
+        config.image_size,
+    ):
+        raise ValueError(
+            f"Input clip is {num_frames} frames of {height}x{width} but the model was built for "
+            f"{config.num_frames} frames of {config.image_size}x{config.image_size}. Pass "
+            "interpolate_pos_encoding=True to resample the position embeddings, or resize the input."
+        )
+    return num_frames // config.tubelet_size, height // config.patch_size, width // config.patch_size
+
+
+def check_mask(bool_masked_pos: torch.Tensor, batch_size: int, num_tokens: int) -> None:
+    """A usable mask is (B, L) bool and hides the same number of tokens in every sample."""
+    if bool_masked_pos.shape != (batch_size, num_tokens):
+        raise ValueError(
+            f"bool_masked_pos has shape {tuple(bool_masked_pos.shape)}, expected (batch, tokens) = "
+            f"({batch_size}, {num_tokens})."
+        )
+    if bool_masked_pos.dtype != torch.bool:
+        raise ValueError(f"bool_masked_pos must be a bool tensor, got {bool_masked_pos.dtype}.")
+    counts = bool_masked_pos.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(
+            f"bool_masked_pos hides a different number of tokens per sample ({counts.tolist()}); every sample "
+            "must hide the same count so the visible tokens form a dense batch."
+        )
+    if int(counts[0]) == num_tokens:
+        raise ValueError("bool_masked_pos hides every token; at least one must stay visible.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformer blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ · scaling) v on (B, heads, L, d) tensors; returns (B, L, heads, d) and the weights."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = rearrange(torch.matmul(weights, value), "b heads l d -> b l heads d")
+    return output, weights
+
+
+class EchoAISelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection; the kernel is picked by
+    `config._attn_implementation` ("sdpa", "eager", or any registered in transformers)."""
+
+    def __init__(self, config: EchoAIConfig, width: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.scaling = (width // num_heads) ** -0.5
+        self.is_causal = False
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(width, 3 * width, bias=config.qkv_bias)
+        self.proj = nn.Linear(width, width)
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        qkv = rearrange(
+            self.qkv(hidden_states), "b l (three heads d) -> three b heads l d", three=3, heads=self.num_heads
+        )
+        query, key, value = qkv.unbind(0)  # each (B, heads, L, d)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            is_causal=False,
+            scaling=self.scaling,
+            dropout=self.dropout_prob if self.training else 0.0,
+        )
+        output = rearrange(output, "b l heads d -> b l (heads d)")
+        return self.proj_dropout(self.proj(output)), weights
+
+
+class EchoAIMLP(nn.Module):
+    def __init__(self, config: EchoAIConfig, width: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, width)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
+
+
+class EchoAIDropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop a sample's whole residual branch with probability `rate`,
+    scaling the kept ones by 1 / (1 - rate). Built only when rate > 0 (else `nn.Identity`)."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class EchoAILayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, config: EchoAIConfig, width: int, num_heads: int, intermediate_size: int, drop_path: float):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.attention = EchoAISelfAttention(config, width, num_heads)
+        self.layernorm_after = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.mlp = EchoAIMLP(config, width, intermediate_size)
+        self.drop_path = EchoAIDropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attention_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.drop_path(attention_output)
+        return hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+
+
+class EchoAIEncoder(nn.Module):
+    def __init__(self, config: EchoAIConfig):
+        super().__init__()
+        # Stochastic depth rises linearly with depth, from 0 to drop_path_rate (timm, MAE fine-tuning).
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layer = nn.ModuleList(
+            EchoAILayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
+            for rate in rates
+        )
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, **kwargs)
+        return hidden_states
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class EchoAIPreTrainedModel(PreTrainedModel):
+    config_class = EchoAIConfig
+    config: EchoAIConfig
+    base_model_prefix = "echoai"
+    main_input_name = "pixel_values"
+    input_modalities = "video"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EchoAIEmbeddings", "EchoAILayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": EchoAILayer,
+        "attentions": EchoAISelfAttention,
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Map every Auto class, not just the saved model's own, so a pretraining checkpoint also loads as
+        # `AutoModelForVideoClassification` (and vice versa) with `trust_remote_code=True`.
+        if not __package__:
+            self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv3d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, EchoAIPositionEmbeddings):
+            init.trunc_normal_(module.spatial, std=std)
+            init.trunc_normal_(module.temporal, std=std)
+        elif isinstance(module, EchoAIForPreTraining):
+            init.normal_(module.mask_token, std=std)
+
+
+class EchoAIModel(EchoAIPreTrainedModel):
+    """The bare EchoAI encoder: `pixel_values` (B, T, C, H, W) -> `last_hidden_state` (B, L or V, D), after
+    the final LayerNorm. With `bool_masked_pos` only the visible tokens are encoded (MAE)."""
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__(config)
+        self.embeddings = EchoAIEmbeddings(config)
+        self.encoder = EchoAIEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> BaseModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, T, C, H, W)`): clips normalised by the processor.
+            bool_masked_pos (`torch.BoolTensor` of shape `(B, L)`, *optional*): True = token hidden from the
+                encoder; every sample must hide the same count. L = (T / tubelet) * (H / patch) * (W / patch),
+                tokens ordered (slice, row, column).
+            interpolate_pos_encoding (`bool`): allow a frame count or frame size other than the config's by
+                resampling the position tables (bicubic in space, linear in time).
+            output_hidden_states / output_attentions (`bool`): return every layer's input/attention weights.
+        """
+        embeddings = self.embeddings(pixel_values, bool_masked_pos, interpolate_pos_encoding)
+        hidden_states = self.encoder(embeddings, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.layernorm(hidden_states))
+
+
+class EchoAIDecoder(nn.Module):
+    """VideoMAE's decoder: a narrow transformer over all L tokens that predicts the masked tubelets' pixels."""
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EchoAILayer(
+                config, config.decoder_hidden_size, config.decoder_num_attention_heads,
+                config.decoder_intermediate_size, drop_path=0.0,
+            )
+            for _ in range(config.decoder_num_hidden_layers)
+        )  # fmt: skip
+        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(
+            config.decoder_hidden_size, config.tubelet_size * config.patch_size**2 * config.num_channels
+        )
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, num_masked: int) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        # Only the mask tokens (the last M) are predicted: the visible ones are never scored.
+        return self.head(self.norm(hidden_states[:, -num_masked:]))  # (B, M, P)
+
+
+class EchoAIForPreTraining(EchoAIPreTrainedModel):
+    """EchoAI encoder + VideoMAE decoder for masked-autoencoder pretraining.
+
+    The stages are the methods: `make_mask` -> `forward_encoder` (visible tokens only) -> `forward_decoder`
+    (visible + mask tokens, predict masked pixels) -> `forward_loss` (norm-pix MSE on masked tubelets).
+    """
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__(config)
+        self.echoai = EchoAIModel(config)
+        self.encoder_to_decoder = nn.Linear(config.hidden_size, config.decoder_hidden_size, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
+        self.decoder_position_embeddings = EchoAIPositionEmbeddings(config, config.decoder_hidden_size)
+        self.decoder = EchoAIDecoder(config)
+        self.post_init()
+
+    def make_mask(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.BoolTensor:
+        """The (B, L) mask this model draws for `pixel_values` when none is given: `config.mask_ratio` of the
+        tokens hidden with `config.mask_strategy` ("tube": T' * int(mask_ratio * N) tokens;
+        "random": int(mask_ratio * L))."""
+        grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
+        return make_mask(
+            pixel_values.shape[0], grid, self.config.mask_ratio, self.config.mask_strategy,
+            device=pixel_values.device, generator=generator,
+        )  # fmt: skip
+
+    def forward_encoder(self, pixel_values, bool_masked_pos, interpolate_pos_encoding, **kwargs) -> BaseModelOutput:
+        return self.echoai(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+
+    def forward_decoder(
+        self, visible: torch.Tensor, bool_masked_pos: torch.BoolTensor, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """(B, V, D) encoded visible tokens -> (B, M, P) predicted pixels of the masked tubelets."""
+        batch_size = visible.shape[0]
+        visible = self.encoder_to_decoder(visible)  # (B, V, E)
+        positions = repeat(self.decoder_position_embeddings(grid).to(visible.dtype), "l e -> b l e", b=batch_size)
+        # Tokens need not be unshuffled: attention is order-free, so each token just carries its own
+        # position embedding; the mask tokens go last so the head reads them as one slice.
+        visible_positions = rearrange(positions[~bool_masked_pos], "(b v) e -> b v e", b=batch_size)
+        masked_positions = rearrange(positions[bool_masked_pos], "(b m) e -> b m e", b=batch_size)
+        tokens = torch.cat([visible + visible_positions, self.mask_token + masked_positions], dim=1)  # (B, L, E)
+        return self.decoder(tokens, num_masked=masked_positions.shape[1])
+
+    def forward_loss(
+        self, pixel_values: torch.Tensor, logits: torch.Tensor, bool_masked_pos: torch.BoolTensor
+    ) -> torch.Tensor:
+        """Mean squared error between predicted and true pixels, over the masked tubelets only."""
+        target = self.reconstruction_target(pixel_values, bool_masked_pos)
+        return F.mse_loss(logits.float(), target.float())
+
+    def reconstruction_target(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.Tensor:
+        """The (B, M, P) pixels the decoder must predict: the masked tubelets, per-tubelet normalised if
+        `norm_pix_loss`. Computed from `pixel_values` as given (already normalised by the processor), so no
+        dataset statistics are hidden in the model."""
+        patches = patchify(pixel_values, self.config.tubelet_size, self.config.patch_size)  # (B, L, P)
+        patches = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=pixel_values.shape[0])
+        return normalize_patches(patches) if self.config.norm_pix_loss else patches
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> EchoAIForPreTrainingOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, T, C, H, W)`): clips normalised by the processor.
+            bool_masked_pos (`torch.BoolTensor` of shape `(B, L)`, *optional*): True = hidden. When `None` the
+                model draws one with `make_mask` (torch's global RNG: seed it for reproducible masks).
+            interpolate_pos_encoding (`bool`): accept another frame count / size than the config's.
+        """
+        grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
+        if bool_masked_pos is None:
+            bool_masked_pos = self.make_mask(pixel_values, interpolate_pos_encoding)
+        outputs = self.forward_encoder(pixel_values, bool_masked_pos, interpolate_pos_encoding, **kwargs)
+        logits = self.forward_decoder(outputs.last_hidden_state, bool_masked_pos, grid)
+        loss = self.forward_loss(pixel_values, logits, bool_masked_pos)
+        return EchoAIForPreTrainingOutput(
+            loss=loss,
+            logits=logits,
+            bool_masked_pos=bool_masked_pos,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @torch.no_grad()
+    def reconstruct(
+        self, pixel_values: torch.Tensor, logits: torch.Tensor, bool_masked_pos: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn a prediction back into videos for viewing: returns `(masked, reconstruction)`, both
+        (B, T, C, H, W) in `pixel_values`' units. `masked` has hidden tubelets set to 0; `reconstruction` is the
+        input with hidden tubelets replaced by the prediction (mapped back through each tubelet's true mean
+        and std when `norm_pix_loss`, as in MAE's visualisation)."""
+        config = self.config
+        grid = token_grid(config, pixel_values, interpolate_pos_encoding=True)
+        batch_size = pixel_values.shape[0]
+        patches = patchify(pixel_values, config.tubelet_size, config.patch_size)  # (B, L, P)
+        prediction = logits.to(patches.dtype)
+        if config.norm_pix_loss:
+            true = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
+            mean, std = true.mean(-1, keepdim=True), (true.var(-1, keepdim=True) + 1e-6).sqrt()
+            prediction = prediction * std + mean
+        masked = patches.masked_fill(bool_masked_pos[..., None], 0.0)
+        reconstruction = patches.clone()
+        reconstruction[bool_masked_pos] = rearrange(prediction, "b m p -> (b m) p")
+        return (
+            unpatchify(masked, config.tubelet_size, config.patch_size, grid),
+            unpatchify(reconstruction, config.tubelet_size, config.patch_size, grid),
+        )
+
+
+class EchoAIForVideoClassification(EchoAIPreTrainedModel):
+    """EchoAI encoder + a head on the mean-pooled tokens.
+
+    `num_labels=1` (`problem_type="regression"`) estimates a continuous target such as ejection fraction: the
+    head predicts `(y - regression_target_mean) / regression_target_std` and `logits` are mapped back to the
+    target's units, shape (B, 1). `num_labels > 1` is classification with transformers' usual losses.
+    """
+
+    # A pretraining checkpoint's decoder is expected to be left behind when fine-tuning.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder", r"^encoder_to_decoder", r"^mask_token"]
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.echoai = EchoAIModel(config)
+        # There is no class token: the clip is summarised by the mean of its tokens. `use_mean_pooling`
+        # adds VideoMAE's extra LayerNorm on the pooled vector (`fc_norm`).
+        self.fc_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else nn.Identity()
+        )
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def is_regression(self) -> bool:
+        return self.config.problem_type == "regression" or (self.config.problem_type is None and self.num_labels == 1)
+
+    def forward_head(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) tokens -> (B, num_labels) head output (unit-scale for regression)."""
+        return self.classifier(self.fc_norm(last_hidden_state.mean(dim=1)))
+
+    def regression_loss(self, head_output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mean, std = self.config.regression_target_mean, self.config.regression_target_std
+        target = (labels.to(head_output.dtype).view(head_output.shape) - mean) / std
+        losses = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
+        return losses[self.config.regression_loss](head_output.float(), target.float())
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, T, C, H, W)`): clips normalised by the processor.
+            labels (`torch.Tensor` of shape `(B,)` or `(B, num_labels)`, *optional*): EF in % for regression
+                (any shape with B * num_labels values), class indices or multi-hot targets for classification.
+            interpolate_pos_encoding (`bool`): accept another frame count / size than the config's.
+        """
+        outputs = self.echoai(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        head_output = self.forward_head(outputs.last_hidden_state)  # (B, num_labels)
+        loss = None
+        if self.is_regression():
+            mean, std = self.config.regression_target_mean, self.config.regression_target_std
+            logits = head_output * std + mean  # back to the target's units (EF %)
+            if labels is not None:
+                loss = self.regression_loss(head_output, labels)
+        else:
+            logits = head_output
+            if labels is not None:
+                loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Auto-class registration
+# --------------------------------------------------------------------------------------------------
+
+# Only when imported as the installed package: as Hub remote code the classes are found through the
+# config's `auto_map` instead, and registering a second "echoai" there would clash with an installed one.
+AUTO_MAP = {
+    "AutoConfig": "configuration_echoai.EchoAIConfig",
+    "AutoModel": "modeling_echoai.EchoAIModel",
+    "AutoModelForPreTraining": "modeling_echoai.EchoAIForPreTraining",
+    "AutoModelForVideoClassification": "modeling_echoai.EchoAIForVideoClassification",
+}
+
+if not __package__:
+    AutoConfig.register("echoai", EchoAIConfig, exist_ok=True)
+    AutoModel.register(EchoAIConfig, EchoAIModel, exist_ok=True)
+    AutoModelForPreTraining.register(EchoAIConfig, EchoAIForPreTraining, exist_ok=True)
+    AutoModelForVideoClassification.register(EchoAIConfig, EchoAIForVideoClassification, exist_ok=True)
+    # `save_pretrained` then writes `auto_map` and copies both source files next to the weights.
+    EchoAIConfig.register_for_auto_class()
+    EchoAIModel.register_for_auto_class("AutoModel")
+    EchoAIForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    EchoAIForVideoClassification.register_for_auto_class("AutoModelForVideoClassification")
+
+
+__all__ = [
+    "EchoAIConfig",
+    "EchoAIForPreTraining",
+    "EchoAIForPreTrainingOutput",
+    "EchoAIForVideoClassification",
+    "EchoAIModel",
+    "EchoAIPreTrainedModel",
+    "make_mask",
+    "patchify",
+    "unpatchify",
+]
