@@ -1,0 +1,348 @@
+"""A procedural echocardiography phantom written in EchoNet-Dynamic's exact on-disk layout.
+
+EchoAI is developed and tested without access to EchoNet-Dynamic (it needs a data-use agreement),
+so every script falls back to this synthetic corpus when no ``--data_dir`` is given. The corpus is
+meant to be *learnable*: ejection fraction is a deterministic function of what is drawn, so a model
+that reads the pixels can regress it, and a pipeline bug (wrong frames, wrong labels, wrong order)
+shows up as a model that cannot.
+
+Layout (identical to the released dataset, see ``data_echoai.load_echonet_dynamic``)::
+
+    <output_dir>/
+        FileList.csv        FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split
+        VolumeTracings.csv  FileName,X1,Y1,X2,Y2,Frame   (FileName with ".avi")
+        Videos/<FileName>.avi   112x112, 3-channel grayscale MJPEG, one key frame per frame
+
+The phantom, per video (all sizes in pixels of the 112x112 frame):
+
+* an ultrasound sector (fan) with its apex at the top centre, depth attenuation and multiplicative
+  speckle (Rayleigh-distributed magnitude of smoothed complex Gaussian noise, partly re-drawn every
+  frame so it "boils" like real speckle);
+* an apical-4-chamber arrangement: the left ventricle (LV) on the image's right, its apex under the
+  transducer, a dark blood pool inside a bright myocardial wall that thickens in systole; the right
+  ventricle (RV) on the left, separated by the septum; both atria below the valve plane, filling
+  while the ventricles empty;
+* the LV cavity is a truncated ellipse ("bullet"): long axis ``L`` from the apex to the mitral
+  annulus, half-width ``b``. Over the cardiac cycle (heart rate 50-110 bpm, random phase) both
+  shrink towards end-systole; the long axis shortens less than the short axis, as in real hearts.
+
+Labels come from the phantom's own geometry, the way a sonographer measures them: at the
+end-diastolic (ED, largest LV) and end-systolic (ES, smallest LV) frames of the first cardiac cycle
+the cavity is traced as a long axis plus ``NUM_CHORDS`` (20) perpendicular chords, exactly the rows
+written to ``VolumeTracings.csv``, and the volume follows from the method of discs (Simpson's rule),
+``V = sum(pi / 4 * d_i**2 * L / NUM_CHORDS)``, converted to mL with a per-video pixel spacing
+(1.2-1.6 mm). ``EF = 100 * (EDV - ESV) / EDV``. The target EF is drawn from a normal distribution
+with mean 55 and standard deviation 12 clipped to [10, 85] (EchoNet-Dynamic: mean 55.7, sd 12.5);
+the written EF is the one measured on the traced frames, which differs from the target by well
+under one percentage point. EDV targets are log-normal around 95 mL.
+
+Videos are 30-60 frames per second and 60-200 frames long, always at least 1.1 cardiac cycles so
+both traced frames lie inside the video; splits are TRAIN/VAL/TEST in proportions 75/12.5/12.5.
+
+Everything is drawn from ``numpy.random.SeedSequence(seed)``, one child sequence per video, so the
+same seed gives byte-identical CSVs and identical decoded frames, whatever the number of worker
+processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from tqdm.auto import tqdm
+
+
+FRAME_SIZE = 112
+NUM_CHORDS = 20
+FILE_LIST_COLUMNS = ["FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split"]
+TRACING_COLUMNS = ["FileName", "X1", "Y1", "X2", "Y2", "Frame"]
+SPLIT_FRACTIONS = {"TRAIN": 0.75, "VAL": 0.125, "TEST": 0.125}
+
+# Fraction of the cardiac cycle spent in systole (ED -> ES); the rest is diastole.
+_SYSTOLE_FRACTION = 0.35
+# Intensities in [0, 1] before speckle: blood is nearly anechoic, myocardium bright.
+_TISSUE, _BLOOD, _MYOCARDIUM = 0.32, 0.03, 0.85
+
+
+@dataclass(frozen=True)
+class PhantomVideo:
+    """One rendered phantom: frames and the measurements written to the two CSV files."""
+
+    frames: np.ndarray  # (T, H, W) uint8
+    fps: int
+    ef: float
+    esv: float
+    edv: float
+    ed_frame: int
+    es_frame: int
+    tracings: dict[int, np.ndarray]  # frame index -> (1 + NUM_CHORDS, 4) rows of X1, Y1, X2, Y2
+
+
+def _smooth(noise: np.ndarray) -> np.ndarray:
+    """3x3 box blur over the last two axes (speckle grain of ~2 px, like EchoNet's downsampled scans)."""
+    padded = np.pad(noise, [(0, 0)] * (noise.ndim - 2) + [(1, 1), (1, 1)], mode="wrap")
+    rows = padded[..., :-2, :] + padded[..., 1:-1, :] + padded[..., 2:, :]
+    return (rows[..., :, :-2] + rows[..., :, 1:-1] + rows[..., :, 2:]) / 9.0
+
+
+def _speckle(rng: np.random.Generator, num_frames: int, temporal_correlation: float) -> np.ndarray:
+    """Rayleigh speckle with mean 1, shape (T, H, W): a fixed pattern plus a per-frame part."""
+    shape = (FRAME_SIZE, FRAME_SIZE)
+    fixed = rng.standard_normal((2, *shape), dtype=np.float32)
+    moving = rng.standard_normal((2, num_frames, *shape), dtype=np.float32)
+    mix = np.sqrt(temporal_correlation), np.sqrt(1.0 - temporal_correlation)
+    real = _smooth(mix[0] * fixed[0] + mix[1] * moving[0])
+    imag = _smooth(mix[0] * fixed[1] + mix[1] * moving[1])
+    magnitude = np.hypot(real, imag)
+    return magnitude / magnitude.mean()
+
+
+def _contraction(phase: np.ndarray) -> np.ndarray:
+    """Cardiac contraction in [0, 1] for a cycle phase in [0, 1): 0 at end-diastole, 1 at end-systole."""
+    systole = 0.5 - 0.5 * np.cos(np.pi * phase / _SYSTOLE_FRACTION)
+    diastole = 0.5 + 0.5 * np.cos(np.pi * (phase - _SYSTOLE_FRACTION) / (1.0 - _SYSTOLE_FRACTION))
+    return np.where(phase < _SYSTOLE_FRACTION, systole, diastole)
+
+
+def _bullet_distance(
+    xx: np.ndarray, yy: np.ndarray, apex: np.ndarray, direction: np.ndarray, length: np.ndarray, half_width: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distance (px, negative inside) to a truncated ellipse, and the position along its axis.
+
+    The ellipse has its apex at ``apex``, semi-axes ``a = length / 1.6`` along ``direction`` and
+    ``half_width`` across, truncated at ``length`` from the apex (the valve plane), so the base is
+    ``0.8 * half_width`` wide. ``length`` and ``half_width`` are (T, 1, 1), the grids (H, W).
+    """
+    a = length / 1.6
+    dx, dy = xx - apex[0], yy - apex[1]
+    along = dx * direction[0] + dy * direction[1]  # (H, W)
+    across = -dx * direction[1] + dy * direction[0]
+    q = np.sqrt(((along - a) / a) ** 2 + (across / half_width) ** 2)  # (T, H, W), 1 on the boundary
+    return (q - 1.0) * half_width, along
+
+
+def _chord_tracing(
+    apex: np.ndarray, direction: np.ndarray, length: float, half_width: float
+) -> tuple[np.ndarray, float]:
+    """Long axis plus NUM_CHORDS perpendicular chords of the LV cavity, and its method-of-discs volume (px^3)."""
+    a = length / 1.6
+    perp = np.array([-direction[1], direction[0]])
+    base = apex + length * direction
+    rows = [np.concatenate([apex, base])]
+    positions = (np.arange(NUM_CHORDS) + 0.5) / NUM_CHORDS * length
+    halves = half_width * np.sqrt(np.clip(1.0 - ((positions - a) / a) ** 2, 0.0, None))
+    for s, h in zip(positions, halves):
+        centre = apex + s * direction
+        rows.append(np.concatenate([centre - h * perp, centre + h * perp]))
+    volume = float(np.sum(np.pi * halves**2 * length / NUM_CHORDS))  # discs of diameter 2h
+    return np.stack(rows), volume
+
+
+def render_phantom(seed_sequence: np.random.SeedSequence) -> PhantomVideo:
+    """Render one phantom echo video and measure it. Deterministic in ``seed_sequence``."""
+    rng = np.random.default_rng(seed_sequence)
+    fps = int(rng.integers(30, 61))
+    heart_rate = float(rng.uniform(50.0, 110.0))  # bpm
+    frames_per_cycle = fps * 60.0 / heart_rate
+    num_frames = max(int(rng.integers(60, 201)), math.ceil(1.1 * frames_per_cycle) + 2)
+    target_ef = float(np.clip(rng.normal(55.0, 12.0), 10.0, 85.0))
+    target_edv = float(np.exp(rng.normal(np.log(95.0), 0.3)))  # mL
+    spacing = float(rng.uniform(1.2, 1.6))  # mm per pixel
+
+    # LV geometry at end-diastole; the ES shape follows from the target EF. The long axis takes
+    # ratio**0.2 of the volume change and the two short axes the rest (V ~ L * b**2).
+    ratio = 1.0 - target_ef / 100.0
+    length_ed = float(rng.uniform(56.0, 66.0))
+    unit_volume = _chord_tracing(np.zeros(2), direction=np.array([0.0, 1.0]), length=1.0, half_width=1.0)[1]
+    half_width_ed = math.sqrt(target_edv * 1000.0 / spacing**3 / (unit_volume * length_ed))
+    half_width_ed = float(np.clip(half_width_ed, 12.0, 21.0))
+    length_ratio = ratio**0.2
+    width_ratio = math.sqrt(ratio / length_ratio)
+    tilt = float(rng.uniform(-0.12, 0.12))  # radians from vertical
+    direction = np.array([math.sin(tilt), math.cos(tilt)])
+    lv_apex = np.array([60.0 + rng.uniform(-3, 3), 16.0 + rng.uniform(-3, 3)])
+    wall_ed = float(rng.uniform(3.5, 5.5))
+
+    t = np.arange(num_frames) / fps
+    phase = (t * heart_rate / 60.0 + rng.uniform(0.0, 1.0)) % 1.0
+    c = _contraction(phase)  # (T,)
+    length = length_ed * (1.0 - (1.0 - length_ratio) * c)
+    half_width = half_width_ed * (1.0 - (1.0 - width_ratio) * c)
+    wall = wall_ed * (1.0 + 0.5 * c)  # the myocardium thickens as it contracts
+
+    # Traced frames: ED is the largest LV in the first cycle, ES the smallest in the cycle after it.
+    volume_px = length * half_width**2
+    window = math.ceil(frames_per_cycle)
+    ed_frame = int(np.argmax(volume_px[:window]))
+    es_frame = ed_frame + int(np.argmin(volume_px[ed_frame : ed_frame + window]))
+    tracings, volumes = {}, {}
+    for frame in (ed_frame, es_frame):
+        tracings[frame], volumes[frame] = _chord_tracing(lv_apex, direction, length[frame], half_width[frame])
+    edv = volumes[ed_frame] * spacing**3 / 1000.0
+    esv = volumes[es_frame] * spacing**3 / 1000.0
+    ef = 100.0 * (edv - esv) / edv
+
+    frames = _draw_frames(rng, lv_apex, direction, length, half_width, wall, c)
+    return PhantomVideo(
+        frames=frames, fps=fps, ef=ef, esv=esv, edv=edv, ed_frame=ed_frame, es_frame=es_frame, tracings=tracings
+    )
+
+
+def _draw_frames(
+    rng: np.random.Generator,
+    lv_apex: np.ndarray,
+    direction: np.ndarray,
+    length: np.ndarray,
+    half_width: np.ndarray,
+    wall: np.ndarray,
+    contraction: np.ndarray,
+) -> np.ndarray:
+    """Rasterise the four chambers, speckle and the sector for every frame at once: (T, H, W) uint8."""
+    num_frames = len(length)
+    yy, xx = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE].astype(np.float32)
+    col = lambda v: np.asarray(v, dtype=np.float32).reshape(-1, 1, 1)  # noqa: E731  (T,) -> (T, 1, 1)
+    length, half_width, wall, contraction = col(length), col(half_width), col(wall), col(contraction)
+    perp = np.array([-direction[1], direction[0]], dtype=np.float32)
+    lv_apex, direction = lv_apex.astype(np.float32), direction.astype(np.float32)
+    edge = 0.8  # px, softness of tissue boundaries
+
+    def paint(image: np.ndarray, signed_distance: np.ndarray, value: float) -> np.ndarray:
+        inside = 0.5 - 0.5 * np.tanh(signed_distance * (0.5 / edge))  # logistic sigmoid
+        return image + (value - image) * inside
+
+    image = np.full((num_frames, FRAME_SIZE, FRAME_SIZE), _TISSUE, dtype=np.float32)
+
+    # RV: smaller, to the image's left of the septum, contracting with the LV (fixed RV EF ~ 45 %).
+    rv_width = half_width[0, 0, 0] * 0.75 * (1.0 - 0.2 * contraction)
+    rv_apex = lv_apex + perp * (half_width.max() + wall.max() + 0.8 * rv_width.max()) + direction * 8.0
+    rv_length = length * 0.8
+    rv_dist, rv_along = _bullet_distance(xx, yy, rv_apex, direction, rv_length, rv_width)
+    rv_open = rv_along - rv_length  # > 0 past the tricuspid plane
+
+    # Atria below the valve plane; they fill while the ventricles empty.
+    atrium_scale = 1.0 + 0.25 * contraction
+    atria = []
+    for apex, ventricle_length, width in ((lv_apex, length, half_width[0, 0, 0]), (rv_apex, rv_length, rv_width[0, 0, 0])):
+        base = apex + direction * ventricle_length.mean()
+        atria.append(_bullet_distance(xx, yy, base - direction * 2.0, direction, 30.0 * atrium_scale, 0.85 * width))
+
+    lv_dist, lv_along = _bullet_distance(xx, yy, lv_apex, direction, length, half_width)
+    lv_open = lv_along - length
+
+    # Walls first (bright), then cavities (dark) on top, so the septum is the LV/RV walls between.
+    for distance, _ in atria:
+        image = paint(image, distance - 2.5, _MYOCARDIUM * 0.7)
+    image = paint(image, np.maximum(rv_dist - 0.6 * wall, rv_open), _MYOCARDIUM * 0.9)
+    image = paint(image, np.maximum(lv_dist - wall, lv_open), _MYOCARDIUM)
+    for distance, _ in atria:
+        image = paint(image, distance, _BLOOD)
+    image = paint(image, np.maximum(rv_dist, rv_open - 1.0), _BLOOD)
+    image = paint(image, np.maximum(lv_dist, lv_open - 1.0), _BLOOD)
+
+    # Acquisition: speckle, depth attenuation, sector mask, electronic noise.
+    image *= _speckle(rng, num_frames, temporal_correlation=float(rng.uniform(0.6, 0.85)))
+    sector_apex_y = -4.0
+    radius = np.hypot(xx - FRAME_SIZE / 2, yy - sector_apex_y)
+    angle = np.arctan2(xx - FRAME_SIZE / 2, yy - sector_apex_y)
+    max_radius, half_angle = FRAME_SIZE + 2.0, float(rng.uniform(0.68, 0.78))
+    sector = np.clip((max_radius - radius) / 1.5, 0, 1) * np.clip((half_angle - np.abs(angle)) * 40.0, 0, 1)
+    gain = float(rng.uniform(0.8, 1.1))
+    image *= gain * (1.0 - 0.45 * radius / max_radius) * sector
+    image += np.abs(rng.normal(0.0, 0.01, size=image.shape)).astype(np.float32) * sector
+    return np.clip(image * 255.0, 0, 255).astype(np.uint8)
+
+
+def write_avi(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
+    """Write (T, H, W) uint8 grayscale frames as a 3-channel MJPEG AVI, like EchoNet-Dynamic's videos.
+
+    Every MJPEG frame is a key frame. The bit rate is high enough that JPEG artefacts stay below
+    one grey level on average, so the phantom survives encoding.
+    """
+    with av.open(str(path), mode="w", format="avi") as container:
+        stream = container.add_stream("mjpeg", rate=Fraction(fps))
+        stream.height, stream.width = frames.shape[1:]
+        stream.pix_fmt = "yuvj420p"
+        stream.bit_rate = 8_000_000
+        stream.codec_context.thread_count = 1  # keep the bitstream independent of the machine
+        for frame in frames:
+            rgb = np.repeat(frame[:, :, None], 3, axis=2)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _assign_splits(num_videos: int, rng: np.random.Generator) -> list[str]:
+    """TRAIN/VAL/TEST in 75/12.5/12.5 proportions (at least one VAL and TEST video when n >= 3)."""
+    num_val = max(round(num_videos * SPLIT_FRACTIONS["VAL"]), 1 if num_videos >= 3 else 0)
+    num_test = max(round(num_videos * SPLIT_FRACTIONS["TEST"]), 1 if num_videos >= 3 else 0)
+    splits = np.array(["TRAIN"] * (num_videos - num_val - num_test) + ["VAL"] * num_val + ["TEST"] * num_test)
+    return list(splits[rng.permutation(num_videos)])
+
+
+def _render_and_write(args: tuple[np.random.SeedSequence, str]) -> PhantomVideo:
+    seed_sequence, path = args
+    video = render_phantom(seed_sequence)
+    write_avi(path, video.frames, video.fps)
+    return video
+
+
+def _map(function, items: list, num_workers: int) -> Iterator:
+    if num_workers <= 1:
+        yield from map(function, items)
+        return
+    with ProcessPoolExecutor(max_workers=num_workers) as pool:
+        yield from pool.map(function, items, chunksize=4)
+
+
+def make_synthetic_echonet(
+    output_dir: str | os.PathLike, num_videos: int = 200, seed: int = 0, num_workers: int | None = None
+) -> Path:
+    """Write a synthetic corpus in EchoNet-Dynamic's layout to ``output_dir`` and return its path.
+
+    Args:
+        output_dir: Folder to create (may exist; existing files of the same names are overwritten).
+        num_videos: Number of videos (``FileList.csv`` rows).
+        seed: Seed of the whole corpus; the same seed gives the same files.
+        num_workers: Processes rendering videos in parallel (default: all CPU cores, at most 8).
+            The output does not depend on it.
+    """
+    if num_videos < 1:
+        raise ValueError(f"num_videos must be at least 1, got {num_videos}")
+    output_dir = Path(output_dir)
+    (output_dir / "Videos").mkdir(parents=True, exist_ok=True)
+    root = np.random.SeedSequence(seed)
+    corpus_rng = np.random.default_rng(root.spawn(1)[0])
+    names = [f"0X{value:016X}" for value in corpus_rng.choice(2**62, size=num_videos, replace=False)]
+    splits = _assign_splits(num_videos, corpus_rng)
+    jobs = [(child, str(output_dir / "Videos" / f"{name}.avi")) for child, name in zip(root.spawn(num_videos), names)]
+    if num_workers is None:
+        num_workers = min(os.cpu_count() or 1, 8)
+    num_workers = min(num_workers, num_videos)
+
+    file_rows, tracing_rows = [], []
+    videos = _map(_render_and_write, jobs, num_workers)
+    for name, split, video in tqdm(zip(names, splits, videos), total=num_videos, desc="Synthetic echo videos"):
+        file_rows.append(
+            [name, f"{video.ef:.6f}", f"{video.esv:.6f}", f"{video.edv:.6f}", FRAME_SIZE, FRAME_SIZE,
+             video.fps, len(video.frames), split]
+        )  # fmt: skip
+        for frame in sorted(video.tracings):
+            for x1, y1, x2, y2 in video.tracings[frame]:
+                tracing_rows.append([f"{name}.avi", f"{x1:.4f}", f"{y1:.4f}", f"{x2:.4f}", f"{y2:.4f}", frame])
+
+    for filename, header, rows in (
+        ("FileList.csv", FILE_LIST_COLUMNS, file_rows),
+        ("VolumeTracings.csv", TRACING_COLUMNS, tracing_rows),
+    ):
+        with open(output_dir / filename, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+    return output_dir
