@@ -1,0 +1,509 @@
+"""Video processor for EchoAI: echo video file -> clip(s) -> normalised `pixel_values`.
+
+One object, saved next to the model with `save_pretrained` and reloaded with
+`AutoVideoProcessor.from_pretrained(folder)`, turns a video into model input the same way in
+training, evaluation and inference:
+
+    file --PyAV, only the needed frames--> (K, T) uint8 grey frames --resize--> image_size
+         --(training only) pad+crop, gamma/contrast/brightness jitter--> replicate to num_channels
+         --(x / 255 - image_mean) / image_std--> pixel_values (K, T, C, H, W) float32
+
+Conventions (EchoNet-Dynamic, Ouyang et al. 2020):
+
+* A clip is `num_frames` frames taken every `period`-th frame (EchoNet: 32 frames, period 2; EchoAI
+  defaults to 16 frames, period 2, i.e. 0.64 s at 50 fps, most of a heart beat).
+* Clip starts: `"random"` (training: one uniformly drawn start), `"start"` (one clip at a given
+  start frame), `"all"` (EchoNet's test protocol: every start 0 .. n - (num_frames - 1) * period - 1,
+  so n - (num_frames - 1) * period clips) and `"uniform"` (`num_clips` evenly spaced starts, first and
+  last included; `num_clips=1` is the clip at frame 0). All four go through `clip_frame_indices`.
+* Videos shorter than a clip (n < (num_frames - 1) * period + 1 frames) yield one clip starting at 0
+  whose missing frames repeat the last frame. EchoNet pads with zeros instead; repeating keeps the
+  padded frames inside the image statistics and the heart visible, at the cost of a frozen tail.
+* Echo is grey: frames are decoded as luma (EchoNet's AVIs store three identical channels) and
+  replicated to `num_channels` (3 for a model initialised from RGB weights, or 1).
+* `image_mean` / `image_std` are per output channel, in [0, 1] pixel units (after dividing by 255).
+  EchoNet computes them over a sample of training videos; so does `compute_mean_std`.
+* Training augmentation (`do_augment=True`, off by default so inference is deterministic): zero
+  padding by `augment_padding` pixels (EchoNet: 12) then a random crop back to `image_size`, and
+  random gamma, contrast and brightness. No horizontal flip by default: it swaps the left and right
+  heart, which an apical 4-chamber view never shows.
+
+Decoding seeks to the key frame at or before the first needed frame and decodes forward, stopping
+after the last needed frame; EchoNet's AVIs are MJPEG (every frame a key frame), so a 16 x 2 clip
+decodes 31 frames whatever the video length. A file that cannot be read raises `VideoDecodingError`,
+whose message names the file, the reason and the fix; training data loaders catch it per item (see
+`data_echoai.EchoNetTransform` and `data_echoai.EchoAIDataCollator`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from tqdm.auto import tqdm
+from transformers.image_processing_utils import BatchFeature
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+from transformers.video_processing_utils import BaseVideoProcessor
+
+from configuration_echoai import EchoAIConfig
+
+
+logger = logging.getLogger(__name__)
+
+ClipSampling = Literal["random", "start", "all", "uniform"]
+VideoLike = str | os.PathLike | np.ndarray | torch.Tensor
+
+
+class VideoDecodingError(RuntimeError):
+    """A video file that cannot be used: missing, empty, not a video, or truncated.
+
+    Attributes:
+        path: the offending file.
+        reason: what is wrong with it, in a few words.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str | None = None):
+        self.path, self.reason = os.fspath(path), reason
+        fix = fix or (
+            "re-export or re-copy the file, or remove it from the dataset (the EchoNet loader "
+            "`data_echoai.load_echonet_dynamic` reports and excludes such files)"
+        )
+        super().__init__(f"{self.path}: {reason}. Fix: {fix}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container header says about a video's first video stream."""
+
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class DecodedFrames:
+    """Frames returned by `decode_video_frames`, and how many frames the decoder had to produce."""
+
+    frames: np.ndarray  # (N, H, W) uint8, in the order of the requested indices
+    num_decoded: int
+    num_video_frames: int
+
+
+def _open_video(path: str | os.PathLike) -> av.container.InputContainer:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoDecodingError(path, "file not found", fix="check the path (and `--data_dir`)")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodingError(path, "empty file (0 bytes)")
+    try:
+        container = av.open(path)
+    except av.FFmpegError as error:
+        raise VideoDecodingError(path, f"FFmpeg cannot open it as a video ({error})") from error
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodingError(path, "the file has no video stream")
+    return container
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return Fraction(rate) if rate else None
+
+
+def _count_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    """Frames in the stream: the header's count (AVI, MP4), else counted from packets without decoding."""
+    if stream.frames > 0:
+        return int(stream.frames)
+    count = sum(1 for packet in container.demux(stream) if packet.size)
+    container.seek(0)
+    return count
+
+
+def probe_video(path: str | os.PathLike, check_last_frame: bool = False) -> VideoInfo:
+    """Read a video's header (cheap); with `check_last_frame`, also decode its last frame.
+
+    Decoding the last frame (a seek and a few frames' decode) catches truncated files whose header
+    still announces the full length, which a header read alone cannot.
+
+    Raises:
+        VideoDecodingError: the file is missing, empty, not a video, or (with `check_last_frame`)
+            its last frame cannot be decoded.
+    """
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        rate = _frame_rate(stream)
+        info = VideoInfo(
+            num_frames=_count_frames(container, stream),
+            fps=float(rate) if rate else 0.0,
+            height=stream.codec_context.height,
+            width=stream.codec_context.width,
+        )
+    if info.num_frames < 1:
+        raise VideoDecodingError(path, "the video stream has no frames")
+    if check_last_frame:
+        decode_video_frames(path, [info.num_frames - 1])
+    return info
+
+
+def decode_video_frames(path: str | os.PathLike, frame_indices: Sequence[int] | np.ndarray) -> DecodedFrames:
+    """Decode only the frames at `frame_indices` (any order, repeats allowed) as grey uint8.
+
+    Seeks to the key frame at or before the first wanted frame, decodes forward and stops after
+    the last wanted one. Frame numbers come from presentation timestamps, so they stay right after a
+    seek; a stream without timestamps is decoded from the start, counting frames.
+
+    Raises:
+        VideoDecodingError: unreadable file, corrupt data, or a wanted frame past the end of the
+            stream (a truncated file).
+    """
+    indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+    if indices.size == 0 or indices.min() < 0:
+        raise ValueError(f"frame_indices must be non-empty and non-negative, got {indices.tolist()}")
+    wanted = set(indices.tolist())
+    first, last = int(indices.min()), int(indices.max())
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        num_video_frames = _count_frames(container, stream)
+        rate, start_pts = _frame_rate(stream), stream.start_time or 0
+        can_seek = first > 0 and rate is not None and stream.time_base is not None
+
+        def frame_number(frame: av.VideoFrame) -> int | None:
+            if frame.pts is None or rate is None:
+                return None
+            return round((frame.pts - start_pts) * stream.time_base * rate)
+
+        frames: dict[int, np.ndarray] = {}
+        num_decoded = 0
+        for attempt_seek in ((True, False) if can_seek else (False,)):
+            frames.clear()
+            if attempt_seek:
+                container.seek(start_pts + int(first / rate / stream.time_base), stream=stream, backward=True)
+            else:
+                container.seek(0)
+            position, usable = -1, True
+            try:
+                for frame in container.decode(stream):
+                    num_decoded += 1
+                    number = frame_number(frame)
+                    position = number if number is not None else position + 1
+                    if attempt_seek and (number is None or (not frames and number > first)):
+                        usable = False  # no timestamps, or the demuxer seeked past the target
+                        break
+                    if position in wanted:
+                        frames[position] = frame.to_ndarray(format="gray")
+                    if position >= last:
+                        break
+            except av.FFmpegError as error:
+                raise VideoDecodingError(path, f"corrupt data near frame {position + 1} ({error})") from error
+            if usable:
+                break
+    missing = sorted(wanted - frames.keys())
+    if missing and missing[0] >= num_video_frames:
+        raise IndexError(f"{os.fspath(path)}: frame {missing[0]} requested from a video of {num_video_frames} frames")
+    if missing:
+        raise VideoDecodingError(
+            path,
+            f"the stream ends after frame {position} but frame {missing[0]} was requested "
+            f"(the header announces {num_video_frames} frames; the file is probably truncated)",
+        )
+    return DecodedFrames(
+        frames=np.stack([frames[i] for i in indices.tolist()]),
+        num_decoded=num_decoded,
+        num_video_frames=num_video_frames,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Clip sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def clip_frame_indices(
+    num_video_frames: int,
+    num_frames: int,
+    period: int,
+    clip_sampling: ClipSampling = "uniform",
+    clip_start: int = 0,
+    num_clips: int = 1,
+    generator: torch.Generator | None = None,
+) -> np.ndarray:
+    """Frame numbers of the clips to take from a video, shape (K, num_frames).
+
+    Every sampling mode goes through here. Valid starts are 0 .. n - (num_frames - 1) * period - 1;
+    a video too short for one clip gives the single start 0, and indices past its end repeat the
+    last frame (see the module docstring).
+
+    Args:
+        num_video_frames: frames in the video (n).
+        num_frames: frames per clip (T).
+        period: step between sampled frames.
+        clip_sampling: `"random"` (one random start), `"start"` (start at `clip_start`, clamped to the
+            valid range), `"all"` (every valid start) or `"uniform"` (`num_clips` evenly spaced starts).
+        generator: torch generator for `"random"` (default: torch's global RNG, which PyTorch seeds
+            differently in every DataLoader worker).
+    """
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be positive, got {num_video_frames}")
+    num_starts = max(num_video_frames - (num_frames - 1) * period, 1)
+    if clip_sampling == "random":
+        starts = torch.randint(num_starts, (1,), generator=generator).numpy()
+    elif clip_sampling == "start":
+        starts = np.array([min(max(clip_start, 0), num_starts - 1)])
+    elif clip_sampling == "all":
+        starts = np.arange(num_starts)
+    elif clip_sampling == "uniform":
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be at least 1, got {num_clips}")
+        starts = np.round(np.linspace(0, num_starts - 1, num_clips)).astype(np.int64)
+    else:
+        raise ValueError(f"clip_sampling must be one of 'random', 'start', 'all', 'uniform', got {clip_sampling!r}")
+    indices = starts[:, None] + period * np.arange(num_frames)[None, :]  # (K, T)
+    return np.minimum(indices, num_video_frames - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_mean_std(
+    videos: Sequence[str | os.PathLike], num_videos: int = 128, seed: int = 0, num_channels: int = 3
+) -> tuple[list[float], list[float]]:
+    """Pixel mean and std over all frames of a random sample of videos, in [0, 1] units, per channel.
+
+    EchoNet computes its normalisation this way from 128 training videos. Unreadable videos are
+    skipped with a warning. Pass the result as `EchoAIVideoProcessor(image_mean=..., image_std=...)`.
+    """
+    if not videos:
+        raise ValueError("compute_mean_std needs at least one video")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(videos), size=min(num_videos, len(videos)), replace=False)
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in tqdm(sorted(chosen.tolist()), desc="Pixel mean/std"):
+        try:
+            info = probe_video(videos[i])
+            frames = decode_video_frames(videos[i], np.arange(info.num_frames)).frames
+        except VideoDecodingError as error:
+            logger.warning("Skipping a video in the mean/std sample: %s", error)
+            continue
+        pixels = frames.astype(np.float64) / 255.0
+        total, total_sq, count = total + pixels.sum(), total_sq + np.square(pixels).sum(), count + pixels.size
+    if count == 0:
+        raise ValueError("compute_mean_std could not read any of the sampled videos")
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+    return [float(mean)] * num_channels, [std] * num_channels
+
+
+# --------------------------------------------------------------------------------------------------
+# The processor
+# --------------------------------------------------------------------------------------------------
+
+
+class EchoAIVideoProcessor(BaseVideoProcessor):
+    r"""Decode, sample, resize, (augment) and normalise echo videos into EchoAI's `pixel_values`.
+
+    Args:
+        num_frames (`int`, defaults to 16): frames per clip (T).
+        period (`int`, defaults to 2): take every `period`-th frame.
+        image_size (`int`, defaults to 112): output height and width; frames are resized with
+            antialiased bilinear interpolation when they differ (EchoNet's videos are 112 x 112).
+        num_channels (`int`, defaults to 3): output channels; the grey frame is replicated.
+        image_mean, image_std (`list[float]`, one per channel): normalisation in [0, 1] pixel units.
+            The defaults map [0, 1] to [-1, 1]; use `compute_mean_std` on the training split.
+        do_augment (`bool`, defaults to `False`): default for the training augmentation.
+        augment_padding (`int`, defaults to 12): zero padding (pixels) before the random crop.
+        brightness_jitter (`float`, defaults to 0.1): brightness offset drawn from U(-b, b), [0, 1] units.
+        contrast_jitter (`float`, defaults to 0.2): contrast factor drawn from U(1 - c, 1 + c).
+        gamma_jitter (`float`, defaults to 0.2): gamma drawn from exp(U(-g, g)).
+        horizontal_flip_probability (`float`, defaults to 0.0): probability of a left-right flip.
+
+    Call: `processor(videos, clip_sampling=..., clip_start=..., num_clips=..., do_augment=...,
+    generator=..., return_tensors="pt")`, where `videos` is a path, an array of frames (T, H, W) or
+    (T, H, W, C) uint8, or a list of these. Returns a `BatchFeature` with `pixel_values`
+    (N, T, C, H, W) float32 -- one row per clip -- and, when a video can give more than one clip
+    (`clip_sampling="all"` or `num_clips > 1`), `video_index` (N,) int64, the input video of every
+    clip (pop it before calling the model).
+    """
+
+    model_input_names = ["pixel_values"]
+    rescale_factor = 1 / 255
+
+    def __init__(
+        self,
+        num_frames: int = 16,
+        period: int = 2,
+        image_size: int = 112,
+        num_channels: int = 3,
+        image_mean: Sequence[float] | float = 0.5,
+        image_std: Sequence[float] | float = 0.5,
+        do_augment: bool = False,
+        augment_padding: int = 12,
+        brightness_jitter: float = 0.1,
+        contrast_jitter: float = 0.2,
+        gamma_jitter: float = 0.2,
+        horizontal_flip_probability: float = 0.0,
+        **kwargs,
+    ):
+        for name, value in (("num_frames", num_frames), ("period", period), ("image_size", image_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if num_channels not in (1, 3):
+            raise ValueError(f"num_channels must be 1 or 3, got {num_channels!r}")
+        image_mean = [float(image_mean)] * num_channels if np.isscalar(image_mean) else list(map(float, image_mean))
+        image_std = [float(image_std)] * num_channels if np.isscalar(image_std) else list(map(float, image_std))
+        for name, value in (("image_mean", image_mean), ("image_std", image_std)):
+            if len(value) != num_channels:
+                raise ValueError(f"{name} needs one value per channel ({num_channels}), got {value}")
+        if min(image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {image_std}")
+        if not 0.0 <= horizontal_flip_probability <= 1.0:
+            raise ValueError(f"horizontal_flip_probability must be in [0, 1], got {horizontal_flip_probability}")
+        for key in ("video_processor_type", "image_processor_type"):
+            kwargs.pop(key, None)
+        super().__init__(**kwargs)
+        self.num_frames, self.period, self.image_size, self.num_channels = num_frames, period, image_size, num_channels
+        self.image_mean, self.image_std = image_mean, image_std
+        self.do_augment, self.augment_padding = do_augment, augment_padding
+        self.brightness_jitter, self.contrast_jitter, self.gamma_jitter = brightness_jitter, contrast_jitter, gamma_jitter
+        self.horizontal_flip_probability = horizontal_flip_probability
+
+    # `from_pretrained(..., num_frames=32)` overrides exactly the constructor's arguments.
+    @classmethod
+    def from_dict(cls, video_processor_dict: dict, **kwargs):
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        names = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
+        merged = {**video_processor_dict, **{k: kwargs.pop(k) for k in list(kwargs) if k in names}}
+        merged = {k: v for k, v in merged.items() if k in names}
+        processor = cls(**merged)
+        return (processor, kwargs) if return_unused_kwargs else processor
+
+    def to_dict(self) -> dict:
+        names = self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount]
+        return {**{name: getattr(self, name) for name in names}, "video_processor_type": type(self).__name__}
+
+    def preprocess(
+        self,
+        videos: VideoLike | Sequence[VideoLike],
+        clip_sampling: ClipSampling = "uniform",
+        clip_start: int = 0,
+        num_clips: int = 1,
+        do_augment: bool | None = None,
+        generator: torch.Generator | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Turn videos into `pixel_values`; see the class docstring for the call convention."""
+        if isinstance(videos, (str, os.PathLike, np.ndarray, torch.Tensor)):
+            videos = [videos]
+        do_augment = self.do_augment if do_augment is None else do_augment
+        clips, video_index = [], []
+        for i, video in enumerate(videos):
+            frames = self.sample_clips(video, clip_sampling, clip_start, num_clips, generator)  # (K, T, H, W)
+            clips.append(self.frames_to_pixel_values(frames, do_augment=do_augment, generator=generator))
+            video_index += [i] * len(frames)
+        data = {"pixel_values": torch.cat(clips)}
+        if clip_sampling == "all" or (clip_sampling == "uniform" and num_clips > 1):
+            data["video_index"] = torch.tensor(video_index, dtype=torch.int64)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def sample_clips(
+        self,
+        video: VideoLike,
+        clip_sampling: ClipSampling = "uniform",
+        clip_start: int = 0,
+        num_clips: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray:
+        """Clips of one video as grey uint8 frames, (K, T, H, W); files decode only the frames used."""
+        if isinstance(video, (str, os.PathLike)):
+            num_video_frames = probe_video(video).num_frames
+        else:
+            video = self._as_grey_frames(video)
+            num_video_frames = len(video)
+        indices = clip_frame_indices(
+            num_video_frames, self.num_frames, self.period, clip_sampling, clip_start, num_clips, generator
+        )
+        if isinstance(video, (str, os.PathLike)):
+            frames = decode_video_frames(video, indices.reshape(-1)).frames
+            return rearrange(frames, "(k t) h w -> k t h w", k=len(indices))
+        return video[indices]
+
+    @staticmethod
+    def _as_grey_frames(video: np.ndarray | torch.Tensor) -> np.ndarray:
+        video = video.numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
+        if video.ndim == 4 and video.shape[-1] in (1, 3):  # channels last, as PyAV's rgb24
+            video = video.mean(axis=-1)
+        if video.ndim != 3:
+            raise ValueError(f"a video array must be (T, H, W) or (T, H, W, C) with C in (1, 3), got {video.shape}")
+        return video.astype(np.uint8) if video.dtype != np.uint8 else video
+
+    def frames_to_pixel_values(
+        self, frames: np.ndarray, do_augment: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Grey uint8 clips (K, T, H, W) -> normalised float32 `pixel_values` (K, T, C, H, W)."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).float() * self.rescale_factor  # (K, T, H, W) in [0, 1]
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            K = x.shape[0]
+            x = F.interpolate(
+                rearrange(x, "k t h w -> (k t) 1 h w"), size=(self.image_size,) * 2, mode="bilinear", antialias=True
+            )
+            x = rearrange(x, "(k t) 1 h w -> k t h w", k=K)
+        if do_augment:
+            x = self.augment(x, generator)
+        x = repeat(x, "k t h w -> k t c h w", c=self.num_channels)
+        mean = torch.tensor(self.image_mean).view(1, 1, -1, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def augment(self, clips: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """EchoNet-style training augmentation of clips (K, T, H, W) in [0, 1]; one draw per clip."""
+        K, T, H, W = clips.shape
+        uniform = lambda: torch.rand(K, 1, 1, 1, generator=generator)  # noqa: E731  U(0, 1) per clip
+        pad = self.augment_padding
+        if pad > 0:  # zero-pad then crop back at a random offset: a random shift of up to `pad` px
+            padded = F.pad(clips, (pad, pad, pad, pad))
+            offsets = torch.randint(0, 2 * pad + 1, (K, 2), generator=generator).tolist()
+            clips = torch.stack([padded[k, :, i : i + H, j : j + W] for k, (i, j) in enumerate(offsets)])
+        gamma = torch.exp((2 * uniform() - 1) * self.gamma_jitter)
+        contrast = 1 + (2 * uniform() - 1) * self.contrast_jitter
+        brightness = (2 * uniform() - 1) * self.brightness_jitter
+        clips = clips.clamp(0, 1) ** gamma
+        mean = clips.mean(dim=(1, 2, 3), keepdim=True)
+        clips = ((clips - mean) * contrast + mean + brightness).clamp(0, 1)
+        if self.horizontal_flip_probability > 0:
+            flip = uniform() < self.horizontal_flip_probability
+            clips = torch.where(flip, clips.flip(-1), clips)
+        return clips
+
+
+# Imported from its module: `transformers.AutoVideoProcessor` is a placeholder that raises when
+# torchvision is missing, and EchoAI does not need torchvision.
+AutoVideoProcessor.register(EchoAIConfig, EchoAIVideoProcessor, exist_ok=True)
+
+
+__all__ = [
+    "DecodedFrames",
+    "EchoAIVideoProcessor",
+    "VideoDecodingError",
+    "VideoInfo",
+    "clip_frame_indices",
+    "compute_mean_std",
+    "decode_video_frames",
+    "probe_video",
+]
