@@ -1,0 +1,418 @@
+"""Datasets for EchoAI: EchoNet-Dynamic as released, folders of unlabeled videos, the synthetic corpus.
+
+EchoNet-Dynamic (Ouyang et al., Nature 2020; 10,030 apical-4-chamber videos, 7,465 / 1,288 / 1,277
+train / val / test) is a folder::
+
+    FileList.csv        FileName (hex id, no extension), EF (%), ESV, EDV (mL), FrameHeight,
+                        FrameWidth (112), FPS, NumberOfFrames, Split (TRAIN / VAL / TEST)
+    VolumeTracings.csv  FileName (*with* ".avi"), X1, Y1, X2, Y2, Frame: two traced frames per
+                        video; per frame the first row is the long axis, the others short-axis chords
+    Videos/<FileName>.avi
+
+`load_echonet_dynamic` reads it into a `datasets.DatasetDict` with splits `train`, `validation` and
+`test`, one row per video:
+
+    FileName (str), video_path (str), EF, ESV, EDV (float32; NaN when absent), FrameHeight,
+    FrameWidth, NumberOfFrames (int32), FPS (float32), Split (str, upper case),
+    EDFrame, ESFrame (int32; -1 without a usable pair of tracings)
+
+ED and ES come from the tracings: of the two traced frames, the one whose method-of-discs volume
+(long axis L, chords d_i: sum(pi / 4 * d_i**2 * L / n)) is larger is end-diastole. EchoNet's own
+loader assumes the order of the rows instead.
+
+Tolerated as-is: file names with or without ".avi", split names in any case, unnamed pandas index
+columns, surrounding whitespace, videos missing from the tracings. Not usable, hence excluded and
+reported (a logged warning per reason with the first names, and the returned `LoadReport`): a
+listed video missing from `Videos/`, an empty or unreadable video (PyAV opens the container and
+decodes the last frame, which catches truncated files), EF missing or outside [0, 100], an unknown
+split, a repeated FileName. `strict=True` turns any exclusion into a `ValueError`.
+
+`load_video_folder` reads a folder of unlabeled AVI/MP4 videos (recursively) as one `Dataset`, for
+pretraining or prediction. `synthetic_echonet_dir` returns the built-in synthetic corpus
+(`synthetic_echonet.py`), generated once into a cache folder. `EchoNetTransform` (for
+`Dataset.with_transform`) and `EchoAIDataCollator` (for `torch.utils.data.DataLoader`) turn rows into
+model batches; an unreadable video is dropped from its batch and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset, DatasetDict, Features, Value
+from tqdm.auto import tqdm
+
+from synthetic_echonet import make_synthetic_echonet
+from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, probe_video
+
+
+logger = logging.getLogger(__name__)
+
+SPLITS = {"TRAIN": "train", "VAL": "validation", "TEST": "test"}
+ECHONET_FEATURES = Features(
+    {
+        "FileName": Value("string"),
+        "video_path": Value("string"),
+        "EF": Value("float32"),
+        "ESV": Value("float32"),
+        "EDV": Value("float32"),
+        "FrameHeight": Value("int32"),
+        "FrameWidth": Value("int32"),
+        "FPS": Value("float32"),
+        "NumberOfFrames": Value("int32"),
+        "Split": Value("string"),
+        "EDFrame": Value("int32"),
+        "ESFrame": Value("int32"),
+    }
+)
+VIDEO_FOLDER_FEATURES = Features(
+    {
+        "FileName": Value("string"),
+        "video_path": Value("string"),
+        "FrameHeight": Value("int32"),
+        "FrameWidth": Value("int32"),
+        "FPS": Value("float32"),
+        "NumberOfFrames": Value("int32"),
+    }
+)
+VIDEO_EXTENSIONS = (".avi", ".mp4")
+_REPORT_NAMES = 5  # file names shown per reason in log messages
+
+
+@dataclass
+class LoadReport:
+    """What a loader could not use, and why.
+
+    Attributes:
+        num_listed: rows (EchoNet) or files (video folder) found.
+        num_loaded: rows that made it into the dataset.
+        excluded: reason -> names of the excluded files, in listing order.
+        without_tracings: loaded EchoNet videos with no usable ED/ES tracing pair (EDFrame = -1).
+    """
+
+    num_listed: int = 0
+    num_loaded: int = 0
+    excluded: dict[str, list[str]] = field(default_factory=dict)
+    without_tracings: list[str] = field(default_factory=list)
+
+    def exclude(self, reason: str, names: Sequence[str]) -> None:
+        if len(names):
+            self.excluded.setdefault(reason, []).extend(names)
+
+    @property
+    def num_excluded(self) -> int:
+        return sum(map(len, self.excluded.values()))
+
+    def summary(self, max_names: int | None = _REPORT_NAMES) -> str:
+        lines = [f"loaded {self.num_loaded} of {self.num_listed}; excluded {self.num_excluded}"]
+        for reason, names in self.excluded.items():
+            shown = names if max_names is None else names[:max_names]
+            more = f", ... ({len(names) - len(shown)} more)" if len(shown) < len(names) else ""
+            lines.append(f"  {len(names)} x {reason}: {', '.join(shown)}{more}")
+        return "\n".join(lines)
+
+
+def _finish_report(report: LoadReport, what: str, strict: bool) -> None:
+    if strict and report.num_excluded:
+        raise ValueError(f"{what}: strict=True and some files are not usable:\n{report.summary(max_names=None)}")
+    if report.num_excluded:
+        logger.warning("%s: %s", what, report.summary())
+
+
+# --------------------------------------------------------------------------------------------------
+# EchoNet-Dynamic
+# --------------------------------------------------------------------------------------------------
+
+
+def _strip_avi(names: pd.Series) -> pd.Series:
+    names = names.astype(str).str.strip()
+    return names.where(~names.str.lower().str.endswith(".avi"), names.str[:-4])
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    frame.columns = [str(column).strip() for column in frame.columns]
+    index_columns = [c for c in frame.columns if c == "" or c.startswith("Unnamed:") or c.lower() == "index"]
+    return frame.drop(columns=index_columns)
+
+
+def _require_columns(frame: pd.DataFrame, path: Path, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}; found {list(frame.columns)}")
+
+
+def _ed_es_frames(tracings: pd.DataFrame) -> pd.DataFrame:
+    """ED / ES frame per video from the traced chords, as columns EDFrame, ESFrame indexed by FileName."""
+    coords = tracings[["X1", "Y1", "X2", "Y2", "Frame"]].apply(pd.to_numeric, errors="coerce")
+    rows = pd.concat([_strip_avi(tracings["FileName"]).rename("FileName"), coords], axis=1).dropna()
+    rows["length"] = np.hypot(rows["X2"] - rows["X1"], rows["Y2"] - rows["Y1"])
+    rows["Frame"] = rows["Frame"].astype(np.int64)
+    is_long_axis = rows.groupby(["FileName", "Frame"], sort=False).cumcount() == 0  # first row of a frame
+    long_axis = rows[is_long_axis].set_index(["FileName", "Frame"])["length"]
+    chords = rows[~is_long_axis].groupby(["FileName", "Frame"], sort=False)["length"]
+    # Method of discs: each chord is the diameter of a disc of thickness L / number of chords.
+    volume = (np.pi / 4 * chords.apply(lambda d: np.square(d).sum()) * long_axis / chords.count()).dropna()
+    volume = volume.reset_index(name="volume")
+    per_video = volume.groupby("FileName", sort=False)
+    ed = volume.loc[per_video["volume"].idxmax()].set_index("FileName")["Frame"]
+    es = volume.loc[per_video["volume"].idxmin()].set_index("FileName")["Frame"]
+    frames = pd.DataFrame({"EDFrame": ed, "ESFrame": es})
+    return frames[per_video.size() >= 2]  # one traced frame cannot tell ED from ES
+
+
+def load_echonet_dynamic(
+    data_dir: str | os.PathLike, strict: bool = False, check_videos: bool = True, return_report: bool = False
+) -> DatasetDict | tuple[DatasetDict, LoadReport]:
+    """Load an EchoNet-Dynamic folder (or the synthetic corpus) as train / validation / test splits.
+
+    Args:
+        data_dir: folder with FileList.csv, VolumeTracings.csv and Videos/.
+        strict: raise `ValueError` naming every unusable row instead of excluding it.
+        check_videos: open every video with PyAV and decode its last frame (about a millisecond per
+            MJPEG video); without it only the file's presence and non-zero size are checked.
+        return_report: also return the `LoadReport`.
+
+    Raises:
+        FileNotFoundError: `data_dir` is missing or not laid out like EchoNet-Dynamic.
+        ValueError: a CSV lacks a required column, or `strict=True` and a row is unusable.
+    """
+    data_dir = Path(data_dir).expanduser()
+    expected = "expected an EchoNet-Dynamic folder with FileList.csv, VolumeTracings.csv and Videos/"
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir} not found: {expected}")
+    missing = [name for name in ("FileList.csv", "VolumeTracings.csv", "Videos/") if not (data_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(str(data_dir / m) for m in missing)} not found: {expected}")
+
+    file_list = _read_csv(data_dir / "FileList.csv")
+    _require_columns(file_list, data_dir / "FileList.csv", ["FileName", "EF", "Split"])
+    report = LoadReport(num_listed=len(file_list))
+    table = pd.DataFrame({"FileName": _strip_avi(file_list["FileName"])})
+    for column in ("EF", "ESV", "EDV", "FPS", "FrameHeight", "FrameWidth", "NumberOfFrames"):
+        values = file_list[column] if column in file_list else pd.Series("", index=file_list.index)
+        table[column] = pd.to_numeric(values.str.strip(), errors="coerce")
+    table["Split"] = file_list["Split"].astype(str).str.strip().str.upper()
+
+    # Rows the metadata alone rules out.
+    duplicated = table["FileName"].duplicated()
+    report.exclude("FileName listed more than once", table.loc[duplicated, "FileName"].tolist())
+    unknown_split = ~table["Split"].isin(list(SPLITS)) & ~duplicated
+    report.exclude("Split not TRAIN/VAL/TEST", table.loc[unknown_split, "FileName"].tolist())
+    keep = ~duplicated & ~unknown_split
+    no_ef = table["EF"].isna() & keep
+    report.exclude("EF missing or not a number", table.loc[no_ef, "FileName"].tolist())
+    bad_ef = ~table["EF"].between(0, 100) & keep & ~no_ef
+    report.exclude("EF outside [0, 100]", table.loc[bad_ef, "FileName"].tolist())
+    table = table[keep & ~no_ef & ~bad_ef]
+
+    # Rows whose video is missing or unreadable. Names are matched case-insensitively.
+    on_disk = {p.stem.lower(): p for p in (data_dir / "Videos").iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS}
+    paths = table["FileName"].str.lower().map(lambda stem: on_disk.get(stem))
+    report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
+    table, paths = table[paths.notna()], paths[paths.notna()]
+    usable = []
+    for name, path in tqdm(zip(table["FileName"], paths), total=len(table), desc="Checking videos", disable=not check_videos):
+        try:
+            if check_videos:
+                probe_video(path, check_last_frame=True)
+            elif path.stat().st_size == 0:
+                raise VideoDecodingError(path, "empty file (0 bytes)")
+            usable.append(True)
+        except VideoDecodingError as error:
+            report.exclude(f"unreadable video ({error.reason})", [name])
+            usable.append(False)
+    usable = np.array(usable, dtype=bool)
+    table = table[usable].assign(video_path=[str(p) for p in paths[usable]])
+
+    tracings = _read_csv(data_dir / "VolumeTracings.csv")
+    _require_columns(tracings, data_dir / "VolumeTracings.csv", ["FileName", "X1", "Y1", "X2", "Y2", "Frame"])
+    table = table.join(_ed_es_frames(tracings), on="FileName")
+    report.without_tracings = table.loc[table["EDFrame"].isna(), "FileName"].tolist()
+    report.num_loaded = len(table)
+    _finish_report(report, f"EchoNet-Dynamic at {data_dir}", strict)
+
+    for column in ("EDFrame", "ESFrame", "FrameHeight", "FrameWidth", "NumberOfFrames"):
+        table[column] = table[column].fillna(-1).astype(np.int32)
+    table = table[list(ECHONET_FEATURES)]
+    dataset = DatasetDict(
+        {
+            split: Dataset.from_pandas(table[table["Split"] == key], features=ECHONET_FEATURES, preserve_index=False)
+            for key, split in SPLITS.items()
+        }
+    )
+    return (dataset, report) if return_report else dataset
+
+
+# --------------------------------------------------------------------------------------------------
+# Unlabeled video folders
+# --------------------------------------------------------------------------------------------------
+
+
+def load_video_folder(
+    data_dir: str | os.PathLike,
+    extensions: Sequence[str] = VIDEO_EXTENSIONS,
+    strict: bool = False,
+    return_report: bool = False,
+) -> Dataset | tuple[Dataset, LoadReport]:
+    """Every video under `data_dir` (recursively, sorted) as one `Dataset`, for pretraining or prediction.
+
+    Columns: FileName (path relative to `data_dir`, without extension), video_path, FrameHeight,
+    FrameWidth, FPS, NumberOfFrames. Unreadable videos are excluded and reported as in
+    `load_echonet_dynamic`; `strict=True` makes them fatal.
+    """
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir} not found: expected a folder of videos ({', '.join(extensions)})")
+    suffixes = {e.lower() for e in extensions}
+    files = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{data_dir} contains no video with extension {sorted(suffixes)} (searched recursively)")
+    report, rows = LoadReport(num_listed=len(files)), []
+    for path in tqdm(files, desc="Checking videos"):
+        name = path.relative_to(data_dir).with_suffix("").as_posix()
+        try:
+            info = probe_video(path, check_last_frame=True)
+        except VideoDecodingError as error:
+            report.exclude(f"unreadable video ({error.reason})", [name])
+            continue
+        rows.append([name, str(path), info.height, info.width, info.fps, info.num_frames])
+    report.num_loaded = len(rows)
+    _finish_report(report, f"Video folder {data_dir}", strict)
+    columns = list(VIDEO_FOLDER_FEATURES)
+    dataset = Dataset.from_dict(
+        {c: [row[i] for row in rows] for i, c in enumerate(columns)}, features=VIDEO_FOLDER_FEATURES
+    )
+    return (dataset, report) if return_report else dataset
+
+
+# --------------------------------------------------------------------------------------------------
+# The synthetic corpus, cached
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """EchoAI's cache root: `$ECHOAI_CACHE`, else `~/.cache/echoai`."""
+    return Path(os.environ.get("ECHOAI_CACHE", "~/.cache/echoai")).expanduser()
+
+
+def synthetic_echonet_dir(
+    num_videos: int = 200, seed: int = 0, cache_dir: str | os.PathLike | None = None, num_workers: int | None = None
+) -> Path:
+    """Path of the synthetic EchoNet-layout corpus `<cache>/synthetic_echonet/<num_videos>_<seed>`, made once.
+
+    The corpus is written to a temporary sibling folder and renamed into place when complete, so an
+    interrupted run never leaves a half corpus behind, and concurrent callers (e.g. one per
+    distributed rank) all end up with the same folder.
+
+    Args:
+        cache_dir: cache root (default `default_cache_dir()`).
+        num_workers: rendering processes, see `synthetic_echonet.make_synthetic_echonet`.
+    """
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "synthetic_echonet"
+    target = root / f"{num_videos}_{seed}"
+    if (target / "FileList.csv").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=root))
+    try:
+        make_synthetic_echonet(staging, num_videos=num_videos, seed=seed, num_workers=num_workers)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "FileList.csv").is_file():  # not a concurrent writer that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# From rows to batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EchoNetTransform:
+    """Per-row video loading for `Dataset.with_transform` / `set_transform`.
+
+    Returns, per row, `pixel_values` (T, C, H, W) -- or (K, T, C, H, W) in evaluation with
+    `num_clips > 1` -- and `labels` (the `label_column` value, NaN without one). A video that cannot
+    be decoded gives `pixel_values=None` and its error message in `error`, so one bad file costs one
+    sample, not the run; `EchoAIDataCollator` drops and counts such rows.
+
+    Args:
+        processor: the processor that will ship with the model.
+        training: one random clip with augmentation (True) or `num_clips` evenly spaced clips without (False).
+        num_clips: clips per video in evaluation.
+        label_column: column holding the regression target (EchoNet: "EF"); None for unlabeled data.
+        video_column: column holding the video path.
+    """
+
+    processor: EchoAIVideoProcessor
+    training: bool = False
+    num_clips: int = 1
+    label_column: str | None = "EF"
+    video_column: str = "video_path"
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        paths = batch[self.video_column]
+        labels = batch[self.label_column] if self.label_column in batch else [math.nan] * len(paths)
+        pixel_values, errors = [], []
+        for path in paths:
+            try:
+                clips = self.processor(
+                    path,
+                    clip_sampling="random" if self.training else "uniform",
+                    num_clips=1 if self.training else self.num_clips,
+                    do_augment=self.training,
+                )["pixel_values"]  # (K, T, C, H, W)
+                pixel_values.append(clips[0] if len(clips) == 1 else clips)
+                errors.append(None)
+            except VideoDecodingError as error:
+                pixel_values.append(None)
+                errors.append(str(error))
+        return {"pixel_values": pixel_values, "labels": [float(x) for x in labels], "video_path": paths, "error": errors}
+
+
+@dataclass
+class EchoAIDataCollator:
+    """Stack `EchoNetTransform` rows into a batch, dropping rows whose video failed to decode.
+
+    Returns `pixel_values` (B, T, C, H, W) float32, `labels` (B,) float32 and `num_skipped` (a 0-d
+    int64 tensor: rows dropped from this batch, each logged with its file and reason). Training
+    loops add up `batch.pop("num_skipped")` -- the count travels with the batch because collation
+    runs inside DataLoader worker processes. A batch whose every video failed has zero rows
+    (`pixel_values` of shape (0,)); skip it.
+    """
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        good = [f for f in features if f["pixel_values"] is not None]
+        for feature in features:
+            if feature["pixel_values"] is None:
+                logger.warning("Skipping a video that cannot be decoded: %s", feature["error"])
+        return {
+            "pixel_values": torch.stack([f["pixel_values"] for f in good]) if good else torch.empty(0),
+            "labels": torch.tensor([f["labels"] for f in good], dtype=torch.float32),
+            "num_skipped": torch.tensor(len(features) - len(good), dtype=torch.int64),
+        }
+
+
+__all__ = [
+    "EchoAIDataCollator",
+    "EchoNetTransform",
+    "LoadReport",
+    "default_cache_dir",
+    "load_echonet_dynamic",
+    "load_video_folder",
+    "synthetic_echonet_dir",
+]
