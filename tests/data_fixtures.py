@@ -1,0 +1,51 @@
+"""Shared helpers for the data-pipeline tests: a tiny synthetic corpus and ways to damage copies of it."""
+
+from __future__ import annotations
+
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+
+from data_echoai import synthetic_echonet_dir
+
+
+TINY_NUM_VIDEOS = 8
+TINY_SEED = 3
+
+
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The session's tiny corpus; generated once, shared by every test module through the cache."""
+    cache = tmp_path_factory.getbasetemp() / "echoai_cache"
+    return synthetic_echonet_dir(num_videos=TINY_NUM_VIDEOS, seed=TINY_SEED, cache_dir=cache, num_workers=2)
+
+
+def copy_corpus(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def truncate(path: Path, fraction: float = 0.4) -> None:
+    """Cut a file to `fraction` of its bytes, as an interrupted copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def file_list(corpus: Path) -> pd.DataFrame:
+    return pd.read_csv(corpus / "FileList.csv")
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 30, codec: str = "mpeg4", gop_size: int = 12) -> None:
+    """Write grey (T, H, W) uint8 frames with an inter-frame codec (key frame every `gop_size` frames)."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.height, stream.width = frames.shape[1:]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop_size
+        for frame in frames:
+            rgb = np.repeat(frame[:, :, None], 3, axis=2)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
