@@ -192,7 +192,7 @@ def load_echonet_dynamic(
         raise FileNotFoundError(f"{data_dir} not found: {expected}")
     missing = [name for name in ("FileList.csv", "VolumeTracings.csv", "Videos/") if not (data_dir / name).exists()]
     if missing:
-        raise FileNotFoundError(f"{', '.join(str(data_dir / m) for m in missing)} not found: {expected}")
+        raise FileNotFoundError(f"{data_dir}: {', '.join(missing)} not found: {expected}")
 
     file_list = _read_csv(data_dir / "FileList.csv")
     _require_columns(file_list, data_dir / "FileList.csv", ["FileName", "EF", "Split"])

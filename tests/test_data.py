@@ -1,0 +1,259 @@
+"""Loaders (EchoNet-Dynamic layout, video folders, cached synthetic corpus), the phantom, and batching."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from data_fixtures import TINY_NUM_VIDEOS, TINY_SEED, copy_corpus, file_list, tiny_corpus, truncate, write_video
+from datasets import Value
+
+from data_echoai import (
+    EchoAIDataCollator,
+    EchoNetTransform,
+    load_echonet_dynamic,
+    load_video_folder,
+    synthetic_echonet_dir,
+)
+from synthetic_echonet import FILE_LIST_COLUMNS, TRACING_COLUMNS, make_synthetic_echonet
+from video_processing_echoai import EchoAIVideoProcessor, decode_video_frames, probe_video
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return tiny_corpus(tmp_path_factory)
+
+
+def small_processor(**kwargs) -> EchoAIVideoProcessor:
+    return EchoAIVideoProcessor(num_frames=4, period=2, image_size=32, **kwargs)
+
+
+# ---- the synthetic corpus ------------------------------------------------------------------------
+
+
+def test_synthetic_corpus_has_echonet_layout(corpus):
+    files = file_list(corpus)
+    assert list(files.columns) == FILE_LIST_COLUMNS
+    assert list(pd.read_csv(corpus / "VolumeTracings.csv").columns) == TRACING_COLUMNS
+    assert len(files) == TINY_NUM_VIDEOS
+    assert files["FileName"].str.fullmatch(r"0X[0-9A-F]{16}").all()
+    assert files["Split"].value_counts().to_dict() == {"TRAIN": 6, "VAL": 1, "TEST": 1}
+    assert files["EF"].between(10, 85).all()
+    np.testing.assert_allclose(files["EF"], 100 * (files["EDV"] - files["ESV"]) / files["EDV"], atol=1e-4)
+    for row in files.itertuples():
+        info = probe_video(corpus / "Videos" / f"{row.FileName}.avi")
+        assert (info.num_frames, info.fps, info.height, info.width) == (row.NumberOfFrames, row.FPS, 112, 112)
+        assert 60 <= row.NumberOfFrames <= 200 and 30 <= row.FPS <= 60
+
+
+def test_synthetic_corpus_is_deterministic_by_seed(tmp_path):
+    first = make_synthetic_echonet(tmp_path / "a", num_videos=2, seed=7, num_workers=1)
+    second = make_synthetic_echonet(tmp_path / "b", num_videos=2, seed=7, num_workers=2)
+    other = make_synthetic_echonet(tmp_path / "c", num_videos=2, seed=8, num_workers=1)
+    for name in ("FileList.csv", "VolumeTracings.csv"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+        assert (first / name).read_bytes() != (other / name).read_bytes()
+    for row in file_list(first).itertuples():
+        frames = [decode_video_frames(c / "Videos" / f"{row.FileName}.avi", range(row.NumberOfFrames)).frames
+                  for c in (first, second)]  # fmt: skip
+        assert np.array_equal(*frames)
+
+
+def test_tracings_lie_on_the_dark_lv_cavity_of_their_frame(corpus):
+    # The labels are only learnable if the traced geometry is what the pixels show.
+    tracings = pd.read_csv(corpus / "VolumeTracings.csv")
+    for (name, frame), rows in tracings.groupby(["FileName", "Frame"]):
+        image = decode_video_frames(corpus / "Videos" / name, [frame]).frames[0].astype(float)
+        chords = rows.iloc[1:]
+        centres = np.round([(chords.X1 + chords.X2) / 2, (chords.Y1 + chords.Y2) / 2]).astype(int)
+        inside = image[centres[1], centres[0]].mean()
+        # Just past the lateral end of the widest chord lies the bright myocardial wall.
+        widest = chords.assign(w=np.hypot(chords.X2 - chords.X1, chords.Y2 - chords.Y1)).sort_values("w").iloc[-1]
+        direction = np.array([widest.X2 - widest.X1, widest.Y2 - widest.Y1]) / widest.w
+        wall = np.array([widest.X2, widest.Y2]) + 3 * direction
+        assert inside < 45 < image[int(round(wall[1])), int(round(wall[0]))]
+
+
+def test_synthetic_echonet_dir_caches_atomically(tmp_path):
+    path = synthetic_echonet_dir(num_videos=2, seed=1, cache_dir=tmp_path)
+    assert path == tmp_path / "synthetic_echonet" / "2_1"
+    stamp = (path / "FileList.csv").stat().st_mtime_ns
+    assert synthetic_echonet_dir(num_videos=2, seed=1, cache_dir=tmp_path) == path
+    assert (path / "FileList.csv").stat().st_mtime_ns == stamp  # reused, not regenerated
+    assert [p.name for p in (tmp_path / "synthetic_echonet").iterdir()] == ["2_1"]  # no partial folders left
+
+
+def test_synthetic_echonet_dir_honours_echoai_cache(tmp_path, monkeypatch, corpus):
+    monkeypatch.setenv("ECHOAI_CACHE", str(corpus.parent.parent))
+    assert synthetic_echonet_dir(num_videos=TINY_NUM_VIDEOS, seed=TINY_SEED) == corpus
+
+
+# ---- load_echonet_dynamic ------------------------------------------------------------------------
+
+
+def test_load_echonet_dynamic_splits_columns_and_dtypes(corpus):
+    dataset, report = load_echonet_dynamic(corpus, return_report=True)
+    assert list(dataset) == ["train", "validation", "test"]
+    assert [len(dataset[s]) for s in dataset] == [6, 1, 1]
+    assert report.num_excluded == 0 and report.num_loaded == TINY_NUM_VIDEOS
+    features = dataset["train"].features
+    assert {name: f.dtype for name, f in features.items() if isinstance(f, Value)} == {
+        "FileName": "string", "video_path": "string", "EF": "float32", "ESV": "float32", "EDV": "float32",
+        "FrameHeight": "int32", "FrameWidth": "int32", "FPS": "float32", "NumberOfFrames": "int32",
+        "Split": "string", "EDFrame": "int32", "ESFrame": "int32",
+    }  # fmt: skip
+    files = file_list(corpus).set_index("FileName")
+    for row in dataset["train"]:
+        assert row["EF"] == pytest.approx(files.loc[row["FileName"], "EF"], rel=1e-6)
+        assert row["video_path"].endswith(f"Videos/{row['FileName']}.avi")
+
+
+def test_ed_is_the_traced_frame_with_the_larger_volume(corpus):
+    dataset = load_echonet_dynamic(corpus)
+    tracings = pd.read_csv(corpus / "VolumeTracings.csv")
+    for row in dataset["train"]:
+        traced = tracings[tracings.FileName == row["FileName"] + ".avi"]
+        assert sorted(traced.Frame.unique()) == sorted([row["EDFrame"], row["ESFrame"]])
+        # The phantom's LV is wider at ED: compare the widest chord of each frame.
+        width = traced.assign(w=np.hypot(traced.X2 - traced.X1, traced.Y2 - traced.Y1)).groupby("Frame").w
+        assert width.apply(lambda w: w.iloc[1:].max())[row["EDFrame"]] > width.apply(lambda w: w.iloc[1:].max())[
+            row["ESFrame"]
+        ]
+
+
+def test_loader_tolerates_released_file_quirks(corpus, tmp_path):
+    data = copy_corpus(corpus, tmp_path / "quirks")
+    files = file_list(data)
+    files.loc[:2, "FileName"] = files.loc[:2, "FileName"] + ".avi"  # names with the extension
+    files["Split"] = files["Split"].str.lower()  # split names in another case
+    files.to_csv(data / "FileList.csv")  # with an unnamed pandas index column
+    tracings = pd.read_csv(data / "VolumeTracings.csv")
+    untraced = files.loc[5, "FileName"]
+    tracings[tracings.FileName != untraced + ".avi"].to_csv(data / "VolumeTracings.csv", index=False)
+    dataset, report = load_echonet_dynamic(data, return_report=True)
+    assert sum(map(len, dataset.values())) == TINY_NUM_VIDEOS and report.num_excluded == 0
+    assert "Unnamed: 0" not in dataset["train"].column_names
+    rows = {r["FileName"]: r for split in dataset.values() for r in split}
+    assert set(rows) == set(files["FileName"].str.removesuffix(".avi"))
+    assert (rows[untraced]["EDFrame"], rows[untraced]["ESFrame"]) == (-1, -1)
+    assert report.without_tracings == [untraced]
+
+
+@pytest.fixture
+def broken_corpus(corpus, tmp_path):
+    """A copy of the corpus with one problem per video, and the reason each should be reported with."""
+    data = copy_corpus(corpus, tmp_path / "broken")
+    files = file_list(data)
+    names = files["FileName"].tolist()
+    videos = data / "Videos"
+    (videos / f"{names[0]}.avi").write_bytes(b"")
+    truncate(videos / f"{names[1]}.avi", 0.4)
+    (videos / f"{names[2]}.avi").unlink()
+    files.loc[3, "EF"] = math.nan
+    files.loc[4, "EF"] = 120.0
+    files.to_csv(data / "FileList.csv", index=False)
+    expected = {
+        names[0]: "empty file",
+        names[1]: "truncated",
+        names[2]: "video missing",
+        names[3]: "EF missing",
+        names[4]: "EF outside [0, 100]",
+    }
+    return data, expected
+
+
+def test_loader_reports_and_excludes_unusable_rows(broken_corpus, caplog):
+    data, expected = broken_corpus
+    with caplog.at_level(logging.WARNING, logger="data_echoai"):
+        dataset, report = load_echonet_dynamic(data, return_report=True)
+    loaded = {r["FileName"] for split in dataset.values() for r in split}
+    assert loaded.isdisjoint(expected) and len(loaded) == TINY_NUM_VIDEOS - len(expected)
+    assert report.num_excluded == len(expected) and report.num_loaded == len(loaded)
+    by_name = {name: reason for reason, names in report.excluded.items() for name in names}
+    for name, reason in expected.items():
+        assert reason in by_name[name]
+        assert name in caplog.text  # the warning names the files
+    assert "excluded 5" in caplog.text
+
+
+def test_strict_loading_fails_naming_files_and_reasons(broken_corpus):
+    data, expected = broken_corpus
+    with pytest.raises(ValueError, match="strict=True") as error:
+        load_echonet_dynamic(data, strict=True)
+    for name, reason in expected.items():
+        assert name in str(error.value) and reason in str(error.value)
+
+
+def test_non_echonet_folder_gets_one_clear_error(tmp_path):
+    (tmp_path / "Videos").mkdir()
+    with pytest.raises(FileNotFoundError, match="FileList.csv.* not found: expected an EchoNet-Dynamic folder") as error:
+        load_echonet_dynamic(tmp_path)
+    assert "VolumeTracings.csv" in str(error.value) and "EchoNet-Dynamic" in str(error.value)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_echonet_dynamic(tmp_path / "does-not-exist")
+
+
+# ---- unlabeled folders ---------------------------------------------------------------------------
+
+
+def test_load_video_folder_recurses_and_reports_unreadable(corpus, tmp_path):
+    root = tmp_path / "videos"
+    (root / "site_a").mkdir(parents=True)
+    (root / "site_b" / "2024").mkdir(parents=True)
+    source = next((corpus / "Videos").iterdir())
+    (root / "site_a" / "one.AVI").write_bytes(source.read_bytes())
+    frames = np.random.default_rng(0).integers(0, 255, (20, 64, 64), dtype=np.uint8)
+    write_video(root / "site_b" / "2024" / "two.mp4", frames)
+    (root / "site_b" / "broken.mp4").write_bytes(b"\x00" * 100)
+    (root / "notes.txt").write_text("not a video")
+    dataset, report = load_video_folder(root, return_report=True)
+    assert dataset["FileName"] == ["site_a/one", "site_b/2024/two"]
+    assert dataset["NumberOfFrames"][1] == 20 and dataset["FrameWidth"][1] == 64
+    assert report.excluded and report.excluded[next(iter(report.excluded))] == ["site_b/broken"]
+    with pytest.raises(ValueError, match="broken"):
+        load_video_folder(root, strict=True)
+
+
+# ---- batches -------------------------------------------------------------------------------------
+
+
+def test_dataloader_with_two_workers_yields_labelled_batches(corpus):
+    train = load_echonet_dynamic(corpus, check_videos=False)["train"]
+    dataset = train.with_transform(EchoNetTransform(small_processor(), training=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=EchoAIDataCollator())
+    batches = list(loader)
+    assert [len(b["labels"]) for b in batches] == [3, 3]
+    for batch in batches:
+        assert batch["pixel_values"].shape == (3, 4, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+        assert batch["num_skipped"].item() == 0
+    labels = torch.cat([b["labels"] for b in batches])
+    assert torch.allclose(labels, torch.tensor(train["EF"]))
+
+
+def test_evaluation_transform_is_deterministic_with_several_clips(corpus):
+    test = load_echonet_dynamic(corpus, check_videos=False)["test"]
+    dataset = test.with_transform(EchoNetTransform(small_processor(), training=False, num_clips=3))
+    first, second = dataset[0], dataset[0]
+    assert first["pixel_values"].shape == (3, 4, 3, 32, 32)
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+
+
+def test_corrupt_video_in_a_training_batch_is_skipped_and_counted(corpus, tmp_path, caplog):
+    data = copy_corpus(corpus, tmp_path / "late-damage")
+    train = load_echonet_dynamic(data)["train"]  # all readable when loaded ...
+    damaged = train[1]["video_path"]
+    truncate(Path(damaged), 0.01)  # ... but cut to its header later, so no clip can be decoded
+    dataset = train.with_transform(EchoNetTransform(small_processor(num_channels=1), training=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=EchoAIDataCollator())
+    with caplog.at_level(logging.WARNING, logger="data_echoai"):
+        batches = list(loader)
+    assert sum(b["num_skipped"].item() for b in batches) == 1
+    assert [len(b["labels"]) for b in batches] == [2, 3]
+    assert batches[0]["pixel_values"].shape == (2, 4, 1, 32, 32)
+    assert torch.allclose(batches[0]["labels"], torch.tensor([train[0]["EF"], train[2]["EF"]]))
+    assert damaged in caplog.text
