@@ -399,7 +399,8 @@ class EchoAIEncoder(nn.Module):
     def __init__(self, config: EchoAIConfig):
         super().__init__()
         # Stochastic depth rises linearly with depth, from 0 to drop_path_rate (timm, MAE fine-tuning).
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layer = nn.ModuleList(
             EchoAILayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
             for rate in rates
