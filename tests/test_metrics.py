@@ -1,0 +1,241 @@
+"""Tests for the EF metrics (`metrics_echoai`) and their local `evaluate` module (`metrics/ef_metrics`)."""
+
+import json
+import math
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metrics_echoai import EFMetrics, compute_ef_metrics, load_ef_metric
+
+
+METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "ef_metrics"
+
+# The example worked by hand below: differences d = p - r = [-5, 2, -5, 5].
+PREDICTIONS = [50.0, 60.0, 30.0, 45.0]
+REFERENCES = [55.0, 58.0, 35.0, 40.0]
+
+
+def _nan_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def _echo_like(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference EF spread like EchoNet-Dynamic's, predictions with noise, rounded to make ties."""
+    rng = np.random.default_rng(seed)
+    references = np.clip(rng.normal(55, 12, n), 8, 90).round(1)
+    predictions = (references + rng.normal(1, 5, n)).round(0)
+    return predictions, references
+
+
+def _pairwise_auc(predictions: np.ndarray, references: np.ndarray, threshold: float) -> float:
+    """Brute-force AUC over all (positive, negative) pairs: 1 if the positive's prediction is lower, 1/2 if tied."""
+    positive = references < threshold
+    p_pos, p_neg = predictions[positive][:, None], predictions[~positive][None, :]
+    return float(np.mean((p_pos < p_neg) + 0.5 * (p_pos == p_neg)))
+
+
+def test_hand_computed_example():
+    with pytest.warns(RuntimeWarning, match="auc_ef_below_35"):
+        results = compute_ef_metrics(PREDICTIONS, REFERENCES)
+    # MAE = (5 + 2 + 5 + 5) / 4; MSE = (25 + 4 + 25 + 25) / 4 = 19.75.
+    assert results["mae"] == pytest.approx(4.25, rel=1e-12)
+    assert results["rmse"] == pytest.approx(4.444097208657794, rel=1e-12)  # sqrt(19.75)
+    # mean(r) = 47, SS_tot = 8² + 11² + 12² + 7² = 378, SS_res = 79: R² = 1 - 79 / 378 = 299 / 378.
+    assert results["r2"] == pytest.approx(0.7910052910052910, rel=1e-12)
+    # p - mean(p) = [3.75, 13.75, -16.25, -1.25], r - mean(r) = [8, 11, -12, -7]:
+    # cross sum 385, sums of squares 468.75 and 378; r = 385 / sqrt(468.75 * 378).
+    assert results["pearson_r"] == pytest.approx(0.9146273612114080, rel=1e-12)
+    assert results["pearson_r2"] == pytest.approx(0.8365432098765432, rel=1e-12)  # 148225 / 177187.5
+    # MAPE = 100 / 4 * (5/55 + 2/58 + 5/35 + 5/40).
+    assert results["mape"] == pytest.approx(9.831224809673085, rel=1e-12)
+    # bias = -3 / 4; SD² = (4.25² + 2.75² + 4.25² + 5.75²) / 3 = 76.75 / 3; LoA = -0.75 ∓ 1.96 SD.
+    assert results["bias"] == pytest.approx(-0.75, rel=1e-12)
+    assert results["diff_sd"] == pytest.approx(5.057996968497839, rel=1e-12)
+    assert results["loa_lower"] == pytest.approx(-10.66367405825576, rel=1e-12)
+    assert results["loa_upper"] == pytest.approx(9.163674058255764, rel=1e-12)
+    # Reduced EF at 40 %: one positive (ref 35, pred 30) below every negative's prediction; at 45 and
+    # 50 %: positives predicted 30 and 45, negatives 50 and 60. No reference is below 35 %.
+    assert results["auc_ef_below_40"] == results["auc_ef_below_45"] == results["auc_ef_below_50"] == 1.0
+    assert math.isnan(results["auc_ef_below_35"])
+    assert results["n"] == 4
+
+
+def test_matches_independent_formulas():
+    predictions, references = _echo_like()
+    results = compute_ef_metrics(predictions, references, thresholds=(35, 40, 45, 50, 57.5))
+    diff = predictions - references
+    r2 = 1 - np.sum(diff**2) / np.sum((references - references.mean()) ** 2)  # sklearn r2_score's definition
+    pearson = np.corrcoef(predictions, references)[0, 1]
+    expected = {
+        "mae": np.mean(np.abs(diff)),
+        "rmse": np.sqrt(np.mean(diff**2)),
+        "mape": 100 * np.mean(np.abs(diff) / references),
+        "r2": r2,
+        "pearson_r": pearson,
+        "pearson_r2": pearson**2,
+        "bias": diff.mean(),
+        "diff_sd": diff.std(ddof=1),
+        "loa_lower": diff.mean() - 1.96 * diff.std(ddof=1),
+        "loa_upper": diff.mean() + 1.96 * diff.std(ddof=1),
+    }
+    for threshold in (35, 40, 45, 50, 57.5):
+        expected[f"auc_ef_below_{threshold:g}"] = _pairwise_auc(predictions, references, threshold)
+    assert set(results) == set(expected) | {"n"}
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
+    assert results["r2"] != pytest.approx(results["pearson_r2"], abs=1e-3)  # a biased model: they differ
+
+
+def test_auc_counts_ties_as_one_half():
+    # Positives (ref < 50): preds 30, 40. Negatives: preds 40, 50, 35. Pairs won: 30 beats all three,
+    # 40 ties 40 (1/2), beats 50, loses to 35: (3 + 1.5) / 6.
+    results = compute_ef_metrics([30, 40, 40, 50, 35], [30, 45, 60, 70, 50], thresholds=[50])
+    assert results["auc_ef_below_50"] == 0.75
+    # Identical predictions carry no ranking information: every pair is a tie.
+    with pytest.warns(RuntimeWarning, match="Pearson"):
+        tied = compute_ef_metrics([45, 45, 45, 45], [30, 60, 35, 70], thresholds=[50])
+    assert tied["auc_ef_below_50"] == 0.5
+
+
+def test_outputs_are_plain_json_numbers():
+    predictions, references = _echo_like(50)
+    results = compute_ef_metrics(predictions, references, thresholds=(45, 50, 55), bootstrap=20)
+    assert all(type(value) in (float, int) for value in results.values())
+    assert json.loads(json.dumps(results)) == results
+    assert results["bootstrap"] == 20 and results["confidence"] == 0.95
+
+
+def test_bootstrap_intervals_contain_estimate_and_are_reproducible():
+    predictions, references = _echo_like()
+    results = compute_ef_metrics(predictions, references, bootstrap=500, seed=3)
+    for key in ("mae", "rmse", "r2", "pearson_r", "bias", "loa_lower", "auc_ef_below_40"):
+        assert results[f"{key}_ci_low"] <= results[key] <= results[f"{key}_ci_high"], key
+        assert results[f"{key}_ci_low"] < results[f"{key}_ci_high"], key
+    assert compute_ef_metrics(predictions, references, bootstrap=500, seed=3) == results
+    assert compute_ef_metrics(predictions, references, bootstrap=500, seed=4) != results
+    narrow = compute_ef_metrics(predictions, references, bootstrap=500, seed=3, confidence=0.5)
+    assert results["mae_ci_low"] < narrow["mae_ci_low"] < narrow["mae_ci_high"] < results["mae_ci_high"]
+
+
+def test_bootstrap_equals_resampling_loop():
+    """The vectorised resamples are EchoNet's loop `func(a[ind], b[ind])`, with the same draws."""
+    predictions, references = _echo_like(120, seed=1)
+    num_resamples, seed = 200, 7
+    kwargs = {"thresholds": (45, 50, 55)}  # thresholds every resample of 120 videos straddles
+    results = compute_ef_metrics(predictions, references, bootstrap=num_resamples, seed=seed, **kwargs)
+    rng = np.random.default_rng(seed)
+    loop = []
+    for _ in range(num_resamples):
+        index = rng.integers(0, len(predictions), size=len(predictions))
+        loop.append(compute_ef_metrics(predictions[index], references[index], **kwargs))
+    for key in ("mae", "rmse", "mape", "r2", "pearson_r2", "bias", "loa_upper", "auc_ef_below_50"):
+        low, high = np.percentile([sample[key] for sample in loop], [2.5, 97.5])
+        assert results[f"{key}_ci_low"] == pytest.approx(low, rel=1e-10), key
+        assert results[f"{key}_ci_high"] == pytest.approx(high, rel=1e-10), key
+
+
+def test_bootstrap_of_a_test_split_is_fast():
+    predictions, references = _echo_like(1277)  # EchoNet-Dynamic's test split
+    start = time.perf_counter()
+    compute_ef_metrics(predictions, references, bootstrap=10_000)
+    assert time.perf_counter() - start < 15  # about 2 s on 2 cores; a Python loop takes minutes
+
+
+def test_bootstrap_skips_resamples_without_both_classes():
+    predictions, references = _echo_like(30)
+    references[0], predictions[0] = 20.0, 25.0  # the only video below 35 %
+    references[1:] = np.maximum(references[1:], 35.0)
+    with pytest.warns(RuntimeWarning, match="auc_ef_below_35 is undefined in .* bootstrap resamples"):
+        results = compute_ef_metrics(predictions, references, thresholds=[35], bootstrap=200)
+    assert results["auc_ef_below_35_ci_low"] <= results["auc_ef_below_35"] <= results["auc_ef_below_35_ci_high"]
+
+
+def test_constant_inputs():
+    with pytest.warns(RuntimeWarning, match="All predictions equal 50"):
+        results = compute_ef_metrics([50, 50, 50], [40, 55, 70], thresholds=[50])
+    assert math.isnan(results["pearson_r"]) and math.isnan(results["pearson_r2"])
+    # R² stays defined: SS_res = 100 + 25 + 400, SS_tot = 225 + 0 + 225.
+    assert results["r2"] == pytest.approx(1 - 525 / 450)
+    with pytest.warns(RuntimeWarning, match="All references equal 60") as record:
+        imperfect = compute_ef_metrics([58, 61, 60], [60, 60, 60], thresholds=[])
+    assert imperfect["r2"] == 0.0  # sklearn's r2_score convention for constant references
+    assert len(record) == 2  # Pearson undefined, R² conventional
+    with pytest.warns(RuntimeWarning) as record:
+        assert compute_ef_metrics([60, 60], [60, 60], thresholds=[])["r2"] == 1.0
+    assert [str(w.message).split(":")[0] for w in record] == [
+        "All predictions equal 60",
+        "All references equal 60",
+        "All references equal 60",
+    ]
+    with warnings.catch_warnings():  # constant bootstrap resamples are possible with 3 videos: no crash
+        warnings.simplefilter("ignore")
+        compute_ef_metrics([50, 50, 51], [40, 55, 70], bootstrap=100)
+
+
+def test_single_class_threshold_gives_nan_with_a_note():
+    with pytest.warns(RuntimeWarning) as record:
+        results = compute_ef_metrics(PREDICTIONS, REFERENCES, thresholds=[35, 60])
+    assert [str(w.message) for w in record] == [
+        "All 4 references are at or above 35 %: a single class, so auc_ef_below_35 is undefined (NaN).",
+        "All 4 references are below 60 %: a single class, so auc_ef_below_60 is undefined (NaN).",
+    ]
+    assert math.isnan(results["auc_ef_below_35"])
+    assert math.isnan(results["auc_ef_below_60"])  # every reference below 60 %
+
+
+def test_regression_logits_shape_is_accepted():
+    column = np.asarray(PREDICTIONS)[:, None]  # (B, 1) as the model returns them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _nan_equal(compute_ef_metrics(column, REFERENCES), compute_ef_metrics(PREDICTIONS, REFERENCES))
+
+
+@pytest.mark.parametrize(
+    ("predictions", "references", "kwargs", "message"),
+    [
+        ([50, np.nan, 30, np.inf], REFERENCES, {}, r"`predictions` contains 2 non-finite .* at index 1, 3"),
+        (PREDICTIONS, [55, 58, -np.inf, 40], {}, r"`references` contains 1 non-finite .* at index 2"),
+        (PREDICTIONS, REFERENCES[:3], {}, "same length, got 4 and 3"),
+        ([50], [55], {}, "at least 2 videos"),
+        ([], [], {}, "at least 2 videos"),
+        (np.ones((4, 2)), REFERENCES, {}, r"shape \(4, 2\)"),
+        (["fifty", 60, 30, 45], REFERENCES, {}, "must be numeric"),
+        (PREDICTIONS, REFERENCES, {"thresholds": [40, 40]}, "must not repeat"),
+        (PREDICTIONS, REFERENCES, {"bootstrap": -1}, "non-negative"),
+        (PREDICTIONS, REFERENCES, {"confidence": 95}, r"in \(0, 1\)"),
+    ],
+)
+def test_invalid_inputs_raise(predictions, references, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compute_ef_metrics(predictions, references, **kwargs)
+
+
+def test_evaluate_load_works_offline_and_matches_the_function(monkeypatch, tmp_path):
+    import evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the local metric tried to open a connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+
+    predictions, references = _echo_like(64)
+    kwargs = {"thresholds": (45, 50, 55), "bootstrap": 100, "seed": 1}
+    expected = compute_ef_metrics(predictions, references, **kwargs)
+    metric = evaluate.load(str(METRIC_DIR), keep_in_memory=True)
+    assert isinstance(metric, evaluate.EvaluationModule) and metric.name == "ef_metrics"
+    for start in range(0, 64, 16):  # batches as an evaluation loop adds them
+        metric.add_batch(predictions=predictions[start : start + 16], references=references[start : start + 16])
+    assert metric.compute(**kwargs) == expected
+
+    direct = load_ef_metric(cache_dir=str(tmp_path))
+    assert isinstance(direct, EFMetrics)
+    assert direct.compute(predictions=predictions, references=references, **kwargs) == expected
