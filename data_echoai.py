@@ -221,7 +221,9 @@ def load_echonet_dynamic(
     report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
     table, paths = table[paths.notna()], paths[paths.notna()]
     usable = []
-    for name, path in tqdm(zip(table["FileName"], paths), total=len(table), desc="Checking videos", disable=not check_videos):
+    for name, path in tqdm(
+        zip(table["FileName"], paths, strict=True), total=len(table), desc="Checking videos", disable=not check_videos
+    ):
         try:
             if check_videos:
                 probe_video(path, check_last_frame=True)
@@ -276,7 +278,9 @@ def load_video_folder(
     suffixes = {e.lower() for e in extensions}
     files = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     if not files:
-        raise FileNotFoundError(f"{data_dir} contains no video with extension {sorted(suffixes)} (searched recursively)")
+        raise FileNotFoundError(
+            f"{data_dir} contains no video with extension {sorted(suffixes)} (searched recursively)"
+        )
     report, rows = LoadReport(num_listed=len(files)), []
     for path in tqdm(files, desc="Checking videos"):
         name = path.relative_to(data_dir).with_suffix("").as_posix()
@@ -381,7 +385,12 @@ class EchoNetTransform:
             except VideoDecodingError as error:
                 pixel_values.append(None)
                 errors.append(str(error))
-        return {"pixel_values": pixel_values, "labels": [float(x) for x in labels], "video_path": paths, "error": errors}
+        return {
+            "pixel_values": pixel_values,
+            "labels": [float(x) for x in labels],
+            "video_path": paths,
+            "error": errors,
+        }
 
 
 @dataclass

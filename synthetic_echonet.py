@@ -32,9 +32,9 @@ the cavity is traced as a long axis plus ``NUM_CHORDS`` (20) perpendicular chord
 written to ``VolumeTracings.csv``, and the volume follows from the method of discs (Simpson's rule),
 ``V = sum(pi / 4 * d_i**2 * L / NUM_CHORDS)``, converted to mL with a per-video pixel spacing
 (1.2-1.6 mm). ``EF = 100 * (EDV - ESV) / EDV``. The target EF is drawn from a normal distribution
-with mean 55 and standard deviation 12 clipped to [10, 85] (EchoNet-Dynamic: mean 55.7, sd 12.5);
-the written EF is the one measured on the traced frames, which differs from the target by well
-under one percentage point. EDV targets are log-normal around 95 mL.
+with mean 55 and standard deviation 12 clipped to [10, 85], roughly EchoNet-Dynamic's distribution;
+the written EF is the one measured on the traced frames, which sample the cycle at the video's frame
+rate and so land close to, not exactly on, the target. EDV targets are log-normal around 95 mL.
 
 Videos are 30-60 frames per second and 60-200 frames long, always at least 1.1 cardiac cycles so
 both traced frames lie inside the video; splits are TRAIN/VAL/TEST in proportions 75/12.5/12.5.
@@ -139,7 +139,7 @@ def _chord_tracing(
     rows = [np.concatenate([apex, base])]
     positions = (np.arange(NUM_CHORDS) + 0.5) / NUM_CHORDS * length
     halves = half_width * np.sqrt(np.clip(1.0 - ((positions - a) / a) ** 2, 0.0, None))
-    for s, h in zip(positions, halves):
+    for s, h in zip(positions, halves, strict=True):
         centre = apex + s * direction
         rows.append(np.concatenate([centre - h * perp, centre + h * perp]))
     volume = float(np.sum(np.pi * halves**2 * length / NUM_CHORDS))  # discs of diameter 2h
@@ -230,7 +230,10 @@ def _draw_frames(
     # Atria below the valve plane; they fill while the ventricles empty.
     atrium_scale = 1.0 + 0.25 * contraction
     atria = []
-    for apex, ventricle_length, width in ((lv_apex, length, half_width[0, 0, 0]), (rv_apex, rv_length, rv_width[0, 0, 0])):
+    for apex, ventricle_length, width in (
+        (lv_apex, length, half_width[0, 0, 0]),
+        (rv_apex, rv_length, rv_width[0, 0, 0]),
+    ):
         base = apex + direction * ventricle_length.mean()
         atria.append(_bullet_distance(xx, yy, base - direction * 2.0, direction, 30.0 * atrium_scale, 0.85 * width))
 
@@ -321,14 +324,19 @@ def make_synthetic_echonet(
     corpus_rng = np.random.default_rng(root.spawn(1)[0])
     names = [f"0X{value:016X}" for value in corpus_rng.choice(2**62, size=num_videos, replace=False)]
     splits = _assign_splits(num_videos, corpus_rng)
-    jobs = [(child, str(output_dir / "Videos" / f"{name}.avi")) for child, name in zip(root.spawn(num_videos), names)]
+    jobs = [
+        (child, str(output_dir / "Videos" / f"{name}.avi"))
+        for child, name in zip(root.spawn(num_videos), names, strict=True)
+    ]
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8)
     num_workers = min(num_workers, num_videos)
 
     file_rows, tracing_rows = [], []
     videos = _map(_render_and_write, jobs, num_workers)
-    for name, split, video in tqdm(zip(names, splits, videos), total=num_videos, desc="Synthetic echo videos"):
+    for name, split, video in tqdm(
+        zip(names, splits, videos, strict=True), total=num_videos, desc="Synthetic echo videos"
+    ):
         file_rows.append(
             [name, f"{video.ef:.6f}", f"{video.esv:.6f}", f"{video.edv:.6f}", FRAME_SIZE, FRAME_SIZE,
              video.fps, len(video.frames), split]

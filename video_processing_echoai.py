@@ -37,6 +37,7 @@ whose message names the file, the reason and the fix; training data loaders catc
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -209,7 +210,7 @@ def decode_video_frames(path: str | os.PathLike, frame_indices: Sequence[int] | 
 
         frames: dict[int, np.ndarray] = {}
         num_decoded = 0
-        for attempt_seek in ((True, False) if can_seek else (False,)):
+        for attempt_seek in (True, False) if can_seek else (False,):
             frames.clear()
             if attempt_seek:
                 container.seek(start_pts + int(first / rate / stream.time_base), stream=stream, backward=True)
@@ -400,22 +401,33 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         self.num_frames, self.period, self.image_size, self.num_channels = num_frames, period, image_size, num_channels
         self.image_mean, self.image_std = image_mean, image_std
         self.do_augment, self.augment_padding = do_augment, augment_padding
-        self.brightness_jitter, self.contrast_jitter, self.gamma_jitter = brightness_jitter, contrast_jitter, gamma_jitter
+        self.brightness_jitter, self.contrast_jitter, self.gamma_jitter = (
+            brightness_jitter,
+            contrast_jitter,
+            gamma_jitter,
+        )
         self.horizontal_flip_probability = horizontal_flip_probability
 
-    # `from_pretrained(..., num_frames=32)` overrides exactly the constructor's arguments.
+    @classmethod
+    def _argument_names(cls) -> list[str]:
+        """The constructor's named arguments: exactly what is saved, loaded and overridable."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
     @classmethod
     def from_dict(cls, video_processor_dict: dict, **kwargs):
+        """Build from a saved dict; `from_pretrained(folder, num_frames=32)` overrides a saved value."""
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
-        names = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
-        merged = {**video_processor_dict, **{k: kwargs.pop(k) for k in list(kwargs) if k in names}}
-        merged = {k: v for k, v in merged.items() if k in names}
-        processor = cls(**merged)
+        names = cls._argument_names()
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        processor = cls(**{k: v for k, v in {**video_processor_dict, **overrides}.items() if k in names})
         return (processor, kwargs) if return_unused_kwargs else processor
 
     def to_dict(self) -> dict:
-        names = self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount]
-        return {**{name: getattr(self, name) for name in names}, "video_processor_type": type(self).__name__}
+        return {
+            **{name: getattr(self, name) for name in self._argument_names()},
+            "video_processor_type": type(self).__name__,
+        }
 
     def preprocess(
         self,

@@ -24,7 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = make_synthetic_echonet(args.output_dir, num_videos=args.num_videos, seed=args.seed, num_workers=args.num_workers)
+    path = make_synthetic_echonet(
+        args.output_dir, num_videos=args.num_videos, seed=args.seed, num_workers=args.num_workers
+    )
     logging.getLogger("make_synthetic_echonet").info("Wrote %d videos to %s", args.num_videos, path)
 
 

@@ -121,9 +121,10 @@ def test_ed_is_the_traced_frame_with_the_larger_volume(corpus):
         assert sorted(traced.Frame.unique()) == sorted([row["EDFrame"], row["ESFrame"]])
         # The phantom's LV is wider at ED: compare the widest chord of each frame.
         width = traced.assign(w=np.hypot(traced.X2 - traced.X1, traced.Y2 - traced.Y1)).groupby("Frame").w
-        assert width.apply(lambda w: w.iloc[1:].max())[row["EDFrame"]] > width.apply(lambda w: w.iloc[1:].max())[
-            row["ESFrame"]
-        ]
+        assert (
+            width.apply(lambda w: w.iloc[1:].max())[row["EDFrame"]]
+            > width.apply(lambda w: w.iloc[1:].max())[row["ESFrame"]]
+        )
 
 
 def test_loader_tolerates_released_file_quirks(corpus, tmp_path):
@@ -191,7 +192,9 @@ def test_strict_loading_fails_naming_files_and_reasons(broken_corpus):
 
 def test_non_echonet_folder_gets_one_clear_error(tmp_path):
     (tmp_path / "Videos").mkdir()
-    with pytest.raises(FileNotFoundError, match="FileList.csv.* not found: expected an EchoNet-Dynamic folder") as error:
+    with pytest.raises(
+        FileNotFoundError, match="FileList.csv.* not found: expected an EchoNet-Dynamic folder"
+    ) as error:
         load_echonet_dynamic(tmp_path)
     assert "VolumeTracings.csv" in str(error.value) and "EchoNet-Dynamic" in str(error.value)
     with pytest.raises(FileNotFoundError, match="not found"):

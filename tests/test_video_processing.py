@@ -54,7 +54,9 @@ def test_pixel_values_shape_dtype_and_channels(long_video):
 
 def test_frames_follow_the_period():
     video = ramp_video(100)
-    pixel_values = identity_processor(period=3, num_frames=5)(video, clip_sampling="start", clip_start=10)["pixel_values"]
+    pixel_values = identity_processor(period=3, num_frames=5)(video, clip_sampling="start", clip_start=10)[
+        "pixel_values"
+    ]
     frame_numbers = (pixel_values[0, :, 0, 0, 0] * 255).round().tolist()
     assert frame_numbers == [10, 13, 16, 19, 22]
 
