@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Masked-autoencoder pretraining of EchoAI on echo videos.
+
+    accelerate launch scripts/pretrain.py                      # tiny preset, built-in synthetic corpus
+    accelerate launch scripts/pretrain.py --data_dir EchoNet-Dynamic --config_name small --mixed_precision bf16
+    accelerate launch --config_file configs/accelerate/4gpu_bf16.yaml scripts/pretrain.py --data_dir ... --config_name base
+
+Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop
+-> save. The loop, checkpoints, resume and signal handling are shared with fine-tuning
+(`training_echoai.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import get_cosine_schedule_with_warmup
+
+from configuration_echoai import PRESETS, EchoAIConfig
+from data_echoai import load_echonet_dynamic, load_video_folder, synthetic_echonet_dir
+from modeling_echoai import EchoAIForPreTraining
+from training_echoai import (
+    TrainingClips,
+    add_common_args,
+    build_accelerator,
+    count_parameters,
+    derive_seed,
+    make_dataloader,
+    param_groups,
+    parse_config_overrides,
+    push_to_hub,
+    render_model_card,
+    save_model,
+    save_reconstruction,
+    schedule_steps,
+    train,
+)
+from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
+
+
+logger = logging.getLogger("pretrain")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--config_name", choices=sorted(PRESETS), default="tiny", help="Preset to build from scratch.")
+    parser.add_argument(
+        "--config_overrides", default=None, help="Config fields to override, e.g. 'mask_ratio=0.95,num_frames=8'."
+    )
+    parser.add_argument("--period", type=int, default=2, help="Take every N-th frame (EchoNet: 2).")
+    parser.add_argument(
+        "--splits", default="train,validation,test", help="EchoNet splits whose videos are used, unlabeled."
+    )
+    parser.add_argument(
+        "--reconstruction_steps", type=int, default=100, help="Save a reconstruction PNG every N steps."
+    )
+    parser.set_defaults(output_dir="outputs/pretrain", learning_rate=1e-3, num_train_epochs=16)
+    return parser.parse_args(argv)
+
+
+def load_videos(args: argparse.Namespace, accelerator):
+    """The unlabeled videos: an EchoNet-layout folder, any folder of videos, or the synthetic corpus."""
+    with accelerator.main_process_first():  # one process generates / checks, the others reuse its cache
+        data_dir = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
+        if (data_dir / "FileList.csv").is_file():
+            splits = load_echonet_dynamic(data_dir)
+            wanted = [s.strip() for s in args.splits.split(",") if s.strip()]
+            unknown = set(wanted) - set(splits)
+            if unknown:
+                raise ValueError(f"--splits names {sorted(unknown)}; {data_dir} has {sorted(splits)}")
+            paths = [p for name in wanted for p in splits[name]["video_path"]]
+            return data_dir, Dataset.from_dict({"video_path": paths})
+        return data_dir, load_video_folder(data_dir)
+
+
+def build_model(args: argparse.Namespace) -> EchoAIForPreTraining:
+    overrides = parse_config_overrides(args.config_overrides)
+    if args.model_name_or_path:
+        return EchoAIForPreTraining.from_pretrained(args.model_name_or_path, **overrides)
+    return EchoAIForPreTraining(EchoAIConfig.from_preset(args.config_name, **overrides))
+
+
+def build_processor(args: argparse.Namespace, config: EchoAIConfig, videos) -> EchoAIVideoProcessor:
+    """The processor saved with the model; its mean/std come from the training videos (as EchoNet's)."""
+    if args.model_name_or_path and (Path(args.model_name_or_path) / "video_preprocessor_config.json").is_file():
+        return EchoAIVideoProcessor.from_pretrained(args.model_name_or_path, num_frames=config.num_frames)
+    mean, std = compute_mean_std(
+        videos["video_path"], num_videos=128, seed=args.seed, num_channels=config.num_channels
+    )
+    return EchoAIVideoProcessor(
+        num_frames=config.num_frames, period=args.period, image_size=config.image_size,
+        num_channels=config.num_channels, image_mean=mean, image_std=std,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    accelerator = build_accelerator(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # Data
+    data_dir, videos = load_videos(args, accelerator)
+    model = build_model(args)
+    config = model.config
+    with accelerator.main_process_first():
+        processor = build_processor(args, config, videos)
+    dataset = TrainingClips(videos, processor, training=True, seed=args.seed)
+    dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
+
+    # Optimizer and schedule: AdamW (0.9, 0.95) with linear warm-up and cosine decay, as MAE.
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.weight_decay, args.learning_rate), lr=args.learning_rate, betas=(0.9, args.adam_beta2)
+    )
+    schedule_steps(args, math.ceil(len(dataloader) / accelerator.num_processes))
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+
+    effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        "Pretraining %s (%.2f M parameters) on %d videos from %s: %d steps, effective batch %d "
+        "(%d per device x %d processes x %d accumulation), mask ratio %.2f, precision %s",
+        args.model_name_or_path or args.config_name, count_parameters(model) / 1e6, len(videos), data_dir,
+        args.max_train_steps, effective_batch, args.per_device_train_batch_size, accelerator.num_processes,
+        args.gradient_accumulation_steps, config.mask_ratio, accelerator.mixed_precision,
+    )  # fmt: skip
+    if args.with_tracking:
+        accelerator.init_trackers(
+            "echoai-pretrain", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+
+    # Masks are drawn from a generator seeded by (seed, step, process), so a resumed run hides the same tubelets.
+    def compute_loss(model, batch, step):
+        generator = torch.Generator().manual_seed(derive_seed(args.seed, step, accelerator.process_index))
+        mask = accelerator.unwrap_model(model).make_mask(batch["pixel_values"], generator=generator)
+        outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=mask)
+        return outputs.loss, outputs
+
+    def on_step(step, batch, outputs):
+        if accelerator.is_main_process and args.reconstruction_steps and step % args.reconstruction_steps == 0:
+            save_reconstruction(accelerator.unwrap_model(model), batch["pixel_values"], outputs, processor,
+                                Path(args.output_dir) / "reconstructions" / f"step_{step:07d}.png")  # fmt: skip
+
+    result = train(accelerator, model, optimizer, scheduler, dataloader, args, compute_loss, on_step=on_step)
+    result.model = accelerator.unwrap_model(model)
+    if result.stopped_by_signal:
+        accelerator.end_training()
+        return result
+    if result.losses:
+        accelerator.print(
+            f"Reconstruction loss: first step {result.losses[0]:.4f}, last step {result.losses[-1]:.4f} "
+            f"({result.state.global_step} steps, {result.seconds:.0f} s)"
+        )
+
+    # Save: model (safetensors + remote code), processor, model card.
+    save_model(accelerator, model, processor, args.output_dir)
+    if accelerator.is_main_process:
+        card = render_model_card(accelerator.unwrap_model(model), args, task="pretraining", dataset_dir=data_dir,
+                                 num_videos=len(videos), train_result=result)  # fmt: skip
+        card.save(Path(args.output_dir) / "README.md")
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,297 @@
+"""Pretraining end to end on a tiny synthetic corpus: outputs, exact resume, signals, NaN handling,
+checkpoint rotation, two processes, model card and Hub push (without network)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from data_fixtures import tiny_corpus
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoModelForPreTraining
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor  # the top-level name needs torchvision
+
+import training_echoai
+from modeling_echoai import EchoAIForPreTraining
+from video_processing_echoai import EchoAIVideoProcessor
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = (
+    "image_size=32,patch_size=8,num_frames=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,"
+    "intermediate_size=64,decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,"
+    "decoder_intermediate_size=32,mask_ratio=0.75"
+)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"echoai_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tiny_corpus(tmp_path_factory)
+
+
+def pretrain_argv(corpus: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--data_dir", str(corpus), "--output_dir", str(output_dir), "--config_overrides", TINY_MODEL,
+        "--per_device_train_batch_size", "2", "--reconstruction_steps", "0", "--logging_steps", "1", *extra,
+    ]  # fmt: skip
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
+def test_pretraining_run_saves_a_loadable_model_processor_card_and_pictures(corpus, tmp_path):
+    output = tmp_path / "run"
+    result = load_script("pretrain").main(
+        pretrain_argv(corpus, output, "--max_train_steps", "4", "--reconstruction_steps", "2")
+    )
+    assert result.state.global_step == 4 and len(result.losses) == 4
+    assert all(math.isfinite(loss) for loss in result.losses)
+
+    model = AutoModelForPreTraining.from_pretrained(output)
+    assert isinstance(model, EchoAIForPreTraining) and model.config.hidden_size == 32
+    processor = AutoVideoProcessor.from_pretrained(output)
+    assert isinstance(processor, EchoAIVideoProcessor)
+    assert processor.image_size == 32 and processor.num_frames == 4
+    assert 0.0 < processor.image_mean[0] < 1.0 and processor.image_std[0] > 0.0  # from the training videos
+    pixel_values = processor(sorted((corpus / "Videos").glob("*.avi"))[0])["pixel_values"]
+    assert torch.isfinite(model(pixel_values).loss)
+
+    card = ModelCard.load(output / "README.md")
+    assert "echoai" in card.data.tags and card.data.library_name == "transformers"
+    assert "not a medical device" in card.text and "EchoAIForPreTraining" in card.text
+
+    pictures = sorted((output / "reconstructions").glob("*.png"))
+    assert [p.name for p in pictures] == ["step_0000002.png", "step_0000004.png"]
+    assert pictures[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoints_are_rotated_and_never_left_half_written(corpus, tmp_path):
+    output = tmp_path / "run"
+    load_script("pretrain").main(
+        pretrain_argv(
+            corpus, output, "--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"
+        )
+    )
+    names = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert names == ["step_0000003", "step_0000004"]
+    assert (output / "checkpoints" / "step_0000004" / training_echoai.STATE_FILE).is_file()
+
+
+def test_resume_after_sigterm_ends_with_the_weights_of_a_straight_run(corpus, tmp_path):
+    """Kill a run with SIGTERM part-way: it saves a checkpoint and exits 0; resuming it must end bit-identical
+    to a run that was never interrupted (same data order, clip starts, augmentation and masks)."""
+    steps = "40"
+    straight = tmp_path / "straight"
+    load_script("pretrain").main(pretrain_argv(corpus, straight, "--max_train_steps", steps))
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, str(REPO / "scripts" / "pretrain.py"),
+               *pretrain_argv(corpus, interrupted, "--max_train_steps", steps, "--checkpointing_steps", "2")]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (interrupted / "checkpoints" / "step_0000002").is_dir():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    assert "Stopped by signal at step" in output and "--resume_from_checkpoint" in output
+    assert not (interrupted / "model.safetensors").exists(), "the interrupted run must not look finished"
+    stopped_at = training_echoai.Checkpoints(interrupted).latest()
+    assert 2 <= int(stopped_at.name.split("_")[1]) < int(steps)
+
+    result = load_script("pretrain").main(
+        pretrain_argv(corpus, interrupted, "--max_train_steps", steps, "--resume_from_checkpoint", "latest")
+    )
+    assert result.state.global_step == int(steps)
+    expected, resumed = final_weights(straight), final_weights(interrupted)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_errors_name_what_is_missing(corpus, tmp_path):
+    pretrain = load_script("pretrain")
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        pretrain.main(
+            pretrain_argv(corpus, tmp_path / "a", "--max_train_steps", "1", "--resume_from_checkpoint", "latest")
+        )
+    with pytest.raises(FileNotFoundError, match="is not an EchoAI checkpoint"):
+        pretrain.main(
+            pretrain_argv(corpus, tmp_path / "b", "--max_train_steps", "1", "--resume_from_checkpoint", str(tmp_path))
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop itself: non-finite losses
+# --------------------------------------------------------------------------------------------------
+
+
+def loop_fixture(corpus: Path, tmp_path: Path, **overrides):
+    """A prepared tiny model, optimizer, schedule and loader, as the scripts build them."""
+    pretrain = load_script("pretrain")
+    args = pretrain.parse_args(pretrain_argv(corpus, tmp_path, "--max_train_steps", "6"))
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    accelerator = Accelerator(cpu=True)
+    _, videos = pretrain.load_videos(args, accelerator)
+    model = pretrain.build_model(args)
+    processor = EchoAIVideoProcessor(num_frames=4, image_size=32)
+    loader = training_echoai.make_dataloader(training_echoai.TrainingClips(videos, processor, training=True), 2, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    return accelerator, model, optimizer, scheduler, loader, args
+
+
+def test_a_nonfinite_loss_skips_the_update_and_is_counted(corpus, tmp_path):
+    accelerator, model, optimizer, scheduler, loader, args = loop_fixture(corpus, tmp_path)
+    calls, snapshots = [], {}
+
+    def compute_loss(model, batch, step):
+        calls.append(step)
+        if len(calls) in (3, 4):  # before and after the poisoned batch
+            snapshots[len(calls)] = {k: v.clone() for k, v in model.state_dict().items()}
+        loss = model(pixel_values=batch["pixel_values"]).loss
+        return (loss * float("nan"), None) if len(calls) == 3 else (loss, None)
+
+    result = training_echoai.train(accelerator, model, optimizer, scheduler, loader, args, compute_loss)
+    assert result.state.nonfinite_skipped == 1
+    assert result.state.global_step == 6 and all(math.isfinite(x) for x in result.losses)
+    assert calls[2] == calls[3] == 2, "the skipped batch does not count as a step"
+    for name, value in snapshots[3].items():
+        torch.testing.assert_close(snapshots[4][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_consecutive_nonfinite_losses_stop_with_an_error_naming_the_step(corpus, tmp_path):
+    accelerator, model, optimizer, scheduler, loader, args = loop_fixture(
+        corpus, tmp_path, max_consecutive_nonfinite=3, checkpointing_steps="1"
+    )
+
+    def compute_loss(model, batch, step):
+        loss = model(pixel_values=batch["pixel_values"]).loss
+        return (loss * float("inf"), None) if step >= 2 else (loss, None)
+
+    with pytest.raises(
+        training_echoai.NonFiniteLossError,
+        match=r"3 non-finite losses in a row, the last at step 2\. Last good checkpoint: .*step_0000002",
+    ):
+        training_echoai.train(accelerator, model, optimizer, scheduler, loader, args, compute_loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two processes
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_process_run(corpus: str, output_dir: str) -> None:
+    import torch.distributed as dist
+
+    result = load_script("pretrain").main(pretrain_argv(Path(corpus), Path(output_dir), "--max_train_steps", "2"))
+    seen = [None, None]
+    dist.all_gather_object(seen, result.seen)
+    assert not set(seen[0]) & set(seen[1]), f"processes trained on the same videos: {seen}"
+    assert sorted(seen[0] + seen[1]) == list(range(8)), f"8 videos, batch 2 x 2 processes x 2 steps: {seen}"
+    flat = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "gradients were not synchronised"
+
+
+def test_two_processes_split_the_data_and_stay_in_sync(corpus, tmp_path):
+    """Two real CPU processes (gloo): disjoint data, identical weights after synchronised updates. Run from a
+    fresh interpreter: forking this one would copy accelerate's single-process state into the children."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from accelerate import debug_launcher; from test_training import _two_process_run; "
+        f"debug_launcher(_two_process_run, args=({str(corpus)!r}, {str(tmp_path / 'run')!r}), num_processes=2)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub push, without network
+# --------------------------------------------------------------------------------------------------
+
+
+class RecordingHubApi:
+    """Stands in for `huggingface_hub.HfApi`: records the calls the upload would make."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+
+def test_push_to_hub_uploads_the_rendered_folder(corpus, tmp_path):
+    output = tmp_path / "run"
+    load_script("pretrain").main(pretrain_argv(corpus, output, "--max_train_steps", "1", "--checkpointing_steps", "1"))
+    api = RecordingHubApi()
+    url = training_echoai.push_to_hub(output, "my-org/echoai-tiny", api=api)
+    assert url == "https://huggingface.co/my-org/echoai-tiny"
+    (create, _, _), (upload, repo_id, kwargs) = api.calls
+    assert (create, upload, repo_id) == ("create_repo", "upload_folder", "my-org/echoai-tiny")
+    assert kwargs["folder_path"] == str(output) and "checkpoints/*" in kwargs["ignore_patterns"]
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        training_echoai.push_to_hub(output, None, api=api)
+
+
+def test_config_overrides_parse_and_reject_malformed_items():
+    assert training_echoai.parse_config_overrides("mask_ratio=0.95, num_frames=8,norm_pix_loss=false") == {
+        "mask_ratio": 0.95,
+        "num_frames": 8,
+        "norm_pix_loss": False,
+    }
+    with pytest.raises(ValueError, match="'mask_ratio' is not key=value"):
+        training_echoai.parse_config_overrides("mask_ratio")
+
+
+def test_no_weight_decay_on_norms_biases_position_tables_and_mask_token():
+    model = EchoAIForPreTraining(EchoAIForPreTraining.config_class.from_preset("tiny"))
+    undecayed = {n for n, p in model.named_parameters() if training_echoai.no_weight_decay(n, p)}
+    assert "mask_token" in undecayed and "echoai.embeddings.position_embeddings.spatial" in undecayed
+    assert "decoder_position_embeddings.temporal" in undecayed and "echoai.layernorm.weight" in undecayed
+    assert "echoai.encoder.layer.0.attention.qkv.bias" in undecayed
+    assert "echoai.encoder.layer.0.attention.qkv.weight" not in undecayed
+    assert "echoai.embeddings.patch_embeddings.projection.weight" not in undecayed
+    groups = training_echoai.param_groups(model, 0.05, 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_layer_decay_scales_learning_rate_by_depth():
+    from configuration_echoai import EchoAIConfig
+    from modeling_echoai import EchoAIForVideoClassification
+
+    model = EchoAIForVideoClassification(EchoAIConfig.from_preset("tiny", num_labels=1))  # 4 layers
+    groups = training_echoai.param_groups(model, 0.05, 1.0, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["classifier.weight"])] == 1.0
+    assert lr_of[id(named["echoai.encoder.layer.3.mlp.fc1.weight"])] == 0.5
+    assert lr_of[id(named["echoai.encoder.layer.0.mlp.fc1.weight"])] == 0.5**4
+    assert lr_of[id(named["echoai.embeddings.patch_embeddings.projection.weight"])] == 0.5**5

@@ -1,0 +1,728 @@
+"""Training plumbing shared by `scripts/pretrain.py` and `scripts/finetune.py`.
+
+The two scripts differ only in their model, data and loss; everything else lives here, once:
+
+* `add_common_args` -- the flags of transformers' `examples/pytorch/*_no_trainer.py` scripts.
+* `build_accelerator` -- `Accelerator` with mixed precision, accumulation and trackers from the flags
+  (or from `accelerate launch` / its config, which set the same through the environment).
+* `TrainingClips` + `collate` -- a map-style dataset whose every random choice (epoch order, clip start,
+  augmentation) is drawn from a generator seeded by (seed, epoch, video), so a resumed run sees exactly
+  the batches a straight run would, with or without DataLoader workers and across processes.
+* `param_groups` -- AdamW groups with no weight decay on norms, biases, position tables and the mask
+  token (MAE), and optional layer-wise learning-rate decay (BEiT / MAE fine-tuning).
+* `Checkpoints` -- `accelerator.save_state` written to a temporary folder and renamed into place (a
+  killed save never leaves a half checkpoint), rotated, and found again by `latest`.
+* `train` -- the loop: accumulation, clipping, skipping of non-finite losses, SIGTERM/SIGINT handling,
+  checkpoints, progress bar and tracker logging.
+* `save_model`, `render_model_card`, `push_to_hub` -- the end of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from datasets import Dataset
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from tqdm.auto import tqdm
+
+from data_echoai import EchoAIDataCollator
+from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError
+
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+STATE_FILE = "training_state.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments and accelerator
+# --------------------------------------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags both scripts share, named as in transformers' `*_no_trainer.py` examples."""
+    add = parser.add_argument
+    add(
+        "--data_dir",
+        type=str,
+        default=None,
+        help="EchoNet-Dynamic folder (FileList.csv, VolumeTracings.csv, Videos/). Default: the built-in synthetic corpus.",
+    )
+    add(
+        "--synthetic_num_videos",
+        type=int,
+        default=200,
+        help="Size of the synthetic corpus used when --data_dir is not given.",
+    )
+    add("--model_name_or_path", type=str, default=None, help="Checkpoint folder or Hub id to start from.")
+    add("--output_dir", type=str, default=None, help="Where checkpoints, the final model and logs go.")
+    add("--per_device_train_batch_size", type=int, default=8)
+    add("--per_device_eval_batch_size", type=int, default=8)
+    add(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Peak learning rate (default: the recipe's, see --help of the script).",
+    )
+    add("--weight_decay", type=float, default=0.05)
+    add("--adam_beta2", type=float, default=0.95)
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 disables).")
+    add("--num_train_epochs", type=int, default=1)
+    add("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--num_warmup_steps", type=int, default=None, help="Linear warm-up steps (default: 5%% of training).")
+    add(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Default: what `accelerate launch` / its config says.",
+    )
+    add("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    add(
+        "--checkpointing_steps",
+        type=str,
+        default=None,
+        help="Save a resumable checkpoint every N optimizer steps, or 'epoch'.",
+    )
+    add("--checkpoints_total_limit", type=int, default=3, help="Keep only the newest N checkpoints.")
+    add("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    add("--max_consecutive_nonfinite", type=int, default=5, help="Stop after this many non-finite losses in a row.")
+    add("--with_tracking", action="store_true", help="Log to the trackers named by --report_to.")
+    add("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all', ...")
+    add("--logging_steps", type=int, default=10)
+    add("--seed", type=int, default=0)
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", type=str, default=None)
+    add("--hub_token", type=str, default=None)
+    return parser
+
+
+def build_accelerator(args: argparse.Namespace) -> Accelerator:
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=project,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(args.seed)
+    return accelerator
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """'mask_ratio=0.95,num_frames=8' -> {"mask_ratio": 0.95, "num_frames": 8} (as transformers' run_mlm.py)."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config_overrides: {item!r} is not key=value (e.g. 'mask_ratio=0.95,num_frames=8')")
+        value = value.strip()
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            value = {"true": True, "false": False}.get(value.lower(), value)
+        overrides[key.strip()] = value
+    return overrides
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of integers, well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainingClips(torch.utils.data.Dataset):
+    """Rows of a video dataset -> one clip each (`pixel_values` (T, C, H, W), `labels`, `index`).
+
+    In training the order is a fresh permutation every epoch and each clip's start and augmentation come
+    from a generator seeded by (seed, epoch, video index): the data a step sees depends only on the step,
+    never on worker count, process count or where a run was resumed. Call `set_epoch` before iterating.
+    In evaluation (`training=False`) the order is fixed and each video gives `num_clips` evenly spaced
+    clips without augmentation. An unreadable video gives `pixel_values=None` and its error, which
+    `collate` drops and counts.
+    """
+
+    def __init__(
+        self,
+        rows: Dataset,
+        processor: EchoAIVideoProcessor,
+        training: bool,
+        seed: int = 0,
+        label_column: str | None = None,
+        num_clips: int = 1,
+    ):
+        self.paths = rows["video_path"]
+        self.labels = rows[label_column] if label_column else [math.nan] * len(self.paths)
+        self.processor, self.training, self.seed, self.num_clips = processor, training, seed, num_clips
+        self.order = np.arange(len(self.paths))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.training:
+            self.order = np.random.default_rng(derive_seed(self.seed, epoch)).permutation(len(self.paths))
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.order[i])
+        path = self.paths[index]
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index)) if self.training else None
+        try:
+            clips = self.processor(
+                path,
+                clip_sampling="random" if self.training else "uniform",
+                num_clips=1 if self.training else self.num_clips,
+                do_augment=self.training,
+                generator=generator,
+            )["pixel_values"]  # (K, T, C, H, W)
+            pixel_values, error = (clips[0] if len(clips) == 1 else clips), None
+        except VideoDecodingError as exception:
+            pixel_values, error = None, str(exception)
+        return {"pixel_values": pixel_values, "labels": float(self.labels[index]), "index": index, "error": error}
+
+
+def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+    """`EchoAIDataCollator` (drops and counts unreadable videos) plus the dataset index of each kept row."""
+    batch = EchoAIDataCollator()(features)
+    batch["index"] = torch.tensor([f["index"] for f in features if f["pixel_values"] is not None], dtype=torch.int64)
+    return batch
+
+
+def make_dataloader(dataset: TrainingClips, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    # The dataset shuffles itself (see TrainingClips), so the loader reads in order; `accelerate` then
+    # hands consecutive batches to consecutive processes.
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+        persistent_workers=False, drop_last=dataset.training,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+def no_weight_decay(name: str, parameter: torch.nn.Parameter) -> bool:
+    """Norm weights, biases, position tables and the mask token are not decayed (MAE, timm)."""
+    return parameter.ndim <= 1 or "position_embeddings" in name or name.endswith("mask_token")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the embeddings, i + 1 for encoder layer i, num_layers + 1 for everything after (head, norms)."""
+    if ".embeddings." in f".{name}":
+        return 0
+    match = re.search(r"encoder\.layer\.(\d+)\.", name)
+    return int(match.group(1)) + 1 if match else num_layers + 1
+
+
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, learning_rate: float, layer_decay: float | None = None
+) -> list[dict]:
+    """AdamW parameter groups: decay / no decay, each scaled by layer-wise learning-rate decay if given
+    (layer l of L gets learning_rate * layer_decay ** (L + 1 - l), so the head learns fastest)."""
+    num_layers = model.config.num_hidden_layers
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decay = not no_weight_decay(name, parameter)
+        depth = layer_id(name, num_layers) if layer_decay is not None else num_layers + 1
+        scale = layer_decay ** (num_layers + 1 - depth) if layer_decay is not None else 1.0
+        group = groups.setdefault(
+            (decay, depth), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr": learning_rate * scale}
+        )
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and signals
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """What `save_state` does not know: where the loop stood."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of this epoch already consumed, per process
+    nonfinite_skipped: int = 0
+    videos_skipped: int = 0
+    best_metric: float | None = None
+
+
+class Checkpoints:
+    """Resumable checkpoints `<output_dir>/checkpoints/step_<N>`, written atomically and rotated."""
+
+    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None):
+        self.root = Path(output_dir) / "checkpoints"
+        self.total_limit = total_limit
+
+    def all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def resolve(self, value: str) -> Path:
+        """`latest` or a folder -> a checkpoint folder, with an error naming what was looked for."""
+        path = self.latest() if value == "latest" else Path(value)
+        if path is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint under {self.root}")
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not an EchoAI checkpoint (no {STATE_FILE}); pass a step_<N> folder.")
+        return path
+
+    def save(self, accelerator: Accelerator, state: TrainingState) -> Path:
+        final = self.root / f"step_{state.global_step:07d}"
+        partial = self.root / f".partial-{final.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))  # every process writes its RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            if self.total_limit:
+                for old in self.all()[: -self.total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load(accelerator: Accelerator, path: Path) -> TrainingState:
+        accelerator.load_state(str(path))
+        return TrainingState(**json.loads((path / STATE_FILE).read_text()))
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag instead of killing the process: the loop finishes its step, saves a
+    checkpoint and exits cleanly (preemptible clusters send SIGTERM before they kill)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal means "now"
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Received %s: finishing this step, then saving a checkpoint.", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    state: TrainingState
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this process
+    seen: list[int] = field(default_factory=list)  # dataset indices this process trained on
+    stopped_by_signal: bool = False
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+    model: torch.nn.Module | None = None  # the unwrapped model, set by the scripts
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    dataloader: torch.utils.data.DataLoader,
+    args: argparse.Namespace,
+    compute_loss: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, object]],
+    on_step: Callable[[int, dict, object], None] | None = None,
+    on_epoch_end: Callable[[int, TrainingState], None] | None = None,
+) -> TrainResult:
+    """Run the optimisation loop shared by pretraining and fine-tuning.
+
+    `compute_loss(model, batch, global_step) -> (loss, outputs)`; `on_step(global_step, batch, outputs)`
+    runs after each optimizer step (e.g. to save a reconstruction picture); `on_epoch_end(epoch, state)`
+    after each epoch (e.g. to evaluate). Both prepared objects and `args.max_train_steps` must be set.
+    """
+    checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
+    state = TrainingState()
+    if args.resume_from_checkpoint:
+        path = checkpoints.resolve(args.resume_from_checkpoint)
+        state = Checkpoints.load(accelerator, path)
+        logger.info(
+            "Resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            state.global_step,
+            state.epoch,
+            state.batches_in_epoch,
+        )
+    dataset: TrainingClips = dataloader.dataset
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    checkpoint_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
+    result = TrainResult(state=state)
+    progress = tqdm(
+        total=args.max_train_steps, initial=state.global_step, desc="Training", unit="step",
+        disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
+    consecutive_nonfinite, window_start, window_videos = 0, time.perf_counter(), 0
+    start = time.perf_counter()
+    model.train()
+    with StopRequest() as stop:
+        for epoch in range(state.epoch, num_epochs):
+            state.epoch = epoch
+            # Through the loader: accelerate's loaders call `dataset.set_epoch(loader.iteration)` when iterated,
+            # and `skip_first_batches` copies `iteration`, so the loader must carry the epoch too.
+            dataloader.set_epoch(epoch) if hasattr(dataloader, "set_epoch") else dataset.set_epoch(epoch)
+            loader = (
+                accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+                if state.batches_in_epoch
+                else dataloader
+            )
+            for batch in loader:
+                state.batches_in_epoch += 1
+                skipped = batch.pop("num_skipped")
+                state.videos_skipped += (
+                    int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
+                    if accelerator.num_processes > 1
+                    else int(skipped)
+                )
+                indices = batch.pop("index")
+                empty = batch["pixel_values"].numel() == 0
+                with accelerator.accumulate(model):
+                    loss, outputs = (None, None) if empty else compute_loss(model, batch, state.global_step)
+                    nonfinite = not empty and not bool(torch.isfinite(loss.detach()))
+                    # Every process must take the same branch, or the gradient all-reduce would wait forever.
+                    flags = torch.tensor([empty, nonfinite, stop.requested], dtype=torch.float32)
+                    if accelerator.num_processes > 1:
+                        flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
+                    any_empty, any_nonfinite, stop_now = (bool(f > 0) for f in flags)
+                    update = not (any_empty or any_nonfinite)
+                    if update:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if any_nonfinite:
+                    consecutive_nonfinite += 1
+                    state.nonfinite_skipped += 1
+                    logger.warning(
+                        "Non-finite loss at step %d: update skipped (%d in a row, %d in total).",
+                        state.global_step, consecutive_nonfinite, state.nonfinite_skipped,
+                    )  # fmt: skip
+                    if consecutive_nonfinite >= args.max_consecutive_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{consecutive_nonfinite} non-finite losses in a row, the last at step {state.global_step}. "
+                            f"Last good checkpoint: {checkpoints.latest() or 'none saved'}. Lower --learning_rate, "
+                            "check the data, or use --mixed_precision bf16 instead of fp16."
+                        )
+                if update:
+                    consecutive_nonfinite = 0
+                    result.seen += indices.tolist()
+                    window_videos += len(indices) * accelerator.num_processes
+                if update and accelerator.sync_gradients:
+                    state.global_step += 1
+                    result.losses.append(float(loss.detach()))
+                    progress.update(1)
+                    if state.global_step % args.logging_steps == 0 or state.global_step == args.max_train_steps:
+                        elapsed = time.perf_counter() - window_start
+                        logs = {
+                            "loss": result.losses[-1],
+                            "lr": scheduler.get_last_lr()[0],
+                            "videos_per_s": window_videos / elapsed,
+                        }
+                        progress.set_postfix(
+                            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", videos_s=f"{logs['videos_per_s']:.1f}"
+                        )
+                        accelerator.log(logs, step=state.global_step)
+                        window_start, window_videos = time.perf_counter(), 0
+                    if on_step is not None:
+                        on_step(state.global_step, batch, outputs)
+                    if checkpoint_every and state.global_step % checkpoint_every == 0:
+                        result.checkpoint = checkpoints.save(accelerator, state)
+                if stop_now:
+                    result.checkpoint = checkpoints.save(accelerator, state)
+                    result.stopped_by_signal = True
+                    accelerator.print(
+                        f"Stopped by signal at step {state.global_step}. Saved {result.checkpoint}; "
+                        f"continue with --resume_from_checkpoint {result.checkpoint}"
+                    )
+                    break
+                if state.global_step >= args.max_train_steps:
+                    break
+            if result.stopped_by_signal:
+                break
+            if state.batches_in_epoch >= len(dataloader):  # the epoch ran to its end
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, state)
+                state.epoch, state.batches_in_epoch = epoch + 1, 0
+                if args.checkpointing_steps == "epoch":
+                    result.checkpoint = checkpoints.save(accelerator, state)
+            if state.global_step >= args.max_train_steps:
+                break
+    progress.close()
+    result.seconds = time.perf_counter() - start
+    if state.videos_skipped:
+        logger.warning(
+            "%d unreadable videos were skipped during training (see the warnings above).", state.videos_skipped
+        )
+    return result
+
+
+def schedule_steps(args: argparse.Namespace, dataloader_len: int) -> None:
+    """Settle `max_train_steps`, `num_train_epochs` and `num_warmup_steps` from the flags and data size."""
+    steps_per_epoch = math.ceil(dataloader_len / args.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"The training set gives no full batch of {args.per_device_train_batch_size} per process; "
+            "use more videos or a smaller --per_device_train_batch_size."
+        )
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = max(1, round(0.05 * args.max_train_steps))
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving, model card, Hub
+# --------------------------------------------------------------------------------------------------
+
+
+def save_model(
+    accelerator: Accelerator, model: torch.nn.Module, processor: EchoAIVideoProcessor, output_dir: str | os.PathLike
+) -> None:
+    """`save_pretrained` of model (safetensors, with remote code) and processor, from the main process."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(
+        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        processor.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_card_template() -> Path:
+    """`model_card.md`: beside this module in a checkout or editable install, else in `<prefix>/share/echoai`."""
+    for candidate in (
+        Path(__file__).with_name("model_card.md"),
+        Path(sys.prefix) / "share" / "echoai" / "model_card.md",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("model_card.md not found beside training_echoai.py or in <prefix>/share/echoai")
+
+
+def render_model_card(
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    task: str,
+    dataset_dir: Path | None,
+    num_videos: int,
+    train_result: TrainResult,
+    metrics: dict[str, dict[str, float]] | None = None,
+    eval_protocol: str = "",
+    dataset_name: str | None = None,
+) -> ModelCard:
+    """Fill `model_card.md` from the run: architecture, size, data, hyper-parameters and, for a fine-tuned
+    model, the metrics (also written as the card's `model-index`, task regression, metrics MAE/RMSE/R²).
+
+    `metrics` maps a split ("validation", "test") to {"mae": ..., "rmse": ..., "r2": ...}.
+    """
+    config = model.config
+    synthetic = dataset_dir is not None and "synthetic_echonet" in str(dataset_dir)
+    dataset_name = dataset_name or (
+        "EchoAI synthetic echo phantom"
+        if synthetic
+        else "EchoNet-Dynamic"
+        if dataset_dir and (Path(dataset_dir) / "FileList.csv").is_file()
+        else "echo videos"
+    )
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    eval_results, eval_rows = [], []
+    names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²"}
+    for split, values in (metrics or {}).items():
+        for key, label in names.items():
+            if key in values:
+                eval_rows.append({"split": split, "metric": label, "value": f"{values[key]:.3f}"})
+                eval_results.append(
+                    EvalResult(
+                        task_type="regression", dataset_type=dataset_name.lower().replace(" ", "-"),
+                        dataset_name=dataset_name, dataset_split=split, metric_type=key,
+                        metric_name=f"{label} (EF %)" if key != "r2" else label, metric_value=float(values[key]),
+                    )
+                )  # fmt: skip
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="apache-2.0",
+        tags=["echocardiography", "video", "masked-autoencoder", "echoai", "medical-imaging", "research-only"],
+        pipeline_tag="video-classification",
+        model_name=repo_id,
+        eval_results=eval_results or None,
+    )
+    hyperparameters = {
+        "preset": getattr(args, "config_name", None) or args.model_name_or_path,
+        "optimizer": f"AdamW (0.9, {args.adam_beta2}), weight decay {args.weight_decay}",
+        "learning rate": f"{args.learning_rate:g}, {args.num_warmup_steps} warm-up steps, cosine decay",
+        "steps": train_result.state.global_step,
+        "batch per device": args.per_device_train_batch_size,
+        "gradient accumulation": args.gradient_accumulation_steps,
+        "mixed precision": args.mixed_precision or "from accelerate config",
+        "mask ratio": config.mask_ratio,
+        "seed": args.seed,
+    }
+    for name in ("layer_decay", "drop_path_rate"):
+        if getattr(args, name, None) is not None:
+            hyperparameters[name.replace("_", " ")] = getattr(args, name)
+    procedure = (
+        "masked-autoencoder pretraining: tube masking, norm-pix MSE on the hidden tubelets"
+        if task == "pretraining"
+        else "EF regression from a pretrained encoder (mean-pooled tokens, linear head), layer-wise learning-rate decay"
+    )
+    period = getattr(args, "period", 2)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(model_card_template()),
+        model_name=repo_id,
+        repo_id=repo_id,
+        task="regression" if task != "pretraining" else "pretraining",
+        architecture=type(model).__name__,
+        num_parameters_m=f"{count_parameters(model) / 1e6:.2f}",
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_frames=config.num_frames,
+        image_size=config.image_size,
+        num_channels=config.num_channels,
+        tubelet_size=config.tubelet_size,
+        patch_size=config.patch_size,
+        period=period,
+        mask_percent=round(100 * config.mask_ratio),
+        synthetic=synthetic,
+        training_data_short=dataset_name,
+        training_data=f"{num_videos} videos of {dataset_name}"
+        + ("" if synthetic else f" ({dataset_dir})" if dataset_dir else ""),
+        procedure=procedure,
+        hyperparameters=hyperparameters,
+        eval_rows=eval_rows,
+        eval_protocol=eval_protocol,
+    )
+
+
+def push_to_hub(
+    folder: str | os.PathLike, repo_id: str | None, token: str | None = None, api: HfApi | None = None
+) -> str:
+    """Create the repository if needed and upload `folder` (weights, processor, code, README.md card)."""
+    if not repo_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/echoai-small-ef)")
+    if not (Path(folder) / "README.md").is_file() or not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no saved model and card to upload")
+    api = api or HfApi(token=token)
+    url = api.create_repo(repo_id, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message="Upload EchoAI model",
+        ignore_patterns=["checkpoints/*", "logs/*", "reconstructions/*", ".partial-*"],
+    )  # fmt: skip
+    return str(url)
+
+
+def save_reconstruction(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    outputs,
+    processor: EchoAIVideoProcessor,
+    path: Path,
+    num_frames_shown: int = 4,
+) -> Path:
+    """PNG of the first clip of a batch: original / masked input / reconstruction, a few frames each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clip = pixel_values[:1].float()
+    masked, reconstruction = model.reconstruct(clip, outputs.logits[:1].float(), outputs.bool_masked_pos[:1])
+    mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
+    rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}
+    frames = torch.linspace(0, clip.shape[1] - 1, num_frames_shown).round().long().tolist()
+    figure, axes = plt.subplots(3, len(frames), figsize=(2 * len(frames), 6.3), squeeze=False)
+    for r, (title, video) in enumerate(rows.items()):
+        images = (video[frames].cpu() * std + mean).clamp(0, 1).mean(dim=1)  # (F, H, W) grey in [0, 1]
+        if title == "masked input":
+            images = torch.where(video[frames].cpu().abs().sum(1) == 0, torch.full_like(images, 0.5), images)
+        for c, frame in enumerate(frames):
+            axes[r][c].imshow(images[c].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+            if r == 0:
+                axes[r][c].set_title(f"frame {frame}")
+        axes[r][0].set_ylabel(title)
+    loss = float(outputs.loss.detach()) if getattr(outputs, "loss", None) is not None else float("nan")
+    figure.suptitle(f"EchoAI masked reconstruction (batch loss {loss:.3f})")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
