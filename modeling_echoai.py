@@ -186,12 +186,15 @@ class EchoAIPositionEmbeddings(nn.Module):
 
 
 class EchoAIPatchEmbeddings(nn.Module):
-    """Tubelet embedding: Conv3d with kernel = stride = (t, p, p); (B, T, C, H, W) -> (B, L, D)."""
+    """Tubelet embedding: each (t, p, p) tubelet's pixels mapped linearly to width D.
+
+    The weights are a Conv3d with kernel = stride = (t, p, p), the layout of ViViT and VideoMAE checkpoints,
+    but the map is applied as one matmul over patchified pixels (B, N, P) -> (B, N, D): the same arithmetic,
+    and under masking only the visible tubelets need embedding (10 % of them at mask ratio 0.9).
+    """
 
     def __init__(self, config: EchoAIConfig):
         super().__init__()
-        self.tubelet_size = config.tubelet_size
-        self.patch_size = config.patch_size
         self.projection = nn.Conv3d(
             config.num_channels,
             config.hidden_size,
@@ -199,15 +202,14 @@ class EchoAIPatchEmbeddings(nn.Module):
             stride=(config.tubelet_size, config.patch_size, config.patch_size),
         )
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.projection(rearrange(pixel_values, "b T c H W -> b c T H W"))  # (B, D, T', h, w)
-        # Contiguous: the view's strides (L*D, 1, L) would otherwise follow the residual stream through every
-        # layer, costing a copy per LayerNorm and slow elementwise adds (~5 % of unmasked inference).
-        return rearrange(x, "b d T h w -> b (T h w) d").contiguous()
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # `patchify` orders a tubelet's pixels (t p q c); the convolution kernel is (c t p q).
+        weight = rearrange(self.projection.weight, "d c t p q -> d (t p q c)")
+        return F.linear(patches, weight, self.projection.bias)
 
 
 class EchoAIEmbeddings(nn.Module):
-    """Tubelet embedding + separable position embeddings; keeps only the visible tokens when masked."""
+    """Tubelet embedding + separable position embeddings, of the visible tubelets only when masked."""
 
     def __init__(self, config: EchoAIConfig):
         super().__init__()
@@ -223,12 +225,15 @@ class EchoAIEmbeddings(nn.Module):
         interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
         grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
-        embeddings = self.patch_embeddings(pixel_values)  # (B, L, D)
-        embeddings = embeddings + self.position_embeddings(grid).to(embeddings.dtype)
+        batch_size = pixel_values.shape[0]
+        patches = patchify(pixel_values, self.config.tubelet_size, self.config.patch_size)  # (B, L, P)
+        positions = repeat(self.position_embeddings(grid), "l d -> b l d", b=batch_size)  # (B, L, D)
         if bool_masked_pos is not None:
-            check_mask(bool_masked_pos, embeddings.shape[0], embeddings.shape[1])
-            embeddings = rearrange(embeddings[~bool_masked_pos], "(b v) d -> b v d", b=embeddings.shape[0])
-        return self.dropout(embeddings)  # (B, V or L, D)
+            check_mask(bool_masked_pos, batch_size, patches.shape[1])
+            patches = rearrange(patches[~bool_masked_pos], "(b v) p -> b v p", b=batch_size)  # (B, V, P)
+            positions = rearrange(positions[~bool_masked_pos], "(b v) d -> b v d", b=batch_size)  # (B, V, D)
+        embeddings = self.patch_embeddings(patches)
+        return self.dropout(embeddings + positions.to(embeddings.dtype))  # (B, V or L, D)
 
 
 def token_grid(
