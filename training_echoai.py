@@ -8,12 +8,16 @@ The two scripts differ only in their model, data and loss; everything else lives
 * `TrainingClips` + `collate` -- a map-style dataset whose every random choice (epoch order, clip start,
   augmentation) is drawn from a generator seeded by (seed, epoch, video), so a resumed run sees exactly
   the batches a straight run would, with or without DataLoader workers and across processes.
-* `param_groups` -- AdamW groups with no weight decay on norms, biases, position tables and the mask
-  token (MAE), and optional layer-wise learning-rate decay (BEiT / MAE fine-tuning).
+* `build_processor` -- the processor that ships with the model: the starting checkpoint's, so preprocessing
+  matches, else one normalised with the training videos' mean and std.
+* `param_groups`, `build_optimizer` -- AdamW groups with no weight decay on norms, biases, position tables and
+  the mask token (MAE), optional layer-wise learning-rate decay (BEiT / MAE fine-tuning); warm-up + cosine.
 * `Checkpoints` -- `accelerator.save_state` written to a temporary folder and renamed into place (a
   killed save never leaves a half checkpoint), rotated, and found again by `latest`.
 * `train` -- the loop: accumulation, clipping, skipping of non-finite losses, SIGTERM/SIGINT handling,
   checkpoints, progress bar and tracker logging.
+* `predict_ef`, `BestModel` -- batched, gathered evaluation (one or several clips per video) and the best
+  weights by a validation score, kept through checkpoints.
 * `save_model`, `render_model_card`, `push_to_hub` -- the end of a run.
 """
 
@@ -40,9 +44,11 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from datasets import Dataset
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
+from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator
-from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError
+from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std
 
 
 logger = logging.getLogger(__name__)
@@ -72,6 +78,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Size of the synthetic corpus used when --data_dir is not given.",
     )
     add("--model_name_or_path", type=str, default=None, help="Checkpoint folder or Hub id to start from.")
+    add("--config_name", choices=sorted(PRESETS), default="tiny", help="Preset to build from scratch.")
+    add("--config_overrides", default=None, help="Config fields to override, e.g. 'mask_ratio=0.95,num_frames=8'.")
+    add(
+        "--period",
+        type=int,
+        default=2,
+        help="Take every N-th frame (EchoNet: 2); ignored when the processor is loaded.",
+    )
     add("--output_dir", type=str, default=None, help="Where checkpoints, the final model and logs go.")
     add("--per_device_train_batch_size", type=int, default=8)
     add("--per_device_eval_batch_size", type=int, default=8)
@@ -227,6 +241,24 @@ def make_dataloader(dataset: TrainingClips, batch_size: int, num_workers: int) -
     )  # fmt: skip
 
 
+def build_processor(args: argparse.Namespace, config: EchoAIConfig, videos: Dataset) -> EchoAIVideoProcessor:
+    """The processor saved with the model. From `--model_name_or_path` when it has one (a pretraining output:
+    fine-tuning then preprocesses exactly as pretraining did), else normalised with the mean/std of the
+    training videos (as EchoNet-Dynamic's loader)."""
+    if args.model_name_or_path:
+        try:
+            return EchoAIVideoProcessor.from_pretrained(args.model_name_or_path, num_frames=config.num_frames)
+        except OSError:
+            logger.info("%s has no video processor; computing one from the training videos", args.model_name_or_path)
+    mean, std = compute_mean_std(
+        videos["video_path"], num_videos=128, seed=args.seed, num_channels=config.num_channels
+    )
+    return EchoAIVideoProcessor(
+        num_frames=config.num_frames, period=args.period, image_size=config.image_size,
+        num_channels=config.num_channels, image_mean=mean, image_std=std,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------
 # Optimizer
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +295,30 @@ def param_groups(
         )
         group["params"].append(parameter)
     return list(groups.values())
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    dataloader: torch.utils.data.DataLoader,
+    layer_decay: float | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (0.9, `--adam_beta2`) over `param_groups`, linear warm-up then cosine decay (MAE's pretraining and
+    fine-tuning recipes); settles `args.max_train_steps` etc. from the unprepared loader (see `schedule_steps`)."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.weight_decay, args.learning_rate, layer_decay),
+        lr=args.learning_rate,
+        betas=(0.9, args.adam_beta2),
+    )
+    schedule_steps(args, math.ceil(len(dataloader) / accelerator.num_processes))
+    # A prepared scheduler steps once per process per optimizer step, hence the factor.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    return optimizer, scheduler
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,6 +596,83 @@ def schedule_steps(args: argparse.Namespace, dataloader_len: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_ef(
+    model: torch.nn.Module, dataloader: torch.utils.data.DataLoader, accelerator: Accelerator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predict every video of an evaluation loader (`TrainingClips(training=False)`), gathered from all processes.
+
+    Returns `(indices, predictions, references)` sorted by dataset index, one row per readable video:
+    predictions are the model's `logits` averaged over the video's clips -- shape (N,) in the target's units
+    (EF %) for regression, (N, num_labels) for classification. Unreadable videos are left out (and logged by
+    the collator). Each process pads its batch back to its size before the collator dropped rows, so
+    `gather_for_metrics` drops exactly the samples `accelerate` repeated to even out the last batch.
+    """
+    was_training = model.training
+    model.eval()
+    num_labels = accelerator.unwrap_model(model).config.num_labels
+    gathered: dict[str, list[torch.Tensor]] = {"index": [], "logits": [], "labels": []}
+    for batch in dataloader:
+        index, labels, pixel_values = batch["index"], batch["labels"].float(), batch["pixel_values"]
+        logits = torch.empty(0, num_labels, device=accelerator.device)
+        if len(index):
+            num_clips = pixel_values.shape[1] if pixel_values.ndim == 6 else 1  # (B, K, T, C, H, W) with K clips
+            clips = pixel_values.flatten(0, 1) if pixel_values.ndim == 6 else pixel_values  # (B·K, T, C, H, W)
+            logits = model(pixel_values=clips).logits.float()  # (B·K, num_labels)
+            logits = logits.view(len(index), num_clips, num_labels).mean(dim=1)  # (B, num_labels)
+        missing = int(batch["num_skipped"])
+        rows = {
+            "index": torch.cat([index, torch.full((missing,), -1, dtype=index.dtype, device=index.device)]),
+            "logits": torch.cat([logits, torch.full((missing, num_labels), math.nan, device=logits.device)]),
+            "labels": torch.cat([labels, torch.full((missing,), math.nan, device=labels.device)]),
+        }
+        rows = accelerator.gather_for_metrics({k: v.to(accelerator.device) for k, v in rows.items()})
+        for key, value in rows.items():
+            gathered[key].append(value.cpu())
+    model.train(was_training)
+    index = torch.cat(gathered["index"]).numpy()
+    logits, labels = torch.cat(gathered["logits"]).numpy(), torch.cat(gathered["labels"]).numpy()
+    index, first = np.unique(index, return_index=True)  # sorted; any repeat is the same video
+    keep = index >= 0
+    index, logits, labels = index[keep], logits[first[keep]], labels[first[keep]]
+    return index, (logits[:, 0] if num_labels == 1 else logits), labels
+
+
+class BestModel:
+    """The best weights by a validation score (lower is better), kept on the CPU.
+
+    Register it with `accelerator.register_for_checkpointing` so every checkpoint carries the best weights so
+    far and a resumed run keeps comparing against (and can restore) the same best model.
+    """
+
+    def __init__(self):
+        self.score: float | None = None
+        self.step: int | None = None
+        self.epoch: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def improves(self, score: float) -> bool:
+        return self.score is None or score < self.score
+
+    def update(self, score: float, metrics: dict, state_dict: dict[str, torch.Tensor], step: int, epoch: int) -> None:
+        self.score, self.step, self.epoch, self.metrics = float(score), step, epoch, dict(metrics)
+        self.weights = {name: value.detach().to("cpu", copy=True) for name, value in state_dict.items()}
+
+    def state_dict(self) -> dict:
+        return {"score": self.score, "step": self.step, "epoch": self.epoch, "metrics": self.metrics,
+                "weights": self.weights}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.score, self.step, self.epoch = state["score"], state["step"], state["epoch"]
+        self.metrics, self.weights = state["metrics"], state["weights"]
+
+
+# --------------------------------------------------------------------------------------------------
 # Saving, model card, Hub
 # --------------------------------------------------------------------------------------------------
 
@@ -588,7 +721,8 @@ def render_model_card(
     """Fill `model_card.md` from the run: architecture, size, data, hyper-parameters and, for a fine-tuned
     model, the metrics (also written as the card's `model-index`, task regression, metrics MAE/RMSE/R²).
 
-    `metrics` maps a split ("validation", "test") to {"mae": ..., "rmse": ..., "r2": ...}.
+    `task` is "pretraining", "regression" or "classification"; `metrics` maps a split ("validation", "test") to
+    {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}).
     """
     config = model.config
     synthetic = dataset_dir is not None and "synthetic_echonet" in str(dataset_dir)
@@ -601,16 +735,18 @@ def render_model_card(
     )
     repo_id = args.hub_model_id or Path(args.output_dir).name
     eval_results, eval_rows = [], []
-    names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²"}
+    names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²", "accuracy": "accuracy"}
+    task_type = "video-classification" if task == "classification" else "regression"
     for split, values in (metrics or {}).items():
         for key, label in names.items():
-            if key in values:
+            if values.get(key) is not None:  # None: undefined on this split
                 eval_rows.append({"split": split, "metric": label, "value": f"{values[key]:.3f}"})
                 eval_results.append(
                     EvalResult(
-                        task_type="regression", dataset_type=dataset_name.lower().replace(" ", "-"),
+                        task_type=task_type, dataset_type=dataset_name.lower().replace(" ", "-"),
                         dataset_name=dataset_name, dataset_split=split, metric_type=key,
-                        metric_name=f"{label} (EF %)" if key != "r2" else label, metric_value=float(values[key]),
+                        metric_name=f"{label} (EF %)" if key in ("mae", "rmse") else label,
+                        metric_value=float(values[key]),
                     )
                 )  # fmt: skip
     card_data = ModelCardData(
@@ -635,18 +771,20 @@ def render_model_card(
     for name in ("layer_decay", "drop_path_rate"):
         if getattr(args, name, None) is not None:
             hyperparameters[name.replace("_", " ")] = getattr(args, name)
-    procedure = (
-        "masked-autoencoder pretraining: tube masking, norm-pix MSE on the hidden tubelets"
-        if task == "pretraining"
-        else "EF regression from a pretrained encoder (mean-pooled tokens, linear head), layer-wise learning-rate decay"
-    )
+    procedure = {
+        "pretraining": "masked-autoencoder pretraining: tube masking, norm-pix MSE on the hidden tubelets",
+        "regression": "EF regression from a pretrained encoder (mean-pooled tokens, linear head), "
+        "layer-wise learning-rate decay",
+        "classification": "classification from a pretrained encoder (mean-pooled tokens, linear head), "
+        "layer-wise learning-rate decay",
+    }[task]
     period = getattr(args, "period", 2)
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template()),
         model_name=repo_id,
         repo_id=repo_id,
-        task="regression" if task != "pretraining" else "pretraining",
+        task=task,
         architecture=type(model).__name__,
         num_parameters_m=f"{count_parameters(model) / 1e6:.2f}",
         hidden_size=config.hidden_size,

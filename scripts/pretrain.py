@@ -14,35 +14,32 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import get_cosine_schedule_with_warmup
 
-from configuration_echoai import PRESETS, EchoAIConfig
+from configuration_echoai import EchoAIConfig
 from data_echoai import load_echonet_dynamic, load_video_folder, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
 from training_echoai import (
     TrainingClips,
     add_common_args,
     build_accelerator,
+    build_optimizer,
+    build_processor,
     count_parameters,
     derive_seed,
     make_dataloader,
-    param_groups,
     parse_config_overrides,
     push_to_hub,
     render_model_card,
     save_model,
     save_reconstruction,
-    schedule_steps,
     train,
 )
-from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
 
 logger = logging.getLogger("pretrain")
@@ -51,11 +48,6 @@ logger = logging.getLogger("pretrain")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--config_name", choices=sorted(PRESETS), default="tiny", help="Preset to build from scratch.")
-    parser.add_argument(
-        "--config_overrides", default=None, help="Config fields to override, e.g. 'mask_ratio=0.95,num_frames=8'."
-    )
-    parser.add_argument("--period", type=int, default=2, help="Take every N-th frame (EchoNet: 2).")
     parser.add_argument(
         "--splits", default="train,validation,test", help="EchoNet splits whose videos are used, unlabeled."
     )
@@ -88,19 +80,6 @@ def build_model(args: argparse.Namespace) -> EchoAIForPreTraining:
     return EchoAIForPreTraining(EchoAIConfig.from_preset(args.config_name, **overrides))
 
 
-def build_processor(args: argparse.Namespace, config: EchoAIConfig, videos) -> EchoAIVideoProcessor:
-    """The processor saved with the model; its mean/std come from the training videos (as EchoNet's)."""
-    if args.model_name_or_path and (Path(args.model_name_or_path) / "video_preprocessor_config.json").is_file():
-        return EchoAIVideoProcessor.from_pretrained(args.model_name_or_path, num_frames=config.num_frames)
-    mean, std = compute_mean_std(
-        videos["video_path"], num_videos=128, seed=args.seed, num_channels=config.num_channels
-    )
-    return EchoAIVideoProcessor(
-        num_frames=config.num_frames, period=args.period, image_size=config.image_size,
-        num_channels=config.num_channels, image_mean=mean, image_std=std,
-    )  # fmt: skip
-
-
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     accelerator = build_accelerator(args)
@@ -116,15 +95,7 @@ def main(argv: list[str] | None = None):
     dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
 
     # Optimizer and schedule: AdamW (0.9, 0.95) with linear warm-up and cosine decay, as MAE.
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay, args.learning_rate), lr=args.learning_rate, betas=(0.9, args.adam_beta2)
-    )
-    schedule_steps(args, math.ceil(len(dataloader) / accelerator.num_processes))
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    optimizer, scheduler = build_optimizer(model, args, accelerator, dataloader)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
 
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps

@@ -17,10 +17,11 @@ TINY_NUM_VIDEOS = 8
 TINY_SEED = 3
 
 
-def tiny_corpus(tmp_path_factory) -> Path:
-    """The session's tiny corpus; generated once, shared by every test module through the cache."""
+def tiny_corpus(tmp_path_factory, num_videos: int = TINY_NUM_VIDEOS) -> Path:
+    """The session's tiny corpus; generated once, shared by every test module through the cache. Metrics
+    that need two videos per evaluation split (R², SD) need `num_videos` >= 12 (2 validation, 2 test)."""
     cache = tmp_path_factory.getbasetemp() / "echoai_cache"
-    return synthetic_echonet_dir(num_videos=TINY_NUM_VIDEOS, seed=TINY_SEED, cache_dir=cache, num_workers=2)
+    return synthetic_echonet_dir(num_videos=num_videos, seed=TINY_SEED, cache_dir=cache, num_workers=2)
 
 
 def copy_corpus(source: Path, destination: Path) -> Path:

@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Fine-tune EchoAI to estimate ejection fraction (EF, %) from echo videos, or to classify them.
+
+    accelerate launch scripts/finetune.py --model_name_or_path outputs/pretrain           # synthetic corpus
+    accelerate launch scripts/finetune.py --model_name_or_path outputs/pretrain --data_dir EchoNet-Dynamic \\
+        --mixed_precision bf16 --eval_num_clips 4 --output_dir outputs/finetune
+    accelerate launch scripts/finetune.py --from_scratch --config_name small --data_dir EchoNet-Dynamic
+    accelerate launch scripts/finetune.py --model_name_or_path outputs/pretrain --label_fraction 0.1   # 10 % labels
+    accelerate launch scripts/finetune.py --model_name_or_path outputs/pretrain --num_labels 2 --class_boundaries 50
+
+Recipe (MAE / VideoMAE fine-tuning): AdamW (0.9, 0.999), weight decay 0.05, layer-wise learning-rate
+decay 0.75, stochastic depth 0.1, linear warm-up then cosine decay. The regression head learns a unit-scale
+target: `regression_target_mean/std` are set from the training split's EF, so `logits` -- and the saved
+model's predictions -- are EF in %.
+
+Evaluation: after every epoch on the validation split (one clip per video, or `--eval_num_clips K` evenly
+spaced clips averaged per video), gathered across processes. The best weights by validation MAE (accuracy for
+classification) are kept in memory and in every checkpoint; at the end they are evaluated once on the test
+split and saved into `--output_dir` with the processor, `all_results.json` and the model card, so
+`--output_dir` loads directly with `AutoModelForVideoClassification.from_pretrained`.
+
+Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
+evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
+(`training_echoai.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+
+from configuration_echoai import EchoAIConfig
+from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
+from metrics_echoai import compute_ef_metrics
+from modeling_echoai import EchoAIForVideoClassification
+from training_echoai import (
+    BestModel,
+    TrainingClips,
+    add_common_args,
+    build_accelerator,
+    build_optimizer,
+    build_processor,
+    count_parameters,
+    derive_seed,
+    make_dataloader,
+    parse_config_overrides,
+    predict_ef,
+    push_to_hub,
+    render_model_card,
+    save_model,
+    train,
+)
+
+
+logger = logging.getLogger("finetune")
+LABEL = "label"  # the column that holds class indices when --class_boundaries bins a continuous column
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    add = parser.add_argument
+    add("--from_scratch", action="store_true", help="Start from a random --config_name model, not a checkpoint.")
+    add("--num_labels", type=int, default=1, help="1: regression of --label_column; N > 1: N-class classification.")
+    add("--label_column", default="EF", help="Target column of FileList.csv (EF, ESV, EDV, ...).")
+    add(
+        "--class_boundaries",
+        default=None,
+        help="With --num_labels N: N - 1 ascending thresholds binning --label_column into classes, e.g. '40,50' "
+        "(class 0 below 40). Without it the column must hold class indices.",
+    )
+    add("--regression_loss", choices=["mse", "l1", "huber"], default="mse")
+    add("--layer_decay", type=float, default=0.75, help="Layer-wise learning-rate decay (1 disables).")
+    add("--drop_path_rate", type=float, default=0.1, help="Stochastic depth of the last encoder layer.")
+    add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
+    add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
+    add("--eval_num_clips", type=int, default=1, help="Evenly spaced clips averaged per video in evaluation.")
+    parser.set_defaults(output_dir="outputs/finetune", learning_rate=5e-4, adam_beta2=0.999, num_train_epochs=45)
+    args = parser.parse_args(argv)
+    if bool(args.model_name_or_path) == args.from_scratch:
+        parser.error("pass either --model_name_or_path (a pretraining output or Hub id) or --from_scratch")
+    if not 0.0 < args.label_fraction <= 1.0:
+        parser.error(f"--label_fraction must lie in (0, 1], got {args.label_fraction}")
+    if args.num_labels < 1 or args.eval_num_clips < 1:
+        parser.error("--num_labels and --eval_num_clips must be positive")
+    return args
+
+
+def load_splits(args: argparse.Namespace, accelerator) -> tuple[Path, DatasetDict]:
+    """EchoNet-layout train / validation / test splits, the training split cut to `--label_fraction`."""
+    with accelerator.main_process_first():  # one process generates / checks, the others reuse its cache
+        data_dir = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
+        splits = load_echonet_dynamic(data_dir)
+    if args.label_column not in splits["train"].column_names:
+        raise ValueError(
+            f"--label_column {args.label_column!r} is not a column of {data_dir}: {splits['train'].column_names}"
+        )
+    if args.class_boundaries:
+        boundaries = [float(b) for b in args.class_boundaries.split(",")]
+        if len(boundaries) != args.num_labels - 1 or boundaries != sorted(boundaries):
+            raise ValueError(f"--class_boundaries needs {args.num_labels - 1} ascending values, got {boundaries}")
+        splits = DatasetDict(
+            {name: split.add_column(LABEL, np.digitize(split[args.label_column], boundaries).tolist())
+             for name, split in splits.items()}
+        )  # fmt: skip
+    if args.label_fraction < 1.0:
+        train = splits["train"]
+        keep = max(1, round(args.label_fraction * len(train)))
+        rng = np.random.default_rng(derive_seed(args.label_fraction_seed, len(train)))
+        splits["train"] = train.select(np.sort(rng.choice(len(train), size=keep, replace=False)))
+    for name in ("validation", "test"):
+        if len(splits[name]) < 2:
+            raise ValueError(f"{data_dir}: the {name} split has {len(splits[name])} video(s); evaluation needs two.")
+    return data_dir, splits
+
+
+def build_model(args: argparse.Namespace, train: Dataset) -> EchoAIForVideoClassification:
+    """The classifier, from a checkpoint (its pretraining decoder is dropped quietly) or a preset."""
+    head = dict(num_labels=args.num_labels, drop_path_rate=args.drop_path_rate)
+    if args.num_labels == 1:
+        # The head learns (EF - mean) / std; logits come back in EF %.
+        target = np.asarray(train[args.label_column], dtype=np.float64)
+        std = float(target.std())
+        head.update(
+            problem_type="regression", regression_loss=args.regression_loss,
+            regression_target_mean=float(target.mean()), regression_target_std=std if std > 0 else 1.0,
+        )  # fmt: skip
+    else:
+        head.update(problem_type="single_label_classification")
+    overrides = {**head, **parse_config_overrides(args.config_overrides)}
+    if args.from_scratch:
+        return EchoAIForVideoClassification(EchoAIConfig.from_preset(args.config_name, **overrides))
+    return EchoAIForVideoClassification.from_pretrained(args.model_name_or_path, **overrides)
+
+
+def split_metrics(predictions: np.ndarray, references: np.ndarray, regression: bool) -> dict[str, float]:
+    """EF metrics (MAE, RMSE, R², ... from `metrics_echoai`) or accuracy; NaN (undefined) becomes None for JSON."""
+    if regression:
+        metrics = compute_ef_metrics(predictions, references)
+    else:
+        metrics = {"n": len(references), "accuracy": float((predictions.argmax(-1) == references).mean())}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    accelerator = build_accelerator(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    regression = args.num_labels == 1
+
+    # Data
+    data_dir, splits = load_splits(args, accelerator)
+    label_column = LABEL if args.class_boundaries else args.label_column
+    model = build_model(args, splits["train"])
+    config = model.config
+    with accelerator.main_process_first():
+        processor = build_processor(args, config, splits["train"])
+    train_loader = make_dataloader(
+        TrainingClips(splits["train"], processor, training=True, seed=args.seed, label_column=label_column),
+        args.per_device_train_batch_size, args.num_workers,
+    )  # fmt: skip
+    eval_loaders = [
+        make_dataloader(
+            TrainingClips(
+                splits[name], processor, training=False, label_column=label_column, num_clips=args.eval_num_clips
+            ),
+            args.per_device_eval_batch_size,
+            args.num_workers,
+        )  # fmt: skip
+        for name in ("validation", "test")
+    ]
+
+    # Optimizer and schedule: AdamW with layer-wise learning-rate decay, warm-up and cosine decay (MAE fine-tuning).
+    optimizer, scheduler = build_optimizer(model, args, accelerator, train_loader, layer_decay=args.layer_decay)
+    model, optimizer, train_loader, scheduler, validation_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, scheduler, *eval_loaders
+    )
+    best = BestModel()  # in every checkpoint, so a resumed run restores the same best model
+    accelerator.register_for_checkpointing(best)
+
+    effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps, effective batch %d, "
+        "learning rate %g, layer decay %g, drop path %g, precision %s",
+        args.model_name_or_path or f"{args.config_name} from scratch", count_parameters(model) / 1e6,
+        len(splits["train"]), data_dir, args.label_column,
+        f"mean {config.regression_target_mean:.2f}, std {config.regression_target_std:.2f}" if regression
+        else f"{args.num_labels} classes", args.max_train_steps, effective_batch, args.learning_rate,
+        args.layer_decay, args.drop_path_rate, accelerator.mixed_precision,
+    )  # fmt: skip
+    if args.with_tracking:
+        accelerator.init_trackers(
+            "echoai-finetune", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
+
+    def compute_loss(model, batch, step):
+        # Stochastic depth draws from torch's global generator: seeding it by (seed, step, process) makes a
+        # resumed run drop the same paths as a straight one, whatever evaluation or loaders drew in between.
+        torch.manual_seed(derive_seed(args.seed, step, accelerator.process_index))
+        labels = batch["labels"] if regression else batch["labels"].long()
+        outputs = model(pixel_values=batch["pixel_values"], labels=labels)
+        return outputs.loss, outputs
+
+    def evaluate(loader) -> dict[str, float]:
+        _, predictions, references = predict_ef(model, loader, accelerator)
+        return split_metrics(predictions, references, regression)
+
+    def validate(epoch: int, state) -> None:
+        metrics = evaluate(validation_loader)
+        score = metrics["mae"] if regression else -metrics["accuracy"]
+        if best.improves(score):  # every process takes this branch: the metrics are gathered
+            best.update(score, metrics, accelerator.get_state_dict(model), state.global_step, epoch)
+            state.best_metric = best.score
+        shown = {k: metrics[k] for k in (("mae", "rmse", "r2") if regression else ("accuracy",))}
+        accelerator.print(
+            f"epoch {epoch} step {state.global_step} validation "
+            + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in shown.items())
+            + (" (best)" if best.step == state.global_step else "")
+        )
+        accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
+
+    result = train(accelerator, model, optimizer, scheduler, train_loader, args, compute_loss, on_epoch_end=validate)
+    result.model = accelerator.unwrap_model(model)
+    if result.stopped_by_signal:
+        accelerator.end_training()
+        return result
+    if best.step != result.state.global_step and result.state.batches_in_epoch:  # ended mid-epoch: validate too
+        validate(result.state.epoch, result.state)
+    if best.weights is None:  # no step and no epoch ran (e.g. --max_train_steps 0): the starting weights
+        validate(result.state.epoch, result.state)
+
+    # The best model: test once, save with the processor, results and card.
+    result.model.load_state_dict(best.weights)
+    test_metrics = evaluate(test_loader)
+    accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {test_metrics}")
+    clips = f"{args.eval_num_clips} evenly spaced clips averaged" if args.eval_num_clips > 1 else "one clip"
+    eval_protocol = (
+        f"{clips} per video ({config.num_frames} frames, every {processor.period}-th frame, no augmentation); "
+        f"the model is the epoch with the best validation {'MAE' if regression else 'accuracy'} "
+        f"(epoch {best.epoch}, step {best.step}), evaluated once on the test split."
+    )
+    all_results = {
+        "validation": best.metrics, "test": test_metrics, "best_epoch": best.epoch, "best_step": best.step,
+        "epochs": result.state.epoch, "steps": result.state.global_step, "seconds": round(result.seconds, 2),
+        "train_videos": len(splits["train"]), "label_fraction": args.label_fraction,
+        "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
+    }  # fmt: skip
+    save_model(accelerator, model, processor, args.output_dir)
+    if accelerator.is_main_process:
+        (Path(args.output_dir) / "all_results.json").write_text(json.dumps(all_results, indent=2))
+        card = render_model_card(
+            result.model, args, task="regression" if regression else "classification", dataset_dir=data_dir,
+            num_videos=len(splits["train"]), train_result=result,
+            metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol,
+        )  # fmt: skip
+        card.save(Path(args.output_dir) / "README.md")
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+    accelerator.end_training()
+    result.all_results = all_results
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
