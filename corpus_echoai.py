@@ -1,0 +1,985 @@
+"""Pretraining corpora at scale: folders of AVI, MP4 and DICOM echo videos -> sharded parquet -> clips.
+
+Preparation turns one or more folders (searched recursively) into parquet shards that `datasets` loads
+map-style or streams, one row per video::
+
+    <output_dir>/
+        data/train-00000.parquet, ...   the rows (shards of about --shard_size_mb each)
+        prepare_state.json              resume point, rewritten atomically after every shard
+        prepare_report.json             what was written and skipped, and why (counts only)
+        path_map.jsonl                  ONLY with --write_path_map: video_id -> source path. Sensitive
+                                        (paths often hold patient names or ids): keep it local, never
+                                        upload it with the corpus.
+
+Columns: `video` (bytes: MJPEG AVI, `image_size` square, grey, every frame a key frame -- the format of
+EchoNet-Dynamic's videos, so a clip decodes only the frames it uses), `video_id` (salted hash of the
+source file's path relative to its input folder, prefixed by that folder's name), `frame_rate` (float),
+`num_frames`, `height`, `width` (int), `source_format` ("avi", "mp4", "dicom"), `view` (DICOM
+ViewCodeSequence meaning, else null), `group` (salted hash of the DICOM StudyInstanceUID, else of the
+SeriesInstanceUID, else the video_id: keep a group on one side of a split), `content_hash` (SHA-256
+of the stored `video` bytes).
+
+How sources become rows:
+
+* AVI / MP4 already in the corpus format (MJPEG AVI of `image_size` x `image_size`) are remuxed: the
+  packets are copied into a fresh container, dropping any container metadata. Every other video is
+  decoded (luma), resized to fit `image_size` keeping its aspect and zero-padded to a square, then
+  encoded. Encoding is single-threaded and so byte-identical run to run, which makes `content_hash`
+  stable and `--dedupe` exact for sources that preprocess to the same frames.
+* DICOM (pydicom; a file is DICOM by extension .dcm / .dicom or by the "DICM" preamble): only
+  multi-frame ultrasound is used. Modality other than "US", single-frame images, files without pixel
+  data, and pixel data no installed handler decodes (pydicom decodes uncompressed, RLE and -- with
+  Pillow -- JPEG baseline/extended and JPEG 2000; install pylibjpeg for JPEG-LS and lossless JPEG) are
+  skipped and counted. Frames are converted to grey (luma of RGB / YBR; palette colour through its
+  LUT; MONOCHROME1 inverted; >8-bit rescaled). Frame rate: 1000 / FrameTime (ms), else CineRate,
+  else RecommendedDisplayFrameRate, else the mean FrameTimeVector interval; without any of them 30
+  fps (`DEFAULT_FRAME_RATE`) is assumed and counted in the report.
+* The ultrasound sector is kept and everything outside it is zeroed -- burnt-in text (patient name,
+  date, settings), ECG trace, scale bars, logos -- as EchoNet-Dynamic's preprocessing did, since a model
+  must not learn from annotations and burnt-in text can be PHI. Method (`sector_mask`): pixels whose
+  grey level spans more than `MOTION_THRESHOLD` over up to 64 evenly spaced frames are "moving"
+  (speckle moves, burnt-in text does not); the moving mask is closed on a coarse grid (<= 128 cells a
+  side), its largest 4-connected component is kept (a separate moving ECG trace or clock is dropped),
+  and the sector is the convex hull of the moving pixels in that component (fans are convex; the hull
+  fills the dark, quiet blood pool). When SequenceOfUltrasoundRegions is present the search is limited
+  to the union of its region boxes, and those boxes are used as the sector if too little moves. A
+  clip in which no sector is found (under 2 % of the frame moving, no regions) is skipped rather than
+  stored with its annotations. Limits: text drawn inside the fan's hull, or an ECG trace touching the
+  sector, is kept. The frames are then cropped to the sector's bounding box, resized keeping aspect
+  and padded to a square.
+
+De-identification: no DICOM attribute value is written except Modality (for skip reasons), the frame
+rate tags, the view code meaning and the salted hashes of the study / series UIDs; no source path is
+written anywhere (reports and logs name files by `video_id` only, and error texts from decoders, which
+may quote the path, are reduced to fixed reasons). The salt (`--salt` or `$ECHOAI_CORPUS_SALT`) is a
+secret: with it, ids can be recomputed from known paths; keep it to prepare more data into the same id
+space.
+
+Resuming: sources are processed in a fixed order (input folder order, then sorted relative path);
+after each shard the state file records how many sources are done. A rerun with the same arguments
+deletes shards written after the last recorded state and continues from there, giving the same corpus
+as an uninterrupted run. Changing the inputs, salt, image size, shard size or dedupe is refused.
+
+Usage
+-----
+Prepare (any number of input folders; `--num_workers` processes decode in parallel, output order is
+fixed whatever their number)::
+
+    export ECHOAI_CORPUS_SALT=<a long random secret, kept with the data>
+    python scripts/prepare_corpus.py /data/echo_avi /data/echo_dicom --output_dir /data/corpus \\
+        --image_size 112 --shard_size_mb 256 --dedupe --num_workers 8
+
+Load map-style (an Arrow copy is cached once) or stream (reads the parquet shards in place)::
+
+    from corpus_echoai import CorpusClips, load_corpus, row_to_pixel_values
+    dataset = load_corpus("/data/corpus")                       # datasets.Dataset
+    stream = load_corpus("/data/corpus", streaming=True)        # datasets.IterableDataset
+    pixel_values = row_to_pixel_values(next(iter(stream)), processor, torch.Generator().manual_seed(0))
+    clips = CorpusClips(dataset, processor, training=True, seed=0)   # TrainingClips' interface
+
+On a cluster (`accelerate launch --config_file configs/accelerate/<multi-node>.yaml ...`), every process
+takes its part with its rank and the world size::
+
+    from accelerate import PartialState
+    state = PartialState()
+    stream = shuffle_corpus(load_corpus(path, streaming=True), seed=args.seed, buffer_size=1000)
+    stream = split_corpus_by_node(stream, rank=state.process_index, world_size=state.num_processes)
+    stream.set_epoch(epoch)                      # a new shard order and buffer draw each epoch
+
+A streamed corpus whose shard count is a multiple of the world size is split by shards (each process
+reads only its own files); otherwise every process reads every shard and keeps one row in
+`world_size`, which is correct but reads (not decodes) `world_size` times the bytes: prepare with a
+`--shard_size_mb` that yields a multiple of the process count. A map-style corpus is split into
+contiguous equal slices. Resume a stream with `stream.state_dict()` saved beside the checkpoint and
+`stream.load_state_dict(state)` (datasets >= 3; with a shuffle buffer the buffer's content is not
+saved, so resumption is exact in shard position, approximate in order).
+
+The same corpus on the Hub or in object storage is loaded by path (fsspec)::
+
+    load_corpus("hf://datasets/org/echo-corpus", streaming=True)
+    load_corpus("s3://bucket/echo-corpus", streaming=True, storage_options={"anon": False})
+    # or directly: datasets.load_dataset("parquet", data_files="hf://datasets/org/echo-corpus/data/*.parquet")
+
+Upload only `data/` (and the report if wanted); never `path_map.jsonl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, _grey, clip_frame_indices
+
+
+logger = logging.getLogger(__name__)
+
+SALT_ENV = "ECHOAI_CORPUS_SALT"
+DEFAULT_FRAME_RATE = 30.0  # fps assumed for a DICOM cine without any frame-timing tag
+MOTION_THRESHOLD = 12  # grey levels a pixel must span over time to count as moving (speckle)
+MIN_SECTOR_FRACTION = 0.02  # a sector smaller than this fraction of the frame is "not found"
+VIDEO_EXTENSIONS = (".avi", ".mp4")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+DATA_DIR, STATE_FILE, REPORT_FILE, PATH_MAP_FILE = (
+    "data",
+    "prepare_state.json",
+    "prepare_report.json",
+    "path_map.jsonl",
+)
+_STATE_VERSION = 1
+_ROW_GROUP_BYTES = 32 * 2**20  # parquet row groups of about this size: the unit a stream reads
+
+CORPUS_SCHEMA = pa.schema(
+    [
+        ("video", pa.binary()),
+        ("video_id", pa.string()),
+        ("frame_rate", pa.float32()),
+        ("num_frames", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("source_format", pa.string()),
+        ("view", pa.string()),
+        ("group", pa.string()),
+        ("content_hash", pa.string()),
+    ]
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Salted ids
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_salt(salt: str | None) -> str:
+    """The salt given, else `$ECHOAI_CORPUS_SALT`; a missing salt is an error that says how to set one."""
+    salt = salt or os.environ.get(SALT_ENV)
+    if not salt:
+        raise ValueError(
+            f"a salt is required to hash video ids and study UIDs: pass --salt SECRET or set {SALT_ENV}=SECRET "
+            '(e.g. `export ECHOAI_CORPUS_SALT=$(python -c "import secrets; print(secrets.token_hex(16))")`); '
+            "keep it secret and reuse it when adding data, so ids stay stable"
+        )
+    return salt
+
+
+def salted_hash(salt: str, text: str) -> str:
+    """HMAC-SHA256 of `text` keyed by `salt`, 32 hex digits: not reversible without the salt."""
+    return hmac.new(salt.encode(), text.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------------
+# Frames: sector mask, fit to a square, encode / decode
+# --------------------------------------------------------------------------------------------------
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a small bool image, by label propagation (no scipy)."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        padded = np.pad(labels, 1)
+        spread = np.maximum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        spread = np.where(mask, spread, 0)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    return labels == ids[np.argmax(counts)] if len(ids) else mask
+
+
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    """Convex hull (Andrew's monotone chain) of (N, 2) integer points, counter-clockwise."""
+    points = np.unique(points, axis=0)
+    if len(points) < 3:
+        return points
+
+    def half(sequence: np.ndarray) -> list:
+        chain: list = []
+        for p in sequence.tolist():
+            while len(chain) >= 2:
+                (ax, ay), (bx, by) = chain[-2], chain[-1]
+                if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) > 0:
+                    break
+                chain.pop()
+            chain.append(p)
+        return chain
+
+    lower, upper = half(points), half(points[::-1])
+    return np.array(lower[:-1] + upper[:-1])
+
+
+def sector_mask(
+    frames: np.ndarray, regions: Sequence[tuple[int, int, int, int]] | None = None, threshold: int = MOTION_THRESHOLD
+) -> np.ndarray | None:
+    """The ultrasound sector of grey frames (T, H, W) as an (H, W) bool mask, or None if none is found.
+
+    See the module docstring for the method. `regions` are (x0, y0, x1, y1) inclusive pixel boxes from
+    SequenceOfUltrasoundRegions: the sector is searched inside their union only.
+    """
+    T, H, W = frames.shape
+    allowed = np.zeros((H, W), dtype=bool) if regions else np.ones((H, W), dtype=bool)
+    for x0, y0, x1, y1 in regions or ():
+        allowed[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
+    sample = frames[np.unique(np.linspace(0, T - 1, min(T, 64)).round().astype(np.int64))]
+    moving = (sample.max(axis=0).astype(np.int16) - sample.min(axis=0) > threshold) & allowed  # (H, W)
+    if moving.sum() >= MIN_SECTOR_FRACTION * H * W:
+        # Coarse grid: a cell is moving when a quarter of its pixels are; closing (dilate, erode) joins speckle.
+        cell = max(1, math.ceil(max(H, W) / 128))
+        grid = F.avg_pool2d(torch.from_numpy(moving)[None, None].float(), cell, ceil_mode=True) > 0.25
+        grid = F.max_pool2d(grid.float(), 3, stride=1, padding=1)
+        grid = -F.max_pool2d(-grid, 3, stride=1, padding=1)
+        component = _largest_component(grid[0, 0].numpy() > 0)
+        component = np.repeat(np.repeat(component, cell, axis=0), cell, axis=1)[:H, :W]
+        ys, xs = np.nonzero(moving & component)
+        if len(ys) >= MIN_SECTOR_FRACTION * H * W:
+            # Hull of each row's extreme moving pixels: the same hull, far fewer points.
+            order = np.lexsort((xs, ys))
+            ys, xs = ys[order], xs[order]
+            first = np.r_[True, ys[1:] != ys[:-1]]
+            last = np.r_[ys[1:] != ys[:-1], True]
+            points = np.concatenate([np.stack([xs[first], ys[first]], 1), np.stack([xs[last], ys[last]], 1)])
+            image = Image.new("L", (W, H), 0)
+            ImageDraw.Draw(image).polygon([tuple(p) for p in _convex_hull(points).tolist()], fill=1, outline=1)
+            return np.asarray(image, dtype=bool) & allowed
+    return allowed if regions and allowed.any() else None
+
+
+def crop_to_mask(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Zero the pixels outside `mask` and crop (T, H, W) frames to the mask's bounding box."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    return np.where(mask[None], frames, 0)[:, y0:y1, x0:x1]
+
+
+def fit_to_square(frames: np.ndarray, size: int, chunk: int = 64) -> np.ndarray:
+    """Resize grey (T, H, W) uint8 frames to fit `size` keeping aspect (antialiased bilinear), zero-pad to square."""
+    T, H, W = frames.shape
+    if H == W == size:
+        return frames
+    scale = size / max(H, W)
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    out = np.zeros((T, size, size), dtype=np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    for start in range(0, T, chunk):  # chunks bound the float copy of long, large cines
+        x = torch.from_numpy(np.ascontiguousarray(frames[start : start + chunk]))[:, None].float()
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True)
+        out[start : start + chunk, top : top + h, left : left + w] = x[:, 0].round().clamp(0, 255).byte().numpy()
+    return out
+
+
+def _avi_rate(frame_rate: float) -> Fraction:
+    return Fraction(frame_rate).limit_denominator(1001)
+
+
+def encode_clip(frames: np.ndarray, frame_rate: float) -> bytes:
+    """Grey (T, S, S) uint8 frames -> MJPEG AVI bytes (the corpus format, as `synthetic_echonet.write_avi`).
+
+    One encoder thread keeps the bytes identical from run to run and machine to machine.
+    """
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="avi") as container:
+        stream = container.add_stream("mjpeg", rate=_avi_rate(frame_rate))
+        stream.height, stream.width = frames.shape[1:]
+        stream.pix_fmt = "yuvj420p"
+        stream.bit_rate = 8_000_000
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def decode_clip(data: bytes, frame_indices: Sequence[int] | np.ndarray, name: str = "corpus clip") -> np.ndarray:
+    """Decode only the frames at `frame_indices` (any order, repeats allowed) of corpus bytes, as grey (N, H, W).
+
+    Corpus clips are MJPEG (every frame a key frame), so packets are demuxed without decoding and only
+    the wanted ones are decoded: the in-memory twin of `video_processing_echoai.decode_video_frames`.
+
+    Raises:
+        VideoDecodingError: the bytes are not a corpus clip or end before a wanted frame.
+    """
+    indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
+    wanted, last = set(indices.tolist()), int(indices.max())
+    frames: dict[int, np.ndarray] = {}
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            if stream.codec_context.name != "mjpeg":
+                raise VideoDecodingError(name, f"codec {stream.codec_context.name}, not the corpus's MJPEG")
+            packets = (packet for packet in container.demux(stream) if packet.size)
+            for position, packet in enumerate(packets):
+                if position in wanted:
+                    (frame,) = stream.codec_context.decode(packet)
+                    frames[position] = _grey(frame)
+                if position >= last:
+                    break
+    except (av.FFmpegError, ValueError, IndexError) as error:
+        raise VideoDecodingError(name, f"corrupt clip bytes ({type(error).__name__})") from error
+    missing = sorted(wanted - frames.keys())
+    if missing:
+        raise VideoDecodingError(name, f"the clip ends before frame {missing[0]}")
+    return np.stack([frames[i] for i in indices.tolist()])
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources -> rows
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file to prepare: its path, its key (input folder name / relative path: what `video_id` hashes)."""
+
+    path: str
+    key: str
+    kind: str  # "video" or "dicom"
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def list_sources(inputs: Sequence[str | os.PathLike]) -> tuple[list[Source], int]:
+    """Videos and DICOM files under `inputs` (recursive), in a fixed order; also the count of other files."""
+    sources, ignored = [], 0
+    for root in map(Path, inputs):
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a folder: expected folders of AVI, MP4 or DICOM files")
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            suffix = path.suffix.lower()
+            kind = "video" if suffix in VIDEO_EXTENSIONS else "dicom" if suffix in DICOM_EXTENSIONS else None
+            if kind is None and _is_dicom_file(path):
+                kind = "dicom"
+            if kind is None:
+                ignored += 1
+                continue
+            sources.append(Source(str(path), f"{root.resolve().name}/{path.relative_to(root).as_posix()}", kind))
+    return sources, ignored
+
+
+class _Skip(Exception):
+    """A source that is not used; `reason` is a fixed phrase (never a path or a DICOM value)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _remux(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> tuple[bytes, int]:
+    """Copy an MJPEG stream's packets into a fresh AVI (no container metadata); also the packet count."""
+    buffer, count = io.BytesIO(), 0
+    with av.open(buffer, mode="w", format="avi") as output:
+        out_stream = output.add_stream_from_template(stream)
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            packet.stream = out_stream
+            output.mux(packet)
+            count += 1
+    return buffer.getvalue(), count
+
+
+def _prepare_video(path: str, image_size: int) -> tuple[bytes, int, float | None]:
+    """AVI / MP4 -> (corpus bytes, frame count, frame rate or None)."""
+    if os.path.getsize(path) == 0:
+        raise _Skip("empty file")
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
+        raise _Skip("unreadable video (FFmpeg cannot open it)") from error
+    with container:
+        if not container.streams.video:
+            raise _Skip("unreadable video (no video stream)")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        frame_rate = float(rate) if rate else None
+        context = stream.codec_context
+        compliant = "avi" in container.format.name.split(",") and context.name == "mjpeg"
+        try:
+            if compliant and context.width == context.height == image_size:
+                data, num_frames = _remux(container, stream)
+                if num_frames:  # decode the first and last frame: catches a corrupt or cut file cheaply
+                    decode_clip(data, [0, num_frames - 1])
+            else:
+                stream.thread_type = "AUTO"
+                frames = [_grey(frame) for frame in container.decode(stream)]
+                num_frames = len(frames)
+                if num_frames:
+                    data = encode_clip(fit_to_square(np.stack(frames), image_size), frame_rate or DEFAULT_FRAME_RATE)
+        except (av.FFmpegError, VideoDecodingError, ValueError) as error:
+            raise _Skip("unreadable video (corrupt or truncated data)") from error
+    if num_frames == 0:
+        raise _Skip("unreadable video (no frames)")
+    return data, num_frames, frame_rate
+
+
+def dicom_frame_rate(ds) -> float | None:
+    """Frames per second from the DICOM timing tags, or None when none is usable (see the module docstring)."""
+    for keyword, to_fps in (
+        ("FrameTime", lambda v: 1000.0 / v),
+        ("CineRate", lambda v: v),
+        ("RecommendedDisplayFrameRate", lambda v: v),
+    ):
+        try:
+            value = float(ds.get(keyword) or 0)
+        except (TypeError, ValueError):
+            continue
+        if value > 0 and math.isfinite(to_fps(value)):
+            return to_fps(value)
+    vector = ds.get("FrameTimeVector")
+    if vector is not None:
+        try:
+            intervals = [float(v) for v in list(vector)[1:] if float(v) > 0]  # the first entry is 0
+        except (TypeError, ValueError):
+            intervals = []
+        if intervals:
+            return 1000.0 / float(np.mean(intervals))
+    return None
+
+
+def _dicom_grey(ds, pixels: np.ndarray) -> np.ndarray:
+    """Decoded DICOM pixels -> grey uint8 (T, H, W)."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        pixels = apply_color_lut(pixels, ds)
+    bits = 8 if photometric == "PALETTE COLOR" and pixels.dtype == np.uint8 else int(ds.get("BitsStored", 8) or 8)
+    if photometric == "PALETTE COLOR" and pixels.dtype != np.uint8:
+        bits = 16  # LUT output spans 16 bits
+    if pixels.ndim == 4:  # (T, H, W, 3): RGB (pydicom converts YBR to RGB): ITU-R BT.601 luma
+        pixels = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    pixels = pixels.astype(np.float32)
+    if bits != 8:
+        pixels = pixels * (255.0 / (2**bits - 1))
+    grey = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+    return 255 - grey if photometric == "MONOCHROME1" else grey
+
+
+def _ultrasound_regions(ds) -> list[tuple[int, int, int, int]]:
+    regions = []
+    for item in ds.get("SequenceOfUltrasoundRegions", None) or []:
+        try:
+            box = tuple(int(item.get(k)) for k in ("RegionLocationMinX0", "RegionLocationMinY0",
+                                                    "RegionLocationMaxX1", "RegionLocationMaxY1"))  # fmt: skip
+        except (TypeError, ValueError):
+            continue
+        if int(item.get("RegionSpatialFormat", 1) or 0) == 1:  # 1 = 2D tissue/flow image; skip M-mode, Doppler
+            regions.append(box)
+    return regions
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger_, level = logging.getLogger(name), logging.getLogger(name).level
+    logger_.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger_.setLevel(level)
+
+
+def _prepare_dicom(path: str, image_size: int, salt: str) -> tuple[bytes, int, float | None, str | None, str | None]:
+    """Multi-frame ultrasound DICOM -> (corpus bytes, frames, frame rate or None, view, group hash or None)."""
+    import pydicom
+
+    try:
+        # Read from memory, warnings off: pydicom's warnings and log lines quote the file's path (PHI).
+        with warnings.catch_warnings(), _quiet_logger("pydicom"):
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(Path(path).read_bytes()))
+    except Exception as error:  # noqa: BLE001 -- any parser failure means "unreadable"; its text may quote PHI
+        raise _Skip("unreadable DICOM") from error
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if not modality and "PixelData" not in ds:
+        raise _Skip("unreadable DICOM")
+    if modality != "US":
+        raise _Skip(f"not ultrasound (Modality {modality[:16] or 'missing'})")
+    if "PixelData" not in ds:
+        raise _Skip("DICOM without pixel data")
+    try:
+        num_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        num_frames = 1
+    if num_frames < 2:
+        raise _Skip("single-frame image")
+    try:
+        with warnings.catch_warnings(), _quiet_logger("pydicom"):
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array
+    except Exception as error:  # noqa: BLE001 -- missing handler or corrupt data; both are "cannot decode"
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise _Skip(
+            f"DICOM pixel data not decodable ({getattr(syntax, 'name', 'unknown transfer syntax')})"
+        ) from error
+    frames = _dicom_grey(ds, pixels)
+    if frames.ndim != 3 or len(frames) < 2:
+        raise _Skip("single-frame image")
+    mask = sector_mask(frames, _ultrasound_regions(ds))
+    if mask is None:
+        raise _Skip("no moving ultrasound sector found")
+    frame_rate = dicom_frame_rate(ds)
+    data = encode_clip(fit_to_square(crop_to_mask(frames, mask), image_size), frame_rate or DEFAULT_FRAME_RATE)
+    view = None
+    codes = ds.get("ViewCodeSequence", None)
+    if codes:
+        view = str(codes[0].get("CodeMeaning", "") or "") or None
+    uid = ds.get("StudyInstanceUID") or ds.get("SeriesInstanceUID")
+    group = salted_hash(salt, f"uid:{uid}") if uid else None
+    return data, len(frames), frame_rate, view, group
+
+
+def prepare_source(task: tuple[Source, int, str]) -> dict:
+    """One source -> a corpus row (`row`) or a skip `reason`; run in worker processes, so no shared state."""
+    source, image_size, salt = task
+    video_id = salted_hash(salt, f"path:{source.key}")
+    source_format = "dicom" if source.kind == "dicom" else Path(source.path).suffix.lower().lstrip(".")
+    try:
+        if source.kind == "dicom":
+            data, num_frames, frame_rate, view, group = _prepare_dicom(source.path, image_size, salt)
+        else:
+            (data, num_frames, frame_rate), view, group = _prepare_video(source.path, image_size), None, None
+    except _Skip as skip:
+        return {"video_id": video_id, "source_format": source_format, "reason": skip.reason}
+    except (OSError, MemoryError) as error:
+        return {
+            "video_id": video_id,
+            "source_format": source_format,
+            "reason": f"cannot read ({type(error).__name__})",
+        }
+    row = {
+        "video": data,
+        "video_id": video_id,
+        "frame_rate": frame_rate or DEFAULT_FRAME_RATE,
+        "num_frames": num_frames,
+        "height": image_size,
+        "width": image_size,
+        "source_format": source_format,
+        "view": view,
+        "group": group or video_id,
+        "content_hash": hashlib.sha256(data).hexdigest(),
+    }
+    return {"video_id": video_id, "source_format": source_format, "row": row, "frame_rate_defaulted": not frame_rate}
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one process per core; intra-op threads would only contend
+
+
+def _ordered_map(function: Callable, items: Iterable, num_workers: int) -> Iterator:
+    """`map(function, items)` over `num_workers` processes, results in input order, a bounded window in flight."""
+    if num_workers <= 1:
+        yield from map(function, items)
+        return
+    iterator = iter(items)
+    with ProcessPoolExecutor(num_workers, initializer=_init_worker) as pool:
+        window = deque(pool.submit(function, item) for item in itertools.islice(iterator, 4 * num_workers))
+        while window:
+            result = window.popleft().result()
+            for item in itertools.islice(iterator, 1):
+                window.append(pool.submit(function, item))
+            yield result
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparation: shards, state, report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare_corpus` wrote and skipped. Counts only: no file names, no paths."""
+
+    files_found: int = 0
+    ignored_files: int = 0  # neither video nor DICOM (CSV, text, ...)
+    videos_written: int = 0
+    written_by_format: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    duplicates_dropped: int = 0
+    frame_rate_defaulted: int = 0
+    hours_of_video: float = 0.0
+    num_shards: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0  # preparation time, summed over resumed runs
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.videos_written} videos written ({self.hours_of_video:.2f} h, "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(self.written_by_format.items())) or 'none'}) in "
+            f"{self.num_shards} shards ({self.bytes_written / 2**20:.1f} MiB); {self.num_skipped} skipped, "
+            f"{self.duplicates_dropped} duplicates dropped, {self.ignored_files} other files ignored"
+        ]
+        lines += [f"  {count} x {reason}" for reason, count in sorted(self.skipped.items())]
+        if self.frame_rate_defaulted:
+            lines.append(
+                f"  {self.frame_rate_defaulted} videos without a frame rate: {DEFAULT_FRAME_RATE} fps assumed"
+            )
+        return "\n".join(lines)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _shard_name(index: int) -> str:
+    return f"train-{index:05d}.parquet"
+
+
+def _write_shard(path: Path, rows: list[dict]) -> int:
+    """Rows -> one parquet file (written beside, then renamed in place); returns its size in bytes."""
+    table = pa.Table.from_pylist(rows, schema=CORPUS_SCHEMA)
+    mean_row = max(1, table.nbytes // max(1, len(rows)))
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(
+        table,
+        tmp,
+        row_group_size=max(1, _ROW_GROUP_BYTES // mean_row),
+        compression={name: ("none" if name == "video" else "zstd") for name in CORPUS_SCHEMA.names},
+    )
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def prepare_corpus(
+    inputs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    salt: str | None = None,
+    image_size: int = 112,
+    shard_size_mb: float = 256,
+    dedupe: bool = False,
+    num_workers: int = 1,
+    write_path_map: bool = False,
+    progress: bool = True,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> PrepareReport:
+    """Prepare (or resume preparing) a sharded corpus from folders of AVI, MP4 and DICOM files.
+
+    Args:
+        inputs: folders searched recursively.
+        output_dir: the corpus folder (created; a previous run's state there is resumed).
+        salt: secret for the hashed ids (default `$ECHOAI_CORPUS_SALT`).
+        image_size: output frames are `image_size` x `image_size`.
+        shard_size_mb: a shard is closed once its rows add up to this many MiB.
+        dedupe: drop a clip whose `content_hash` was already written (counted in the report).
+        num_workers: preparation processes (1: in this process).
+        write_path_map: also write `path_map.jsonl` (video_id, source path): sensitive, local only.
+        on_shard_written: called with the shard index after each shard and its state are on disk.
+
+    Returns:
+        The `PrepareReport`, also saved as `prepare_report.json`.
+    """
+    salt = resolve_salt(salt)
+    if image_size < 1 or shard_size_mb <= 0:
+        raise ValueError(f"image_size and shard_size_mb must be positive, got {image_size} and {shard_size_mb}")
+    start_time = time.perf_counter()
+    output_dir = Path(output_dir)
+    data_dir = output_dir / DATA_DIR
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sources, ignored = list_sources(inputs)
+    settings = {
+        "image_size": image_size,
+        "shard_size_mb": shard_size_mb,
+        "dedupe": dedupe,
+        # Salted digests only: the state file must not reveal the salt or the paths either.
+        "salt_check": salted_hash(salt, "salt-check"),
+        "sources_digest": salted_hash(salt, "\n".join(s.key for s in sources)),
+        "num_sources": len(sources),
+    }
+
+    state_path = output_dir / STATE_FILE
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        if changed:
+            raise ValueError(
+                f"{output_dir} holds a corpus prepared with different {', '.join(changed)}: use the same "
+                "inputs, salt and options to resume, or a new --output_dir"
+            )
+        report = PrepareReport(**state["report"])
+    else:
+        state = {"version": _STATE_VERSION, "settings": settings, "next_source": 0, "shards": [], "complete": False}
+        report = PrepareReport(files_found=len(sources), ignored_files=ignored)
+    # Shards written after the last saved state (an interrupted run) are redone.
+    listed = {shard["file"] for shard in state["shards"]}
+    for path in data_dir.iterdir():
+        if path.name not in listed:
+            path.unlink()
+    seen_hashes: set[str] = set()
+    if dedupe:
+        for shard in state["shards"]:
+            seen_hashes.update(pq.read_table(data_dir / shard["file"], columns=["content_hash"])[0].to_pylist())
+
+    target_bytes = shard_size_mb * 2**20
+    pending: list[dict] = []
+    pending_paths: list[str] = []
+    pending_bytes = 0
+
+    def save_state(next_source: int, complete: bool = False) -> None:
+        report.seconds += time.perf_counter() - save_state.clock
+        save_state.clock = time.perf_counter()
+        state.update(next_source=next_source, report=asdict(report), complete=complete)
+        _write_json_atomic(state_path, state)
+
+    save_state.clock = start_time
+
+    def flush(next_source: int) -> None:
+        nonlocal pending, pending_paths, pending_bytes
+        index = len(state["shards"])
+        size = _write_shard(data_dir / _shard_name(index), pending)
+        state["shards"].append({"file": _shard_name(index), "num_rows": len(pending), "num_bytes": size})
+        if write_path_map and pending_paths:
+            with open(output_dir / PATH_MAP_FILE, "a") as f:
+                f.write("".join(pending_paths))
+                f.flush()
+                os.fsync(f.fileno())
+        report.num_shards, report.bytes_written = len(state["shards"]), report.bytes_written + size
+        save_state(next_source)
+        pending, pending_paths, pending_bytes = [], [], 0
+        if on_shard_written is not None:
+            on_shard_written(index)
+
+    first = state["next_source"]
+    if first > 0:
+        logger.info("Resuming after %d of %d files (%d shards kept)", first, len(sources), len(state["shards"]))
+    if write_path_map and first == 0 and (output_dir / PATH_MAP_FILE).exists():
+        (output_dir / PATH_MAP_FILE).unlink()
+    bar = tqdm(total=len(sources), initial=first, unit="file", desc="Preparing corpus", disable=not progress)
+    tasks = ((source, image_size, salt) for source in sources[first:])
+    for index, result in enumerate(_ordered_map(prepare_source, tasks, num_workers), start=first):
+        bar.update()
+        row = result.get("row")
+        if row is None:
+            report.skipped[result["reason"]] = report.skipped.get(result["reason"], 0) + 1
+            logger.debug("Skipped %s: %s", result["video_id"], result["reason"])
+        elif dedupe and row["content_hash"] in seen_hashes:
+            report.duplicates_dropped += 1
+        else:
+            seen_hashes.add(row["content_hash"])
+            pending.append(row)
+            pending_bytes += len(row["video"])
+            if write_path_map:
+                pending_paths.append(json.dumps({"video_id": row["video_id"], "path": sources[index].path}) + "\n")
+            report.videos_written += 1
+            fmt = row["source_format"]
+            report.written_by_format[fmt] = report.written_by_format.get(fmt, 0) + 1
+            report.frame_rate_defaulted += bool(result["frame_rate_defaulted"])
+            report.hours_of_video += row["num_frames"] / row["frame_rate"] / 3600
+            if pending_bytes >= target_bytes:
+                flush(index + 1)
+        bar.set_postfix(written=report.videos_written, skipped=report.num_skipped, refresh=False)
+    bar.close()
+    if pending:
+        flush(len(sources))
+    save_state(len(sources), complete=True)
+    _write_json_atomic(output_dir / REPORT_FILE, asdict(report))
+    if report.num_skipped:
+        logger.warning("Corpus at %s: %s", output_dir, report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def corpus_data_files(path: str | os.PathLike) -> str | list[str]:
+    """The parquet files of a corpus: a local folder's `data/*.parquet` (sorted), or a remote glob (fsspec)."""
+    path = os.fspath(path)
+    if path.endswith(".parquet") or "*" in path:
+        return path
+    if "://" not in path:
+        files = sorted(str(p) for p in (Path(path) / DATA_DIR).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{path} has no {DATA_DIR}/*.parquet: prepare it with scripts/prepare_corpus.py")
+        return files
+    return f"{path.rstrip('/')}/{DATA_DIR}/*.parquet"
+
+
+def load_corpus(
+    path: str | os.PathLike,
+    streaming: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    storage_options: dict | None = None,
+) -> Dataset | IterableDataset:
+    """A prepared corpus as a `datasets.Dataset` (map-style) or, with `streaming=True`, an `IterableDataset`.
+
+    `path` is a local corpus folder, a remote one (`hf://datasets/org/name`, `s3://bucket/name`, any
+    fsspec URL; credentials through `storage_options` or the usual environment) or a parquet glob.
+    A streamed corpus has one shard per parquet file (`num_shards`).
+    """
+    return load_dataset(
+        "parquet",
+        data_files=corpus_data_files(path),
+        split="train",
+        streaming=streaming,
+        cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+        storage_options=storage_options,
+    )
+
+
+def split_corpus_by_node(
+    dataset: Dataset | IterableDataset, rank: int, world_size: int, strategy: str = "auto"
+) -> Dataset | IterableDataset:
+    """This process's part of the corpus: `datasets.distributed.split_dataset_by_node`.
+
+    Map-style: contiguous slices of equal size (+-1). Streaming: whole shards per process when the shard
+    count is a multiple of `world_size`, else every process reads all shards and keeps every
+    `world_size`-th row (logged). Either way the parts are disjoint and together complete. Shuffle
+    (with the same seed on every process) before splitting.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if isinstance(dataset, IterableDataset) and strategy == "auto" and dataset.num_shards % world_size:
+        logger.info(
+            "%d shards for %d processes: each process reads every shard and keeps 1 row in %d; prepare a "
+            "multiple of %d shards to read only one's own", dataset.num_shards, world_size, world_size, world_size,
+        )  # fmt: skip
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size, strategy=strategy)
+
+
+def shuffle_corpus(
+    dataset: Dataset | IterableDataset, seed: int, buffer_size: int = 1000
+) -> Dataset | IterableDataset:
+    """Shuffle with `seed`: a stream shuffles its shard order and draws from a `buffer_size`-row buffer;
+    a map-style corpus is permuted. Call `set_epoch(epoch)` on a stream for a new order each epoch."""
+    if isinstance(dataset, IterableDataset):
+        return dataset.shuffle(seed=seed, buffer_size=buffer_size)
+    return dataset.shuffle(seed=seed)
+
+
+def row_to_pixel_values(
+    row: dict,
+    processor: EchoAIVideoProcessor,
+    generator: torch.Generator | None = None,
+    training: bool = True,
+    num_clips: int = 1,
+) -> torch.Tensor:
+    """A corpus row -> `pixel_values`: (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1.
+
+    Training: one clip at a random start, augmented, both drawn from `generator`. Evaluation
+    (`training=False`): `num_clips` evenly spaced clips, no augmentation. Decodes only the clip's frames.
+
+    Raises:
+        VideoDecodingError: the row's bytes cannot be decoded (named by `video_id`).
+    """
+    indices = clip_frame_indices(
+        int(row["num_frames"]),
+        processor.num_frames,
+        processor.period,
+        "random" if training else "uniform",
+        num_clips=1 if training else num_clips,
+        generator=generator,
+    )  # (K, T)
+    frames = decode_clip(row["video"], indices.reshape(-1), name=f"corpus clip {row.get('video_id', '?')}")
+    frames = frames.reshape(*indices.shape, *frames.shape[1:])  # (K, T, H, W)
+    clips = processor.frames_to_pixel_values(frames, do_augment=training, generator=generator)
+    return clips[0] if len(clips) == 1 else clips
+
+
+class CorpusClips(torch.utils.data.Dataset):
+    """A map-style corpus -> clips with `training_echoai.TrainingClips`' interface and seeding.
+
+    Items are dicts `pixel_values`, `labels` (NaN: unlabeled), `index`, `error`, so
+    `training_echoai.collate` batches them. In training the order is a fresh permutation per epoch and
+    each clip's start and augmentation come from a generator seeded by (seed, epoch, row index), with the
+    same derivation as `training_echoai.derive_seed`. Call `set_epoch` before iterating.
+    """
+
+    def __init__(
+        self, rows: Dataset, processor: EchoAIVideoProcessor, training: bool, seed: int = 0, num_clips: int = 1
+    ):
+        self.rows, self.processor, self.training, self.seed, self.num_clips = (
+            rows,
+            processor,
+            training,
+            seed,
+            num_clips,
+        )
+        self.order = np.arange(len(rows))
+        self.epoch = 0
+
+    @staticmethod
+    def _seed(*keys: int) -> int:
+        return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.training:
+            self.order = np.random.default_rng(self._seed(self.seed, epoch)).permutation(len(self.rows))
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.order[i])
+        generator = torch.Generator().manual_seed(self._seed(self.seed, self.epoch, index)) if self.training else None
+        try:
+            pixel_values = row_to_pixel_values(
+                self.rows[index], self.processor, generator, self.training, self.num_clips
+            )
+            error = None
+        except VideoDecodingError as exception:
+            pixel_values, error = None, str(exception)
+        return {"pixel_values": pixel_values, "labels": math.nan, "index": index, "error": error}
+
+
+__all__ = [
+    "CORPUS_SCHEMA",
+    "CorpusClips",
+    "PrepareReport",
+    "Source",
+    "corpus_data_files",
+    "crop_to_mask",
+    "decode_clip",
+    "dicom_frame_rate",
+    "encode_clip",
+    "fit_to_square",
+    "list_sources",
+    "load_corpus",
+    "prepare_corpus",
+    "prepare_source",
+    "resolve_salt",
+    "row_to_pixel_values",
+    "salted_hash",
+    "sector_mask",
+    "shuffle_corpus",
+    "split_corpus_by_node",
+]
