@@ -55,7 +55,11 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 from transformers.video_processing_utils import BaseVideoProcessor
 
-from configuration_echoai import EchoAIConfig
+
+try:  # loaded as Hub remote code, beside the model's files
+    from .configuration_echoai import EchoAIConfig
+except ImportError:  # installed as top-level modules
+    from configuration_echoai import EchoAIConfig
 
 
 logger = logging.getLogger(__name__)
@@ -421,12 +425,16 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         names = cls._argument_names()
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         processor = cls(**{k: v for k, v in {**video_processor_dict, **overrides}.items() if k in names})
+        if video_processor_dict.get("auto_map"):  # keep the remote-code pointer through save/load cycles
+            processor.auto_map = video_processor_dict["auto_map"]
         return (processor, kwargs) if return_unused_kwargs else processor
 
     def to_dict(self) -> dict:
+        extra = {"auto_map": self.auto_map} if getattr(self, "auto_map", None) else {}  # set by save_pretrained
         return {
             **{name: getattr(self, name) for name in self._argument_names()},
             "video_processor_type": type(self).__name__,
+            **extra,
         }
 
     def preprocess(
@@ -524,8 +532,12 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
 
 
 # Imported from its module: `transformers.AutoVideoProcessor` is a placeholder that raises when
-# torchvision is missing, and EchoAI does not need torchvision.
-AutoVideoProcessor.register(EchoAIConfig, EchoAIVideoProcessor, exist_ok=True)
+# torchvision is missing, and EchoAI does not need torchvision. As with the model, register only when
+# installed; as remote code the saved `auto_map` finds the class. `save_pretrained` then copies this file
+# next to the processor config, so a Hub user without EchoAI loads it with `trust_remote_code=True`.
+if not __package__:
+    AutoVideoProcessor.register(EchoAIConfig, EchoAIVideoProcessor, exist_ok=True)
+    EchoAIVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from modeling_echoai import (
     patchify,
     unpatchify,
 )
+from video_processing_echoai import EchoAIVideoProcessor
 
 
 def tiny_config(**overrides) -> EchoAIConfig:
@@ -455,14 +456,17 @@ def test_auto_classes_resolve_to_echoai(tmp_path):
 
 
 def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
-    """A Hub user who never installed EchoAI loads a checkpoint with `trust_remote_code=True`."""
+    """A Hub user who never installed EchoAI loads a checkpoint and its processor with `trust_remote_code=True`."""
     config = tiny_config(num_labels=1)
     model = build(EchoAIForVideoClassification, config)
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
+    EchoAIVideoProcessor(num_frames=4, image_size=32, image_mean=0.25, image_std=0.5).save_pretrained(checkpoint)
     saved = json.loads((checkpoint / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForVideoClassification"] == "modeling_echoai.EchoAIForVideoClassification"
-    assert {"modeling_echoai.py", "configuration_echoai.py"} <= set(os.listdir(checkpoint))
+    assert {"modeling_echoai.py", "configuration_echoai.py", "video_processing_echoai.py"} <= set(
+        os.listdir(checkpoint)
+    )
     x = clips(config)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
@@ -481,6 +485,7 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
         sys.meta_path.insert(0, HideEchoAI())
         import torch
         from transformers import AutoModelForVideoClassification, AutoModelForPreTraining
+        from transformers.models.auto.video_processing_auto import AutoVideoProcessor
         try:
             import modeling_echoai
             raise SystemExit("EchoAI is still importable")
@@ -493,6 +498,8 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
         torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=1e-6, atol=1e-6)
         pretraining = AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         assert type(pretraining).__name__ == "EchoAIForPreTraining"
+        processor = AutoVideoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "EchoAIVideoProcessor" and processor.image_mean == [0.25] * 3
         print("remote code OK")
         """
     )
