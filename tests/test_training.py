@@ -4,6 +4,7 @@ checkpoint rotation, two processes, model card and Hub push (without network).""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import signal
 import subprocess
@@ -295,3 +296,16 @@ def test_layer_decay_scales_learning_rate_by_depth():
     assert lr_of[id(named["echoai.encoder.layer.3.mlp.fc1.weight"])] == 0.5
     assert lr_of[id(named["echoai.encoder.layer.0.mlp.fc1.weight"])] == 0.5**4
     assert lr_of[id(named["echoai.embeddings.patch_embeddings.projection.weight"])] == 0.5**5
+
+
+def test_tracking_writes_tensorboard_events_and_epoch_checkpoints(corpus, tmp_path):
+    output = tmp_path / "run"
+    load_script("pretrain").main(
+        pretrain_argv(corpus, output, "--num_train_epochs", "2", "--checkpointing_steps", "epoch", "--with_tracking")
+    )
+    assert list((output / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    # 8 videos, batch 2: 4 steps an epoch; each epoch's checkpoint resumes at the start of the next one.
+    names = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert names == ["step_0000004", "step_0000008"]
+    state = json.loads((output / "checkpoints" / "step_0000004" / training_echoai.STATE_FILE).read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 0)
