@@ -84,6 +84,7 @@ class PhantomVideo:
     ed_frame: int
     es_frame: int
     tracings: dict[int, np.ndarray]  # frame index -> (1 + NUM_CHORDS, 4) rows of X1, Y1, X2, Y2
+    heart_rate: float  # bpm; not written to the CSVs (EchoNet has no such column), for beat-detection tests
 
 
 def _smooth(noise: np.ndarray) -> np.ndarray:
@@ -192,8 +193,9 @@ def render_phantom(seed_sequence: np.random.SeedSequence) -> PhantomVideo:
 
     frames = _draw_frames(rng, lv_apex, direction, length, half_width, wall, c)
     return PhantomVideo(
-        frames=frames, fps=fps, ef=ef, esv=esv, edv=edv, ed_frame=ed_frame, es_frame=es_frame, tracings=tracings
-    )
+        frames=frames, fps=fps, ef=ef, esv=esv, edv=edv, ed_frame=ed_frame, es_frame=es_frame, tracings=tracings,
+        heart_rate=heart_rate,
+    )  # fmt: skip
 
 
 def _draw_frames(

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Evaluate a fine-tuned EchoAI EF model on an EchoNet-Dynamic split, as EchoNet-Dynamic reports it.
+
+    python scripts/evaluate.py --model_name_or_path outputs/finetune            # synthetic corpus, test split
+    python scripts/evaluate.py --model_name_or_path outputs/finetune --data_dir EchoNet-Dynamic \\
+        --protocol all_clips --bootstrap 10000 --bf16 --num_workers 2 --beat_by_beat
+
+Protocols: `one_clip` (the clip at frame 0), `all_clips` (EchoNet's test-time protocol: the mean over
+every valid clip start), `k_clips` (`--num_clips` evenly spaced clips). `--beat_by_beat` also detects
+cardiac cycles from the video itself (no segmentation), scores one clip centred on each, and reports
+how close the detected ED/ES frames are to the traced ones in VolumeTracings.csv.
+
+Writes to `--output_dir`: predictions.csv, metrics.json (with percentile-bootstrap intervals),
+strata.csv (errors by EF range, frame rate and video length, also printed), scatter.png and
+bland_altman.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
+from inference_echoai import (
+    PROTOCOLS,
+    ModelLoadingError,
+    bland_altman_plot,
+    load_model_and_processor,
+    nearest_frame_error,
+    predict_videos,
+    scatter_plot,
+)
+from metrics_echoai import compute_ef_metrics
+
+
+logger = logging.getLogger("evaluate")
+
+SPLITS = ("test", "validation", "train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="Fine-tuned model folder (with its processor).")
+    parser.add_argument("--data_dir", default=None, help="EchoNet-Dynamic folder (default: the synthetic corpus).")
+    parser.add_argument("--synthetic_num_videos", type=int, default=200, help="Size of the default synthetic corpus.")
+    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="all_clips")
+    parser.add_argument("--num_clips", type=int, default=4, help="Clips per video for --protocol k_clips.")
+    parser.add_argument("--beat_by_beat", action="store_true", help="Also score clips centred on detected beats.")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=32, help="Clips per forward pass.")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader processes decoding videos.")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples (EchoNet: 10,000).")
+    parser.add_argument("--confidence", type=float, default=0.95, help="Bootstrap interval coverage.")
+    parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate only the first N videos.")
+    parser.add_argument("--output_dir", default="outputs/evaluate")
+    args = parser.parse_args(argv)
+    if args.num_clips < 1 or args.per_device_eval_batch_size < 1:
+        parser.error("--num_clips and --per_device_eval_batch_size must be at least 1")
+    return args
+
+
+def strata_table(table: pd.DataFrame, prediction: str = "EF_predicted") -> pd.DataFrame:
+    """MAE, RMSE and bias by reference-EF range (fixed bins), frame rate and video length (terciles)."""
+    ef = table["EF"]
+    groups = [
+        ("EF range", "EF < 40", table[ef < 40]),
+        ("EF range", "40 <= EF <= 55", table[(ef >= 40) & (ef <= 55)]),
+        ("EF range", "EF > 55", table[ef > 55]),
+    ]
+    for column, name in (("FPS", "FPS"), ("NumberOfFrames", "frames")):
+        values = table[column].astype(float)
+        if values.nunique() > 1:
+            bins = pd.qcut(values, q=min(3, values.nunique()), duplicates="drop")
+        else:
+            bins = pd.Series(pd.Categorical([f"{values.iloc[0]:g}"] * len(values)), index=table.index)
+        for interval in bins.cat.categories:
+            if isinstance(interval, pd.Interval):
+                label = f"{interval.left:.3g} < {name} <= {interval.right:.3g}"
+            else:
+                label = f"{name} {interval}"
+            groups.append((f"{name} tercile", label, table[bins == interval]))
+    rows = []
+    for stratum, label, group in groups:
+        row = {"stratum": stratum, "bin": label, "n": len(group)}
+        if len(group) >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # undefined AUCs inside a narrow EF range are expected
+                metrics = compute_ef_metrics(group[prediction], group["EF"], thresholds=())
+            row.update({k: metrics[k] for k in ("mae", "rmse", "bias", "r2")})
+        else:
+            row.update({k: math.nan for k in ("mae", "rmse", "bias", "r2")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def beat_detection_summary(table: pd.DataFrame) -> dict:
+    """Median and mean |ED| and |ES| frame errors (frames and ms) of the nearest detected beat."""
+    summary = {
+        "num_videos": len(table),
+        "num_videos_with_beats": int((table["num_beats"] > 0).sum()),
+        "mean_beats_per_video": float(table["num_beats"].mean()),
+    }
+    for phase in ("ED", "ES"):
+        for unit in ("frames", "ms"):
+            values = table[f"{phase}_error_{unit}"].dropna()
+            summary[f"{phase.lower()}_error_{unit}_median"] = float(values.median()) if len(values) else math.nan
+            summary[f"{phase.lower()}_error_{unit}_mean"] = float(values.mean()) if len(values) else math.nan
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data: one EchoNet split (unreadable videos are excluded and reported by the loader).
+    data_dir = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
+    rows = load_echonet_dynamic(data_dir)[args.split]
+    if args.max_eval_samples is not None:
+        rows = rows.select(range(min(args.max_eval_samples, len(rows))))
+    if len(rows) < 2:
+        sys.exit(f"error: the {args.split} split of {data_dir} has {len(rows)} usable video(s); metrics need 2")
+    table = rows.select_columns(["FileName", "EF", "FPS", "NumberOfFrames", "EDFrame", "ESFrame"]).to_pandas()
+
+    # Model.
+    try:
+        model, processor = load_model_and_processor(args.model_name_or_path, args.device)
+    except ModelLoadingError as error:
+        sys.exit(f"error: {error}")
+    logger.info(
+        "Evaluating %s on %d %s videos of %s, protocol %s", args.model_name_or_path, len(rows), args.split,
+        data_dir, args.protocol,
+    )  # fmt: skip
+
+    # Predictions.
+    results = predict_videos(
+        model, processor, rows["video_path"], protocol=args.protocol, num_clips=args.num_clips,
+        beat_by_beat=args.beat_by_beat, batch_size=args.per_device_eval_batch_size,
+        num_workers=args.num_workers, bf16=args.bf16,
+    )  # fmt: skip
+    table["EF_predicted"] = [r.ef for r in results]
+    table["clip_spread"] = [r.clip_spread for r in results]
+    table["num_clips"] = [r.num_clips for r in results]
+    if args.beat_by_beat:
+        table["EF_beat_by_beat"] = [r.ef_beat_by_beat for r in results]
+        table["beat_clip_spread"] = [r.beat_clip_spread for r in results]
+        table["num_beats"] = [r.num_beats for r in results]
+        table["heart_rate"] = [r.beats.heart_rate if r.beats else math.nan for r in results]
+        for phase, position in (("ED", 0), ("ES", 1)):
+            errors = [
+                nearest_frame_error([b[position] for b in r.beats.beats] if r.beats else [], int(traced))
+                for r, traced in zip(results, table[f"{phase}Frame"], strict=True)
+            ]
+            table[f"{phase}_error_frames"] = errors
+            table[f"{phase}_error_ms"] = np.asarray(errors) * 1000.0 / table["FPS"].to_numpy()
+    failed = [(r.path, r.error) for r in results if r.error is not None]
+    for path, reason in failed:
+        logger.warning("Could not read %s: %s", path, reason)
+    scored = table[table["EF_predicted"].notna()]
+    if len(scored) < 2:
+        sys.exit(f"error: only {len(scored)} video(s) could be scored; metrics need 2")
+
+    # Metrics, strata, figures.
+    metrics = {
+        "protocol": args.protocol,
+        "split": args.split,
+        "data_dir": str(data_dir),
+        "model_name_or_path": str(args.model_name_or_path),
+        "num_unreadable": len(failed),
+        **compute_ef_metrics(
+            scored["EF_predicted"], scored["EF"], bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence
+        ),
+    }
+    if args.protocol == "k_clips":
+        metrics["num_clips"] = args.num_clips
+    if args.beat_by_beat:
+        metrics["beat_by_beat"] = compute_ef_metrics(
+            scored["EF_beat_by_beat"], scored["EF"], bootstrap=args.bootstrap, seed=args.seed,
+            confidence=args.confidence,
+        )  # fmt: skip
+        metrics["beat_detection"] = beat_detection_summary(scored)
+    strata = strata_table(scored)
+
+    table.drop(columns=["EDFrame", "ESFrame"]).to_csv(output_dir / "predictions.csv", index=False)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    strata.to_csv(output_dir / "strata.csv", index=False)
+    title = f"{args.protocol}, {args.split} split (n={len(scored)})"
+    scatter_plot(scored["EF_predicted"], scored["EF"], metrics, output_dir / "scatter.png", title=title)
+    bland_altman_plot(scored["EF_predicted"], scored["EF"], metrics, output_dir / "bland_altman.png", title=title)
+
+    ci = lambda k: f" [{metrics[k + '_ci_low']:.2f}, {metrics[k + '_ci_high']:.2f}]" if args.bootstrap else ""  # noqa: E731
+    print(f"\n{args.protocol} on {len(scored)} {args.split} videos:")
+    for key in ("mae", "rmse", "r2", "bias"):
+        print(f"  {key:5s} {metrics[key]:7.3f}{ci(key)}")
+    if args.beat_by_beat:
+        bbb, detection = metrics["beat_by_beat"], metrics["beat_detection"]
+        print(f"  beat-by-beat: MAE {bbb['mae']:.3f}, RMSE {bbb['rmse']:.3f}, R² {bbb['r2']:.3f}")
+        print(
+            f"  beat detection: {detection['mean_beats_per_video']:.2f} beats/video, median |ED| error "
+            f"{detection['ed_error_frames_median']:.1f} frames ({detection['ed_error_ms_median']:.0f} ms), "
+            f"|ES| {detection['es_error_frames_median']:.1f} frames ({detection['es_error_ms_median']:.0f} ms)"
+        )
+    print("\n" + strata.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nWrote {output_dir}/predictions.csv, metrics.json, strata.csv, scatter.png, bland_altman.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Evaluation and prediction: scripts/evaluate.py end to end per protocol, all-clips batching against the
+processor's own clips, scripts/predict.py with unreadable files, and beat detection on the phantom."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from data_fixtures import tiny_corpus, truncate
+
+from configuration_echoai import EchoAIConfig
+from data_echoai import load_echonet_dynamic
+from inference_echoai import (
+    ModelLoadingError,
+    beat_clip_indices,
+    detect_beats,
+    load_model_and_processor,
+    predict_videos,
+)
+from modeling_echoai import EchoAIForVideoClassification
+from synthetic_echonet import render_phantom
+from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
+
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SPLIT = "train"  # the tiny corpus has 6 train videos, 1 validation, 1 test; metrics need >= 2
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"echoai_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_regression_model() -> EchoAIForVideoClassification:
+    torch.manual_seed(0)
+    config = EchoAIConfig(
+        image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=32, num_labels=1, regression_target_mean=55, regression_target_std=12,
+    )  # fmt: skip
+    model = EchoAIForVideoClassification(config)
+    with torch.no_grad():  # a visible spread of predictions, as a fine-tuned head gives
+        model.classifier.weight.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tiny_corpus(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("finetuned")
+    tiny_regression_model().save_pretrained(folder)
+    EchoAIVideoProcessor(num_frames=4, image_size=32).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def split_rows(corpus):
+    return load_echonet_dynamic(corpus)[SPLIT]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert len(data) > 5_000, f"{path} is only {len(data)} bytes"
+
+
+@pytest.mark.filterwarnings("ignore:.*undefined in .* bootstrap resamples:RuntimeWarning")  # 6 videos: expected
+@pytest.mark.parametrize(
+    "protocol, extra",
+    [
+        ("one_clip", []),
+        ("all_clips", ["--beat_by_beat", "--per_device_eval_batch_size", "48"]),
+        ("k_clips", ["--num_clips", "3", "--num_workers", "1"]),
+    ],
+)
+def test_evaluate_writes_predictions_metrics_strata_and_figures(
+    corpus, model_dir, split_rows, tmp_path, protocol, extra
+):
+    output = tmp_path / protocol
+    argv = [
+        "--model_name_or_path", str(model_dir), "--data_dir", str(corpus), "--split", SPLIT, "--protocol", protocol,
+        "--bootstrap", "50", "--output_dir", str(output), *extra,
+    ]  # fmt: skip
+    assert load_script("evaluate").main(argv) == 0
+
+    predictions = pd.read_csv(output / "predictions.csv")
+    assert len(predictions) == len(split_rows)
+    assert list(predictions["FileName"]) == list(split_rows["FileName"])
+    for column in ("EF", "EF_predicted", "clip_spread", "num_clips"):
+        assert predictions[column].notna().all(), column
+    expected_clips = {
+        "one_clip": [1] * len(split_rows),
+        "k_clips": [3] * len(split_rows),
+        "all_clips": [len(clip_frame_indices(n, 4, 2, "all")) for n in split_rows["NumberOfFrames"]],
+    }[protocol]
+    assert predictions["num_clips"].tolist() == expected_clips
+    assert (predictions["clip_spread"][predictions["num_clips"] == 1] == 0).all()
+    assert (predictions["clip_spread"][predictions["num_clips"] > 1] > 0).all()
+
+    metrics = json.loads((output / "metrics.json").read_text())
+    for key in ("n", "mae", "rmse", "r2", "pearson_r2", "bias", "loa_lower", "loa_upper", "auc_ef_below_40"):
+        assert key in metrics, key
+    for key in ("mae", "rmse", "r2", "bias"):
+        assert f"{key}_ci_low" in metrics and f"{key}_ci_high" in metrics
+    assert metrics["n"] == len(split_rows) and metrics["bootstrap"] == 50
+    errors = predictions["EF_predicted"] - predictions["EF"]
+    assert metrics["mae"] == pytest.approx(errors.abs().mean(), rel=1e-6)
+
+    strata = pd.read_csv(output / "strata.csv")
+    assert set(strata["stratum"]) == {"EF range", "FPS tercile", "frames tercile"}
+    for stratum in strata["stratum"].unique():  # every video lands in exactly one bin of each stratum
+        assert strata.loc[strata["stratum"] == stratum, "n"].sum() == len(split_rows)
+    assert_png(output / "scatter.png")
+    assert_png(output / "bland_altman.png")
+
+    if "--beat_by_beat" in extra:
+        assert (predictions["num_beats"] >= 1).all()
+        assert predictions["EF_beat_by_beat"].notna().all()
+        detection = metrics["beat_detection"]
+        assert detection["num_videos_with_beats"] == len(split_rows)
+        # Phantom cycles are found within a few frames of the traced ED / ES.
+        assert detection["ed_error_frames_median"] <= 3 and detection["es_error_frames_median"] <= 3
+        assert np.allclose(predictions["ED_error_ms"], predictions["ED_error_frames"] * 1000 / predictions["FPS"])
+        assert "mae" in metrics["beat_by_beat"]
+
+
+@pytest.mark.parametrize(
+    "protocol, sampling",
+    [("all_clips", dict(clip_sampling="all")), ("k_clips", dict(num_clips=3)), ("one_clip", dict(num_clips=1))],
+)
+def test_batched_predictions_equal_clip_by_clip_predictions(model_dir, split_rows, protocol, sampling):
+    """Decode once + index clips + batches spanning videos == the processor re-decoding every clip."""
+    model, processor = load_model_and_processor(model_dir)
+    order = np.argsort(split_rows["NumberOfFrames"])
+    paths = [split_rows["video_path"][i] for i in (order[0], order[-1], order[1])]
+    # A batch size that splits videos across batches and packs several videos into one.
+    results = predict_videos(model, processor, paths, protocol=protocol, num_clips=3, batch_size=7, progress=False)
+    for path, result in zip(paths, results, strict=True):
+        pixel_values = processor(path, **sampling)["pixel_values"]  # (K, T, C, H, W), decoded per clip
+        with torch.no_grad():
+            slow = torch.cat([model(pixel_values=chunk).logits.view(-1) for chunk in pixel_values.split(16)])
+        assert result.error is None
+        assert result.num_clips == len(slow)
+        np.testing.assert_allclose(result.clip_predictions, slow.numpy(), rtol=0, atol=1e-5)
+        assert result.ef == pytest.approx(float(slow.double().mean()), abs=1e-5)
+
+
+def test_predict_lists_unreadable_videos_and_predicts_the_rest(corpus, model_dir, tmp_path, capsys):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    sources = sorted((corpus / "Videos").glob("*.avi"))[:3]
+    for source in sources:
+        shutil.copy(source, folder / source.name)
+    truncate(folder / sources[0].name)  # an interrupted copy: header intact, frames missing
+    (folder / "empty.avi").write_bytes(b"")
+    output = tmp_path / "ef.json"
+
+    code = load_script("predict").main([str(folder), "--model_name_or_path", str(model_dir), "--output", str(output)])
+    assert code == 0
+    rows = {row["video"]: row for row in json.loads(output.read_text())}
+    assert len(rows) == 4
+    assert "truncated" in rows[sources[0].name]["error"] and rows[sources[0].name]["EF"] is None
+    assert "empty file" in rows["empty.avi"]["error"]
+    for source in sources[1:]:
+        row = rows[source.name]
+        assert row["error"] is None and math.isfinite(row["EF"]) and row["num_clips"] > 1 and row["clip_spread"] > 0
+    printed = capsys.readouterr().out
+    assert "2 video(s) could not be read" in printed and "empty file" in printed
+
+    csv_path = tmp_path / "ef.csv"
+    assert load_script("predict").main([str(folder / sources[1].name), "--model_name_or_path", str(model_dir),
+                                        "--protocol", "one_clip", "--output", str(csv_path)]) == 0  # fmt: skip
+    assert pd.read_csv(csv_path)["num_clips"].tolist() == [1]
+
+
+def test_predict_fails_clearly_without_readable_videos_model_or_processor(model_dir, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.avi").write_bytes(b"not a video at all")
+    predict = load_script("predict")
+    assert predict.main([str(folder), "--model_name_or_path", str(model_dir)]) == 1
+    assert "none of the 1 video(s) could be read" in capsys.readouterr().err
+
+    no_processor = tmp_path / "model_only"
+    tiny_regression_model().save_pretrained(no_processor)
+    assert predict.main([str(folder), "--model_name_or_path", str(no_processor)]) == 2
+    assert "no video processor" in capsys.readouterr().err
+    with pytest.raises(ModelLoadingError, match="holds no model"):
+        load_model_and_processor(folder)
+    with pytest.raises(ModelLoadingError, match="not found"):
+        load_model_and_processor(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14, 15])
+def test_beat_detection_finds_the_phantoms_cycles_and_traced_frames(seed):
+    video = render_phantom(np.random.SeedSequence(seed))
+    frames_per_cycle = video.fps * 60.0 / video.heart_rate
+    detection = detect_beats(video.frames, video.fps)
+    assert abs(len(detection.beats) - len(video.frames) / frames_per_cycle) <= 1
+    assert detection.heart_rate == pytest.approx(video.heart_rate, rel=0.1)
+    tolerance = max(3.0, 0.1 * frames_per_cycle)
+    assert min(abs(ed - video.ed_frame) for ed, _ in detection.beats) <= tolerance
+    assert min(abs(es - video.es_frame) for _, es in detection.beats) <= tolerance
+    for ed, es in detection.beats:
+        assert ed < es <= ed + frames_per_cycle
+
+    # One clip per beat, centred on its systole, always inside the video.
+    clips = beat_clip_indices(detection.beats, len(video.frames), num_frames=8, period=2)
+    assert clips.shape == (len(detection.beats), 8)
+    assert clips.min() >= 0 and clips.max() < len(video.frames)
+
+
+def test_beat_detection_finds_nothing_in_a_still_video():
+    still = np.full((60, 32, 32), 80, dtype=np.uint8)
+    assert detect_beats(still, fps=50).beats == []
