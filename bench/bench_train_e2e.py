@@ -13,7 +13,7 @@ Two contenders, alternated in one process, per precision (fp32, bf16):
 Rounds alternate the contenders (end to end, model only; then model only, end to end; ...). Reported: median
 step times, videos/s, and the pipeline overhead 1 - (e2e videos/s) / (model-only videos/s). Goal: < 20 %.
 
-    python bench/bench_train_e2e.py            # about 5 minutes on the shared 2-core machine
+    python bench/bench_train_e2e.py            # about 75 s on the 2-core machine when quiet
     python bench/bench_train_e2e.py --quick    # a smoke run (tiny steps counts)
 """
 
