@@ -71,11 +71,14 @@ fixed whatever their number)::
 
 Load map-style (an Arrow copy is cached once) or stream (reads the parquet shards in place)::
 
-    from corpus_echoai import CorpusClips, load_corpus, row_to_pixel_values
+    from corpus_echoai import load_corpus, row_to_pixel_values
+    from training_echoai import TrainingClips
     dataset = load_corpus("/data/corpus")                       # datasets.Dataset
     stream = load_corpus("/data/corpus", streaming=True)        # datasets.IterableDataset
     pixel_values = row_to_pixel_values(next(iter(stream)), processor, torch.Generator().manual_seed(0))
-    clips = CorpusClips(dataset, processor, training=True, seed=0)   # TrainingClips' interface
+    clips = TrainingClips(dataset, processor, training=True, seed=0, read_clips=row_to_pixel_values)
+
+`scripts/pretrain.py --dataset_path /data/corpus [--streaming]` does this (and the below) for you.
 
 On a cluster (`accelerate launch --config_file configs/accelerate/<multi-node>.yaml ...`), every process
 takes its part with its rank and the world size::
@@ -91,8 +94,10 @@ reads only its own files); otherwise every process reads every shard and keeps o
 `world_size`, which is correct but reads (not decodes) `world_size` times the bytes: prepare with a
 `--shard_size_mb` that yields a multiple of the process count. A map-style corpus is split into
 contiguous equal slices. Resume a stream with `stream.state_dict()` saved beside the checkpoint and
-`stream.load_state_dict(state)` (datasets >= 3; with a shuffle buffer the buffer's content is not
-saved, so resumption is exact in shard position, approximate in order).
+`stream.load_state_dict(state)` (datasets >= 3). The shuffle buffer's content is not saved: with
+`buffer_size` <= 1 (shard order shuffled, rows in shard order) a resumed stream continues exactly; with a
+buffer it continues from the shards' read position with an empty buffer: around the checkpoint up to a
+buffer of rows may be skipped or seen twice, and the order differs from an uninterrupted pass.
 
 The same corpus on the Hub or in object storage is loaded by path (fsspec)::
 
@@ -878,10 +883,11 @@ def split_corpus_by_node(
 def shuffle_corpus(
     dataset: Dataset | IterableDataset, seed: int, buffer_size: int = 1000
 ) -> Dataset | IterableDataset:
-    """Shuffle with `seed`: a stream shuffles its shard order and draws from a `buffer_size`-row buffer;
+    """Shuffle with `seed`: a stream shuffles its shard order and draws from a `buffer_size`-row buffer
+    (<= 1: shard order only, rows in their shard's order -- the setting a resumed stream continues exactly);
     a map-style corpus is permuted. Call `set_epoch(epoch)` on a stream for a new order each epoch."""
     if isinstance(dataset, IterableDataset):
-        return dataset.shuffle(seed=seed, buffer_size=buffer_size)
+        return dataset.shuffle(seed=seed, buffer_size=max(1, buffer_size))
     return dataset.shuffle(seed=seed)
 
 
@@ -914,56 +920,13 @@ def row_to_pixel_values(
     return clips[0] if len(clips) == 1 else clips
 
 
-class CorpusClips(torch.utils.data.Dataset):
-    """A map-style corpus -> clips with `training_echoai.TrainingClips`' interface and seeding.
-
-    Items are dicts `pixel_values`, `labels` (NaN: unlabeled), `index`, `error`, so
-    `training_echoai.collate` batches them. In training the order is a fresh permutation per epoch and
-    each clip's start and augmentation come from a generator seeded by (seed, epoch, row index), with the
-    same derivation as `training_echoai.derive_seed`. Call `set_epoch` before iterating.
-    """
-
-    def __init__(
-        self, rows: Dataset, processor: EchoAIVideoProcessor, training: bool, seed: int = 0, num_clips: int = 1
-    ):
-        self.rows, self.processor, self.training, self.seed, self.num_clips = (
-            rows,
-            processor,
-            training,
-            seed,
-            num_clips,
-        )
-        self.order = np.arange(len(rows))
-        self.epoch = 0
-
-    @staticmethod
-    def _seed(*keys: int) -> int:
-        return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.training:
-            self.order = np.random.default_rng(self._seed(self.seed, epoch)).permutation(len(self.rows))
-            self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        index = int(self.order[i])
-        generator = torch.Generator().manual_seed(self._seed(self.seed, self.epoch, index)) if self.training else None
-        try:
-            pixel_values = row_to_pixel_values(
-                self.rows[index], self.processor, generator, self.training, self.num_clips
-            )
-            error = None
-        except VideoDecodingError as exception:
-            pixel_values, error = None, str(exception)
-        return {"pixel_values": pixel_values, "labels": math.nan, "index": index, "error": error}
+def read_row_frames(row: dict) -> np.ndarray:
+    """Every frame of a corpus row, grey (T, H, W) uint8: `compute_mean_std(rows, read_frames=read_row_frames)`."""
+    return decode_clip(row["video"], np.arange(int(row["num_frames"])), name=f"corpus clip {row.get('video_id', '?')}")
 
 
 __all__ = [
     "CORPUS_SCHEMA",
-    "CorpusClips",
     "PrepareReport",
     "Source",
     "corpus_data_files",
@@ -976,6 +939,7 @@ __all__ = [
     "load_corpus",
     "prepare_corpus",
     "prepare_source",
+    "read_row_frames",
     "resolve_salt",
     "row_to_pixel_values",
     "salted_hash",

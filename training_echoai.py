@@ -24,6 +24,7 @@ The two scripts differ only in their model, data and loss; everything else lives
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -40,21 +41,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
-from datasets import Dataset
+from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from datasets import Dataset, IterableDataset
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator
-from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std
+from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std, read_video_frames
 
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 STATE_FILE = "training_state.json"
+DATA_STATE_FILE = "data_state_{rank}.json"  # a stream's position, one per process
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,8 +175,54 @@ def derive_seed(*keys: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def read_video_file(
+    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator | None, training: bool, num_clips: int
+) -> torch.Tensor:
+    """The default `read_clips`: the video file at `row["video_path"]`, decoded through the processor.
+
+    Returns `pixel_values` (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1 (evaluation). Training:
+    one clip at a random start, augmented, both drawn from `generator`; evaluation: `num_clips` evenly spaced
+    clips, no augmentation. `corpus_echoai.row_to_pixel_values` is the same for a prepared corpus's rows.
+    """
+    clips = processor(
+        row["video_path"],
+        clip_sampling="random" if training else "uniform",
+        num_clips=1 if training else num_clips,
+        do_augment=training,
+        generator=generator,
+    )["pixel_values"]  # (K, T, C, H, W)
+    return clips[0] if len(clips) == 1 else clips
+
+
+ReadClips = Callable[[dict, EchoAIVideoProcessor, "torch.Generator | None", bool, int], torch.Tensor]
+
+
+def read_item(
+    read_clips: ReadClips,
+    row: dict,
+    processor: EchoAIVideoProcessor,
+    generator: torch.Generator | None,
+    training: bool,
+    num_clips: int,
+    label: float,
+    index: int,
+) -> dict:
+    """One item for `collate`: `pixel_values`, `labels`, `index`, and `error` (the message, with `pixel_values`
+    None) when the video cannot be decoded."""
+    try:
+        pixel_values, error = read_clips(row, processor, generator, training, num_clips), None
+    except VideoDecodingError as exception:
+        pixel_values, error = None, str(exception)
+    return {"pixel_values": pixel_values, "labels": float(label), "index": index, "error": error}
+
+
 class TrainingClips(torch.utils.data.Dataset):
     """Rows of a video dataset -> one clip each (`pixel_values` (T, C, H, W), `labels`, `index`).
+
+    `rows` is any sized, indexable table of rows (a `datasets.Dataset`); `read_clips(row, processor, generator,
+    training, num_clips)` turns a row into `pixel_values`: by default `read_video_file` (the file at
+    `row["video_path"]`), for a prepared corpus `corpus_echoai.row_to_pixel_values` (the row's own bytes). Rows
+    are read one at a time when an item is asked for, so a corpus far larger than memory is never loaded whole.
 
     In training the order is a fresh permutation every epoch and each clip's start and augmentation come
     from a generator seeded by (seed, epoch, video index): the data a step sees depends only on the step,
@@ -192,37 +240,82 @@ class TrainingClips(torch.utils.data.Dataset):
         seed: int = 0,
         label_column: str | None = None,
         num_clips: int = 1,
+        read_clips: ReadClips = read_video_file,
     ):
-        self.paths = rows["video_path"]
-        self.labels = rows[label_column] if label_column else [math.nan] * len(self.paths)
+        self.rows, self.label_column, self.read_clips = rows, label_column, read_clips
         self.processor, self.training, self.seed, self.num_clips = processor, training, seed, num_clips
-        self.order = np.arange(len(self.paths))
+        self.order = np.arange(len(rows))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         if self.training:
-            self.order = np.random.default_rng(derive_seed(self.seed, epoch)).permutation(len(self.paths))
+            self.order = np.random.default_rng(derive_seed(self.seed, epoch)).permutation(len(self.rows))
             self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
         index = int(self.order[i])
-        path = self.paths[index]
+        row = self.rows[index]
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index)) if self.training else None
-        try:
-            clips = self.processor(
-                path,
-                clip_sampling="random" if self.training else "uniform",
-                num_clips=1 if self.training else self.num_clips,
-                do_augment=self.training,
-                generator=generator,
-            )["pixel_values"]  # (K, T, C, H, W)
-            pixel_values, error = (clips[0] if len(clips) == 1 else clips), None
-        except VideoDecodingError as exception:
-            pixel_values, error = None, str(exception)
-        return {"pixel_values": pixel_values, "labels": float(self.labels[index]), "index": index, "error": error}
+        label = row[self.label_column] if self.label_column else math.nan
+        return read_item(self.read_clips, row, self.processor, generator, self.training, self.num_clips, label, index)
+
+
+class StreamingClips(torch.utils.data.IterableDataset):
+    """A stream of rows -> training clips, `TrainingClips`' items, for corpora too large to index or copy.
+
+    `rows` is this process's part of a shuffled `datasets.IterableDataset` (`corpus_echoai.shuffle_corpus`, then
+    `split_corpus_by_node`): the stream is neither shuffled nor split here, and must not be split again by
+    `accelerate` (keep its DataLoader out of `accelerator.prepare`). An epoch is one pass over the stream;
+    `set_epoch` reshuffles it. Each clip's start and augmentation come from a generator seeded by (seed, epoch,
+    rank, position), position being the row's place in this process's stream this epoch (also its `index`).
+
+    `state_dict` / `load_state_dict` save and restore the position (the stream's own `state_dict` plus the
+    position count), so a resumed run continues the pass instead of replaying it. Exact only when this
+    process iterates the stream itself (DataLoader `num_workers=0`: workers hold the position out of reach),
+    and without a shuffle buffer (its content is not saved: see `corpus_echoai.shuffle_corpus`).
+    """
+
+    training = True
+
+    def __init__(
+        self,
+        rows: IterableDataset,
+        processor: EchoAIVideoProcessor,
+        seed: int = 0,
+        rank: int = 0,
+        label_column: str | None = None,
+        read_clips: ReadClips = read_video_file,
+    ):
+        self.rows, self.processor, self.seed, self.rank = rows, processor, seed, rank
+        self.label_column, self.read_clips = label_column, read_clips
+        self.epoch, self.position = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rows.set_epoch(epoch)
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "rows": self.rows.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["epoch"] != self.epoch:
+            raise ValueError(
+                f"stream state of epoch {state['epoch']} loaded in epoch {self.epoch}: call set_epoch first"
+            )
+        self.rows.load_state_dict(state["rows"])
+        self.position = state["position"]
+
+    def __iter__(self):
+        for row in self.rows:  # from the loaded position, if any
+            seed = derive_seed(self.seed, self.epoch, self.rank, self.position)
+            label = row[self.label_column] if self.label_column else math.nan
+            item = read_item(self.read_clips, row, self.processor, torch.Generator().manual_seed(seed), True, 1,
+                             label, self.position)  # fmt: skip
+            self.position += 1  # before yielding: `state_dict` is then right between two items
+            yield item
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -232,26 +325,40 @@ def collate(features: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def make_dataloader(dataset: TrainingClips, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+def make_dataloader(
+    dataset: TrainingClips | StreamingClips, batch_size: int, num_workers: int
+) -> torch.utils.data.DataLoader:
     # The dataset shuffles itself (see TrainingClips), so the loader reads in order; `accelerate` then
-    # hands consecutive batches to consecutive processes.
+    # hands consecutive batches to consecutive processes. A stream is already this process's part.
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
         persistent_workers=False, drop_last=dataset.training,
     )  # fmt: skip
 
 
-def build_processor(args: argparse.Namespace, config: EchoAIConfig, videos: Dataset) -> EchoAIVideoProcessor:
+def build_processor(
+    args: argparse.Namespace,
+    config: EchoAIConfig,
+    videos: Dataset | IterableDataset,
+    read_frames: Callable[[dict], np.ndarray] | None = None,
+) -> EchoAIVideoProcessor:
     """The processor saved with the model. From `--model_name_or_path` when it has one (a pretraining output:
     fine-tuning then preprocesses exactly as pretraining did), else normalised with the mean/std of the
-    training videos (as EchoNet-Dynamic's loader)."""
+    training videos (as EchoNet-Dynamic's loader).
+
+    `videos` is a table of video files (`video_path`) by default; with `read_frames(row) -> frames` it is a
+    table or a stream of rows (a prepared corpus: `corpus_echoai.read_row_frames`). A table is sampled at
+    random; a stream gives its first rows, so pass it shuffled, with the same seed on every process.
+    """
     if args.model_name_or_path:
         try:
             return EchoAIVideoProcessor.from_pretrained(args.model_name_or_path, num_frames=config.num_frames)
         except OSError:
             logger.info("%s has no video processor; computing one from the training videos", args.model_name_or_path)
+    if read_frames is None:
+        videos, read_frames = videos["video_path"], read_video_frames
     mean, std = compute_mean_std(
-        videos["video_path"], num_videos=128, seed=args.seed, num_channels=config.num_channels
+        videos, num_videos=128, seed=args.seed, num_channels=config.num_channels, read_frames=read_frames
     )
     return EchoAIVideoProcessor(
         num_frames=config.num_frames, period=args.period, image_size=config.image_size,
@@ -311,7 +418,8 @@ def build_optimizer(
         lr=args.learning_rate,
         betas=(0.9, args.adam_beta2),
     )
-    schedule_steps(args, math.ceil(len(dataloader) / accelerator.num_processes))
+    streamed = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)  # no length: --max_train_steps
+    schedule_steps(args, None if streamed else math.ceil(len(dataloader) / accelerator.num_processes))
     # A prepared scheduler steps once per process per optimizer step, hence the factor.
     scheduler = get_cosine_schedule_with_warmup(
         optimizer,
@@ -336,6 +444,9 @@ class TrainingState:
     nonfinite_skipped: int = 0
     videos_skipped: int = 0
     best_metric: float | None = None
+    # This process's position in a stream (`StreamingClips.state_dict`), None for a map-style dataset. Each
+    # process has its own, so it is saved apart from the rest: one `data_state_<rank>.json` per process.
+    data_state: dict | None = None
 
 
 class Checkpoints:
@@ -372,9 +483,11 @@ class Checkpoints:
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))  # every process writes its RNG state
+        if state.data_state is not None:
+            (partial / DATA_STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(state.data_state))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            (partial / STATE_FILE).write_text(json.dumps({**asdict(state), "data_state": None}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             if self.total_limit:
@@ -386,7 +499,10 @@ class Checkpoints:
     @staticmethod
     def load(accelerator: Accelerator, path: Path) -> TrainingState:
         accelerator.load_state(str(path))
-        return TrainingState(**json.loads((path / STATE_FILE).read_text()))
+        state = TrainingState(**json.loads((path / STATE_FILE).read_text()))
+        data_state = path / DATA_STATE_FILE.format(rank=accelerator.process_index)
+        state.data_state = json.loads(data_state.read_text()) if data_state.is_file() else None
+        return state
 
 
 class StopRequest:
@@ -452,6 +568,11 @@ def train(
     `compute_loss(model, batch, global_step) -> (loss, outputs)`; `on_step(global_step, batch, outputs)`
     runs after each optimizer step (e.g. to save a reconstruction picture); `on_epoch_end(epoch, state)`
     after each epoch (e.g. to evaluate). Both prepared objects and `args.max_train_steps` must be set.
+
+    The loader is either prepared by `accelerate` over a map-style dataset (`TrainingClips`: a resumed epoch
+    skips the batches already seen) or, for a stream already split per process (`StreamingClips`), left
+    unprepared: it has no length, so epochs run until the stream ends, its batches are moved to the device here,
+    and a resumed epoch restores the stream's saved position (`num_workers=0` only) instead of replaying it.
     """
     checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
     state = TrainingState()
@@ -465,9 +586,20 @@ def train(
             state.epoch,
             state.batches_in_epoch,
         )
-    dataset: TrainingClips = dataloader.dataset
-    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    dataset: TrainingClips | StreamingClips = dataloader.dataset
+    streamed = isinstance(dataset, torch.utils.data.IterableDataset)
+    if streamed and (args.resume_from_checkpoint or args.checkpointing_steps) and dataloader.num_workers:
+        raise ValueError(
+            "Checkpoints of a streamed corpus need --num_workers 0: DataLoader workers hold the stream's position "
+            "where the main process cannot save it."
+        )
+    if streamed and state.batches_in_epoch and state.data_state is None:
+        raise ValueError(f"{path} has no saved stream position (data_state_<rank>.json) for this process.")
+    if streamed:
+        epochs = itertools.count(state.epoch)  # passes over the stream until --max_train_steps
+    else:
+        steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+        epochs = range(state.epoch, math.ceil(args.max_train_steps / steps_per_epoch))
     checkpoint_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
     result = TrainResult(state=state)
     progress = tqdm(
@@ -475,20 +607,27 @@ def train(
         disable=not accelerator.is_local_main_process,
     )  # fmt: skip
     consecutive_nonfinite, window_start, window_videos = 0, time.perf_counter(), 0
+
+    def save_checkpoint() -> Path:
+        state.data_state = dataset.state_dict() if streamed else None
+        return checkpoints.save(accelerator, state)
+
     start = time.perf_counter()
     model.train()
     with StopRequest() as stop:
-        for epoch in range(state.epoch, num_epochs):
+        for epoch in epochs:
             state.epoch = epoch
             # Through the loader: accelerate's loaders call `dataset.set_epoch(loader.iteration)` when iterated,
             # and `skip_first_batches` copies `iteration`, so the loader must carry the epoch too.
             dataloader.set_epoch(epoch) if hasattr(dataloader, "set_epoch") else dataset.set_epoch(epoch)
-            loader = (
-                accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
-                if state.batches_in_epoch
-                else dataloader
-            )
+            loader = dataloader
+            if state.batches_in_epoch and streamed:
+                dataset.load_state_dict(state.data_state)
+            elif state.batches_in_epoch:
+                loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+            exhausted = False
             for batch in loader:
+                batch = send_to_device(batch, accelerator.device)  # a prepared loader's already are
                 state.batches_in_epoch += 1
                 skipped = batch.pop("num_skipped")
                 state.videos_skipped += (
@@ -550,9 +689,9 @@ def train(
                     if on_step is not None:
                         on_step(state.global_step, batch, outputs)
                     if checkpoint_every and state.global_step % checkpoint_every == 0:
-                        result.checkpoint = checkpoints.save(accelerator, state)
+                        result.checkpoint = save_checkpoint()
                 if stop_now:
-                    result.checkpoint = checkpoints.save(accelerator, state)
+                    result.checkpoint = save_checkpoint()
                     result.stopped_by_signal = True
                     accelerator.print(
                         f"Stopped by signal at step {state.global_step}. Saved {result.checkpoint}; "
@@ -561,14 +700,21 @@ def train(
                     break
                 if state.global_step >= args.max_train_steps:
                     break
+            else:
+                exhausted = True
             if result.stopped_by_signal:
                 break
-            if state.batches_in_epoch >= len(dataloader):  # the epoch ran to its end
+            if streamed and exhausted and state.batches_in_epoch == 0:  # a whole pass gave nothing
+                raise ValueError(
+                    f"The stream gave no full batch of {args.per_device_train_batch_size} in epoch {epoch} on "
+                    f"process {accelerator.process_index}: use a larger corpus or a smaller batch."
+                )
+            if exhausted or (not streamed and state.batches_in_epoch >= len(dataloader)):  # the epoch ran to its end
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, state)
                 state.epoch, state.batches_in_epoch = epoch + 1, 0
                 if args.checkpointing_steps == "epoch":
-                    result.checkpoint = checkpoints.save(accelerator, state)
+                    result.checkpoint = save_checkpoint()
             if state.global_step >= args.max_train_steps:
                 break
     progress.close()
@@ -580,8 +726,16 @@ def train(
     return result
 
 
-def schedule_steps(args: argparse.Namespace, dataloader_len: int) -> None:
-    """Settle `max_train_steps`, `num_train_epochs` and `num_warmup_steps` from the flags and data size."""
+def schedule_steps(args: argparse.Namespace, dataloader_len: int | None) -> None:
+    """Settle `max_train_steps`, `num_train_epochs` and `num_warmup_steps` from the flags and data size
+    (`dataloader_len` None: a stream of unknown length, trained for `--max_train_steps`)."""
+    if dataloader_len is None:
+        if args.max_train_steps is None:
+            raise ValueError("A streamed corpus has no length: give --max_train_steps.")
+        args.num_warmup_steps = (
+            max(1, round(0.05 * args.max_train_steps)) if args.num_warmup_steps is None else args.num_warmup_steps
+        )
+        return
     steps_per_epoch = math.ceil(dataloader_len / args.gradient_accumulation_steps)
     if steps_per_epoch == 0:
         raise ValueError(
@@ -711,8 +865,8 @@ def render_model_card(
     model: torch.nn.Module,
     args: argparse.Namespace,
     task: str,
-    dataset_dir: Path | None,
-    num_videos: int,
+    dataset_dir: Path | str | None,
+    num_videos: int | None,
     train_result: TrainResult,
     metrics: dict[str, dict[str, float]] | None = None,
     eval_protocol: str = "",
@@ -721,7 +875,7 @@ def render_model_card(
     """Fill `model_card.md` from the run: architecture, size, data, hyper-parameters and, for a fine-tuned
     model, the metrics (also written as the card's `model-index`, task regression, metrics MAE/RMSE/R²).
 
-    `task` is "pretraining", "regression" or "classification"; `metrics` maps a split ("validation", "test") to
+    `task` is "pretraining", "regression" or "classification"; `num_videos` None: a streamed corpus; `metrics` maps a split ("validation", "test") to
     {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}).
     """
     config = model.config
@@ -799,7 +953,9 @@ def render_model_card(
         mask_percent=round(100 * config.mask_ratio),
         synthetic=synthetic,
         training_data_short=dataset_name,
-        training_data=f"{num_videos} videos of {dataset_name}"
+        training_data=(
+            f"{num_videos} videos of {dataset_name}" if num_videos is not None else f"{dataset_name}, streamed"
+        )
         + ("" if synthetic else f" ({dataset_dir})" if dataset_dir else ""),
         procedure=procedure,
         hyperparameters=hyperparameters,

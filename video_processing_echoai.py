@@ -38,9 +38,10 @@ whose message names the file, the reason and the fix; training data loaders catc
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -306,23 +307,39 @@ def clip_frame_indices(
 # --------------------------------------------------------------------------------------------------
 
 
+def read_video_frames(path: str | os.PathLike) -> np.ndarray:
+    """Every frame of a video file, grey (T, H, W) uint8: `compute_mean_std`'s default reader."""
+    info = probe_video(path)
+    return decode_video_frames(path, np.arange(info.num_frames)).frames
+
+
 def compute_mean_std(
-    videos: Sequence[str | os.PathLike], num_videos: int = 128, seed: int = 0, num_channels: int = 3
+    videos: Sequence | Iterable,
+    num_videos: int = 128,
+    seed: int = 0,
+    num_channels: int = 3,
+    read_frames: Callable[[object], np.ndarray] = read_video_frames,
 ) -> tuple[list[float], list[float]]:
     """Pixel mean and std over all frames of a random sample of videos, in [0, 1] units, per channel.
 
-    EchoNet computes its normalisation this way from 128 training videos. Unreadable videos are
-    skipped with a warning. Pass the result as `EchoAIVideoProcessor(image_mean=..., image_std=...)`.
+    EchoNet computes its normalisation this way from 128 training videos. `videos` is either sized and
+    indexable (a list of paths, a `datasets.Dataset` of rows), of which `num_videos` are drawn at random with
+    `seed`, or any other iterable (a stream: pass it shuffled), of which the first `num_videos` are used.
+    `read_frames(video)` gives its uint8 frames: by default every frame of a video file; for a prepared
+    corpus's rows, `corpus_echoai.read_row_frames`. Unreadable videos (`VideoDecodingError`) are skipped
+    with a warning. Pass the result as `EchoAIVideoProcessor(image_mean=..., image_std=...)`.
     """
-    if not videos:
-        raise ValueError("compute_mean_std needs at least one video")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(videos), size=min(num_videos, len(videos)), replace=False)
+    if hasattr(videos, "__len__"):
+        if not len(videos):
+            raise ValueError("compute_mean_std needs at least one video")
+        chosen = np.random.default_rng(seed).choice(len(videos), size=min(num_videos, len(videos)), replace=False)
+        sample, total_videos = (videos[i] for i in sorted(chosen.tolist())), len(chosen)
+    else:
+        sample, total_videos = itertools.islice(videos, num_videos), None
     total, total_sq, count = 0.0, 0.0, 0
-    for i in tqdm(sorted(chosen.tolist()), desc="Pixel mean/std"):
+    for video in tqdm(sample, total=total_videos, desc="Pixel mean/std"):
         try:
-            info = probe_video(videos[i])
-            frames = decode_video_frames(videos[i], np.arange(info.num_frames)).frames
+            frames = read_frames(video)
         except VideoDecodingError as error:
             logger.warning("Skipping a video in the mean/std sample: %s", error)
             continue
@@ -549,4 +566,5 @@ __all__ = [
     "compute_mean_std",
     "decode_video_frames",
     "probe_video",
+    "read_video_frames",
 ]

@@ -5,6 +5,21 @@
     accelerate launch scripts/pretrain.py --data_dir EchoNet-Dynamic --config_name small --mixed_precision bf16
     accelerate launch --config_file configs/accelerate/4gpu_bf16.yaml scripts/pretrain.py --data_dir ... --config_name base
 
+A prepared corpus (`scripts/prepare_corpus.py`: parquet shards, local or `hf://` / `s3://`) replaces `--data_dir`:
+
+    accelerate launch scripts/pretrain.py --dataset_path /data/corpus              # map-style, as a folder
+    accelerate launch --config_file configs/accelerate/multinode.yaml scripts/pretrain.py \
+        --dataset_path hf://datasets/org/echo-corpus --streaming --max_train_steps 100000 --checkpointing_steps 1000
+
+Map-style (default) indexes the corpus (an Arrow copy cached once per node) and reads each clip's row when
+it is needed; the data order, sharding across processes and exact resume are those of `--data_dir`.
+`--streaming` reads the parquet shards in place, never copying the corpus: shard order and a
+`--shuffle_buffer_size` buffer are reshuffled each pass, each process reads its own part (whole shards
+when their count is a multiple of the process count), and a resumed run continues every process's stream
+where its checkpoint left it (`--num_workers 0`; exact with `--shuffle_buffer_size 0`; with a buffer, whose
+content is not saved, up to a buffer of rows around the checkpoint may be skipped or seen twice). Epochs are passes over the stream, which may
+end at different steps on different processes, hence `--max_train_steps` and no `--checkpointing_steps epoch`.
+
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop
 -> save. The loop, checkpoints, resume and signal handling are shared with fine-tuning
 (`training_echoai.py`).
@@ -22,9 +37,11 @@ import torch
 from datasets import Dataset
 
 from configuration_echoai import EchoAIConfig
+from corpus_echoai import load_corpus, read_row_frames, row_to_pixel_values, shuffle_corpus, split_corpus_by_node
 from data_echoai import load_echonet_dynamic, load_video_folder, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
 from training_echoai import (
+    StreamingClips,
     TrainingClips,
     add_common_args,
     build_accelerator,
@@ -35,6 +52,7 @@ from training_echoai import (
     make_dataloader,
     parse_config_overrides,
     push_to_hub,
+    read_video_file,
     render_model_card,
     save_model,
     save_reconstruction,
@@ -54,13 +72,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reconstruction_steps", type=int, default=100, help="Save a reconstruction PNG every N steps."
     )
+    parser.add_argument(
+        "--dataset_path",
+        default=None,
+        help="A prepared corpus (scripts/prepare_corpus.py): local folder, hf://datasets/org/name, s3://... "
+        "Replaces --data_dir.",
+    )
+    parser.add_argument("--streaming", action="store_true", help="Stream --dataset_path instead of indexing it.")
+    parser.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="Rows in the streaming shuffle buffer (0: shard order only; resumes exactly).",
+    )
+    parser.add_argument(
+        "--cache_dir", default=None, help="Where a map-style corpus's Arrow copy is cached (default: datasets')."
+    )
     parser.set_defaults(output_dir="outputs/pretrain", learning_rate=1e-3, num_train_epochs=16)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dataset_path and args.data_dir:
+        parser.error("give --data_dir or --dataset_path, not both")
+    if args.streaming and not args.dataset_path:
+        parser.error("--streaming needs --dataset_path (a prepared corpus)")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps: a stream has no length to count epochs by")
+    if args.streaming and args.checkpointing_steps == "epoch":
+        parser.error("--streaming: epochs end at different steps on different processes; use --checkpointing_steps N")
+    return args
 
 
 def load_videos(args: argparse.Namespace, accelerator):
-    """The unlabeled videos: an EchoNet-layout folder, any folder of videos, or the synthetic corpus."""
+    """The unlabeled videos: a prepared corpus (a table or a stream of rows), an EchoNet-layout folder, any
+    folder of videos, or the synthetic corpus."""
     with accelerator.main_process_first():  # one process generates / checks, the others reuse its cache
+        if args.dataset_path:
+            return args.dataset_path, load_corpus(
+                args.dataset_path, streaming=args.streaming, cache_dir=args.cache_dir
+            )
         data_dir = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
         if (data_dir / "FileList.csv").is_file():
             splits = load_echonet_dynamic(data_dir)
@@ -89,20 +137,33 @@ def main(argv: list[str] | None = None):
     data_dir, videos = load_videos(args, accelerator)
     model = build_model(args)
     config = model.config
+    read_clips = row_to_pixel_values if args.dataset_path else read_video_file
+    if args.streaming:  # the same seed on every process: one shard order, then each process takes its part
+        videos = shuffle_corpus(videos, seed=args.seed, buffer_size=args.shuffle_buffer_size)
     with accelerator.main_process_first():
-        processor = build_processor(args, config, videos)
-    dataset = TrainingClips(videos, processor, training=True, seed=args.seed)
+        processor = build_processor(args, config, videos, read_frames=read_row_frames if args.dataset_path else None)
+    if args.streaming:
+        rows = split_corpus_by_node(videos, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        dataset = StreamingClips(
+            rows, processor, seed=args.seed, rank=accelerator.process_index, read_clips=read_clips
+        )
+    else:
+        dataset = TrainingClips(videos, processor, training=True, seed=args.seed, read_clips=read_clips)
     dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
 
     # Optimizer and schedule: AdamW (0.9, 0.95) with linear warm-up and cosine decay, as MAE.
     optimizer, scheduler = build_optimizer(model, args, accelerator, dataloader)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    if args.streaming:  # already split per process: accelerate must not shard or dispatch it again
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
 
+    num_videos = None if args.streaming else len(videos)
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        "Pretraining %s (%.2f M parameters) on %d videos from %s: %d steps, effective batch %d "
+        "Pretraining %s (%.2f M parameters) on %s videos from %s: %d steps, effective batch %d "
         "(%d per device x %d processes x %d accumulation), mask ratio %.2f, precision %s",
-        args.model_name_or_path or args.config_name, count_parameters(model) / 1e6, len(videos), data_dir,
+        args.model_name_or_path or args.config_name, count_parameters(model) / 1e6, num_videos or "streamed", data_dir,
         args.max_train_steps, effective_batch, args.per_device_train_batch_size, accelerator.num_processes,
         args.gradient_accumulation_steps, config.mask_ratio, accelerator.mixed_precision,
     )  # fmt: skip
@@ -138,7 +199,8 @@ def main(argv: list[str] | None = None):
     save_model(accelerator, model, processor, args.output_dir)
     if accelerator.is_main_process:
         card = render_model_card(accelerator.unwrap_model(model), args, task="pretraining", dataset_dir=data_dir,
-                                 num_videos=len(videos), train_result=result)  # fmt: skip
+                                 num_videos=num_videos, train_result=result,
+                                 dataset_name="prepared echo corpus" if args.dataset_path else None)  # fmt: skip
         card.save(Path(args.output_dir) / "README.md")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)

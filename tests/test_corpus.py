@@ -18,7 +18,8 @@ from data_fixtures import truncate, write_video
 
 import corpus_echoai as corpus
 from synthetic_echonet import write_avi
-from video_processing_echoai import EchoAIVideoProcessor
+from training_echoai import TrainingClips
+from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom is needed for the DICOM cases (pip install -e .[dicom])")
@@ -192,15 +193,20 @@ def test_rows_decode_through_the_processor(prepared):
         assert pixel_values.shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
         clips = corpus.row_to_pixel_values(row, processor, training=False, num_clips=3)
         assert clips.shape == (3, 8, 3, IMAGE_SIZE, IMAGE_SIZE)
-    # Same seed, same clip; and the CorpusClips dataset gives TrainingClips' items.
+    # Same seed, same clip; and TrainingClips reads corpus rows through `read_clips`.
     row = dataset[0]
     first = corpus.row_to_pixel_values(row, processor, torch.Generator().manual_seed(5))
     assert torch.equal(first, corpus.row_to_pixel_values(row, processor, torch.Generator().manual_seed(5)))
-    clips = corpus.CorpusClips(dataset, processor, training=True, seed=1)
+    clips = TrainingClips(dataset, processor, training=True, seed=1, read_clips=corpus.row_to_pixel_values)
     clips.set_epoch(0)
     item = clips[0]
     assert item["error"] is None and item["pixel_values"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert torch.equal(item["pixel_values"], clips[0]["pixel_values"])
+    # Normalisation statistics from corpus rows: the same whether the rows come as a table or a stream.
+    table = compute_mean_std(dataset, num_videos=6, read_frames=corpus.read_row_frames)
+    stream = compute_mean_std(corpus.load_corpus(output_dir, streaming=True), read_frames=corpus.read_row_frames)
+    np.testing.assert_allclose(table, stream, rtol=1e-12)
+    assert 0.0 < table[0][0] < 1.0 and table[1][0] > 0.0
 
 
 def test_remuxed_avi_keeps_its_frames(mixed_folder, prepared):
