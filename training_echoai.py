@@ -594,7 +594,10 @@ def train(
             "where the main process cannot save it."
         )
     if streamed and state.batches_in_epoch and state.data_state is None:
-        raise ValueError(f"{path} has no saved stream position (data_state_<rank>.json) for this process.")
+        raise ValueError(
+            f"{path} has no saved stream position (data_state_<rank>.json) for process {accelerator.process_index}: "
+            "it was written by a run with --num_workers > 0 or fewer processes."
+        )
     if streamed:
         epochs = itertools.count(state.epoch)  # passes over the stream until --max_train_steps
     else:
@@ -609,7 +612,8 @@ def train(
     consecutive_nonfinite, window_start, window_videos = 0, time.perf_counter(), 0
 
     def save_checkpoint() -> Path:
-        state.data_state = dataset.state_dict() if streamed else None
+        # With workers the position lives in them: saving the main process's would silently replay the pass.
+        state.data_state = dataset.state_dict() if streamed and not dataloader.num_workers else None
         return checkpoints.save(accelerator, state)
 
     start = time.perf_counter()
