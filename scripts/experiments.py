@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""The seed paper's three experiments at CPU scale, one command each, on the real training scripts.
+
+    python scripts/experiments.py --experiment mask_ratio     # pretrain at mask 0.8 / 0.9 / 0.95, held-out loss
+    python scripts/experiments.py --experiment num_frames     # EF MAE with 4 / 8 / 16 frames, one 16-frame checkpoint
+    python scripts/experiments.py --experiment pretraining    # EF MAE, pretrained vs from scratch, 10 % / 100 % labels
+    python scripts/experiments.py --experiment pretraining --data_dir EchoNet-Dynamic --config_overrides ''
+    python scripts/experiments.py --experiment mask_ratio --smoke --output_dir /tmp/smoke   # seconds, for tests
+
+Every run is `scripts/pretrain.py`, `scripts/finetune.py` and `scripts/evaluate.py` called in-process through
+their `main(argv)`; nothing here trains. Runs land in `--runs_dir` (default `<output_dir>/runs`) under a name
+that says what they are, with the argv that made them (`run_argv.json`); a later call with the same argv
+reuses the run, so experiments pointed at one `--runs_dir` share the 16-frame, mask-0.9 pretraining (and
+the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-labels pretrained run).
+
+* `mask_ratio`: pretrain with each mask ratio (same steps, seed, data: the training split only). Then, on the
+  test split (`--recon_num_clips` evenly spaced clips per video, no augmentation) and with masks drawn from
+  one seeded generator, `EchoAIForPreTraining` in eval mode scores the norm-pix MSE of the hidden tubelets
+  twice: at the model's own ratio, and at one common ratio (`--mask_ratio`) so the models face the same task.
+  The masks are nested (the generator's noise is shared, a higher ratio hides a superset). One
+  reconstruction picture per model (`training_echoai.save_reconstruction`).
+* `num_frames`: one pretraining at `--pretrain_num_frames`; for each frame count the checkpoint is copied
+  with its temporal position tables resampled to the new length (the model's own `resample_temporal`,
+  which `interpolate_pos_encoding=True` applies at forward time; `from_pretrained(num_frames=N)` refuses
+  the size mismatch), then fine-tuned with a processor of that frame count and evaluated on the test split.
+* `pretraining`: fine-tune from the checkpoint and `--from_scratch` (same preset and overrides, same steps,
+  same recipe) at each `--label_fractions`, for `--num_seeds` fine-tuning seeds; mean and spread.
+
+EF results are `scripts/evaluate.py` on the test split (`k_clips` with `--eval_num_clips` evenly spaced
+clips averaged per video, `one_clip` when 1) of the model `finetune.py` kept (best validation MAE, one clip).
+
+Writes `results.md` (table), `results.json` (everything, with wall times) and `<experiment>.png` (plus
+`reconstruction_mask*.png` for `mask_ratio`) into `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+# `python scripts/<name>.py` puts scripts/ first on sys.path, where scripts/evaluate.py shadows the `evaluate`
+# package that metrics_echoai imports (a circular import error). The scripts are loaded by path instead.
+SCRIPTS = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != SCRIPTS]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from configuration_echoai import EchoAIConfig  # noqa: E402
+from data_echoai import load_echonet_dynamic, synthetic_echonet_dir  # noqa: E402
+from modeling_echoai import EchoAIForPreTraining, make_mask, resample_temporal, token_grid  # noqa: E402
+from training_echoai import save_reconstruction  # noqa: E402
+from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
+
+
+logger = logging.getLogger("experiments")
+
+EXPERIMENTS = ("mask_ratio", "num_frames", "pretraining")
+# CPU scale: the tiny preset on 64 x 64 frames (the phantom is drawn at 112; 64 keeps its EF readable and
+# runs about 3x faster). Smoke: a few thousand parameters on 32 x 32 frames, as the tests' TINY_MODEL.
+DEFAULT_OVERRIDES = "image_size=64"
+SMOKE_OVERRIDES = (
+    "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+    "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32"
+)
+# Defaults of the full runs / of --smoke, for the flags left unset.
+SCALE = {
+    "pretrain_steps": (1000, 2),
+    "finetune_steps": (400, 2),
+    "per_device_train_batch_size": (8, 1),  # smoke: 10 % of a 12-video corpus is one video
+    "eval_num_clips": (4, 1),
+    "recon_num_clips": (2, 1),
+    "num_seeds": (None, 1),  # None: 2 for `pretraining`, 1 otherwise
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--experiment", choices=EXPERIMENTS, required=True)
+    add("--output_dir", default=None, help="results.md, results.json, plots (default outputs/experiments/<name>).")
+    add("--runs_dir", default=None, help="Pretraining / fine-tuning runs, reused when complete (<output_dir>/runs).")
+    add("--smoke", action="store_true", help="A few steps of a few-thousand-parameter model: seconds, for tests.")
+    add("--data_dir", default=None, help="EchoNet-layout folder (default: the synthetic corpus).")
+    add("--synthetic_num_videos", type=int, default=200, help="Size of the synthetic corpus (75/12.5/12.5 split).")
+    add("--config_name", default="tiny", help="Preset of every model.")
+    add("--config_overrides", default=None, help=f"Config overrides of every model (default {DEFAULT_OVERRIDES!r}).")
+    add("--seed", type=int, default=0, help="Seed of pretraining, masks, and the first fine-tuning seed.")
+    add("--num_seeds", type=int, default=None, help="Fine-tuning seeds (seed, seed+1, ...); default 2 / 1.")
+    add("--pretrain_steps", type=int, default=None, help="Pretraining steps (default 1000; smoke 2).")
+    add("--finetune_steps", type=int, default=None, help="Fine-tuning steps, every setting (default 400; smoke 2).")
+    add("--per_device_train_batch_size", type=int, default=None, help="Default 8; smoke 1.")
+    add("--eval_num_clips", type=int, default=None, help="Test clips averaged per video (default 4; smoke 1).")
+    add("--recon_num_clips", type=int, default=None, help="Test clips per video for reconstruction (2; smoke 1).")
+    add("--num_threads", type=int, default=1, help="torch CPU threads (0: torch's default); see main().")
+    add("--mask_ratio", type=float, default=0.9, help="Mask ratio of the shared pretraining and common evaluation.")
+    add("--mask_ratios", default="0.8,0.9,0.95", help="mask_ratio: the ratios compared.")
+    add("--pretrain_num_frames", type=int, default=16, help="Frames per clip of the shared pretraining.")
+    add("--frames", default="4,8,16", help="num_frames: the frame counts compared.")
+    add("--label_fractions", default="0.1,1.0", help="pretraining: the label fractions compared.")
+    args = parser.parse_args(argv)
+    for name, (full, smoke) in SCALE.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    if args.num_seeds is None:
+        args.num_seeds = 2 if args.experiment == "pretraining" else 1
+    if args.config_overrides is None:
+        args.config_overrides = SMOKE_OVERRIDES if args.smoke else DEFAULT_OVERRIDES
+    args.output_dir = Path(args.output_dir or f"outputs/experiments/{args.experiment}")
+    args.runs_dir = Path(args.runs_dir) if args.runs_dir else args.output_dir / "runs"
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs of the real scripts, cached by their argv
+# --------------------------------------------------------------------------------------------------
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"echoai_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, output_dir: Path, argv: list[str]) -> float:
+    """`scripts/<name>.py` main(argv + --output_dir) unless `output_dir` already holds a run of the same argv.
+    Returns the run's wall time in seconds (the recorded one when reused)."""
+    record = output_dir / "run_argv.json"
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous["argv"] == argv:
+            logger.info("Reusing %s (%s)", output_dir, name)
+            return previous["seconds"]
+    shutil.rmtree(output_dir, ignore_errors=True)  # a partial run or one of other settings
+    logger.info("Running %s -> %s", name, output_dir)
+    start = time.perf_counter()
+    status = load_script(name).main([*argv, "--output_dir", str(output_dir)])
+    if name == "evaluate" and status:
+        raise RuntimeError(f"scripts/evaluate.py failed ({status}) for {output_dir}")
+    seconds = time.perf_counter() - start
+    record.write_text(json.dumps({"argv": argv, "seconds": round(seconds, 2)}, indent=2))
+    return seconds
+
+
+def overrides(args: argparse.Namespace, **fields) -> str:
+    return ",".join(filter(None, [args.config_overrides, *(f"{k}={v}" for k, v in fields.items())]))
+
+
+def pretrain(args: argparse.Namespace, corpus: Path, mask_ratio: float, num_frames: int) -> tuple[Path, float]:
+    """A masked-autoencoder pretraining on the training split only (the test split stays unseen)."""
+    output = args.runs_dir / f"pretrain_mask{mask_ratio:g}_T{num_frames}_steps{args.pretrain_steps}_seed{args.seed}"
+    argv = [
+        "--data_dir", str(corpus), "--splits", "train", "--config_name", args.config_name,
+        "--config_overrides", overrides(args, mask_ratio=mask_ratio, num_frames=num_frames),
+        "--max_train_steps", str(args.pretrain_steps), "--per_device_train_batch_size",
+        str(args.per_device_train_batch_size), "--seed", str(args.seed), "--reconstruction_steps", "0",
+        "--logging_steps", "50",
+    ]  # fmt: skip
+    return output, run_script("pretrain", output, argv)
+
+
+def finetune_and_test(
+    args: argparse.Namespace, corpus: Path, name: str, start: Path | None, label_fraction: float, seed: int
+) -> dict:
+    """Fine-tune (from `start`, or from scratch when None) then score the kept model on the test split."""
+    output = args.runs_dir / f"finetune_{name}_labels{label_fraction:g}_steps{args.finetune_steps}_seed{seed}"
+    init = (
+        ["--model_name_or_path", str(start)]
+        if start
+        else ["--from_scratch", "--config_name", args.config_name, "--config_overrides", overrides(args)]
+    )
+    argv = [
+        "--data_dir", str(corpus), *init, "--max_train_steps", str(args.finetune_steps),
+        "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--per_device_eval_batch_size", "16",
+        "--label_fraction", str(label_fraction), "--seed", str(seed), "--eval_num_clips", "1", "--logging_steps", "50",
+    ]  # fmt: skip
+    finetune_seconds = run_script("finetune", output, argv)
+    protocol = ["--protocol", "k_clips", "--num_clips", str(args.eval_num_clips)]
+    evaluate_argv = [
+        "--model_name_or_path", str(output), "--data_dir", str(corpus), "--split", "test",
+        *(protocol if args.eval_num_clips > 1 else ["--protocol", "one_clip"]), "--bootstrap", "0",
+        "--per_device_eval_batch_size", "16",
+    ]  # fmt: skip
+    evaluate_seconds = run_script("evaluate", output / "test", evaluate_argv)
+    metrics = json.loads((output / "test" / "metrics.json").read_text())
+    trained = json.loads((output / "all_results.json").read_text())
+    return {
+        "mae": metrics["mae"], "rmse": metrics["rmse"], "r2": metrics["r2"], "n": metrics["n"],
+        "train_videos": trained["train_videos"], "best_step": trained["best_step"], "seed": seed,
+        "finetune_seconds": finetune_seconds, "evaluate_seconds": evaluate_seconds, "run": str(output),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out reconstruction and checkpoint resampling
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruction_losses(
+    checkpoint: Path, video_paths: list[str], mask_ratios: dict[str, float], num_clips: int, seed: int,
+    picture: Path | None = None, batch_size: int = 16,
+) -> dict[str, float]:  # fmt: skip
+    """Norm-pix MSE of the hidden tubelets of fixed test clips, per named mask ratio, in eval mode.
+
+    Clips: `num_clips` evenly spaced per video, no augmentation. Masks: one generator seeded by `seed` per
+    ratio, so every model sees the same masks at a given ratio, and ratios share the noise (nested masks).
+    Every clip hides the same number of tubelets, so the mean of batch losses weighted by batch size is the
+    mean over all hidden tubelets.
+    """
+    model = EchoAIForPreTraining.from_pretrained(checkpoint).eval()
+    processor = EchoAIVideoProcessor.from_pretrained(checkpoint)
+    clips = torch.cat(
+        [
+            processor(path, clip_sampling="uniform", num_clips=num_clips, do_augment=False)["pixel_values"]
+            for path in video_paths
+        ]
+    )  # (V·K, T, C, H, W)
+    grid = token_grid(model.config, clips, interpolate_pos_encoding=False)
+    losses = {}
+    for name, ratio in mask_ratios.items():
+        generator = torch.Generator().manual_seed(seed)
+        mask = make_mask(len(clips), grid, ratio, model.config.mask_strategy, generator=generator)  # (V·K, L)
+        total = 0.0
+        for start in range(0, len(clips), batch_size):
+            batch, batch_mask = clips[start : start + batch_size], mask[start : start + batch_size]
+            outputs = model(pixel_values=batch, bool_masked_pos=batch_mask)
+            total += float(outputs.loss) * len(batch)
+            if picture is not None and start == 0 and ratio == model.config.mask_ratio:
+                save_reconstruction(model, batch, outputs, processor, picture)
+        losses[name] = total / len(clips)
+    return losses
+
+
+def resample_checkpoint(source: Path, target: Path, num_frames: int) -> Path:
+    """A copy of a pretraining checkpoint for clips of `num_frames` frames: config, processor and the encoder's
+    and decoder's temporal position tables resampled to num_frames / tubelet_size slices (linearly, as
+    `interpolate_pos_encoding=True` does at forward time). Needed because `from_pretrained(..., num_frames=N)`
+    refuses a checkpoint whose temporal table has another length."""
+    if (target / "model.safetensors").is_file():
+        return target
+    model = EchoAIForPreTraining.from_pretrained(source)
+    config = EchoAIConfig.from_pretrained(source, num_frames=num_frames)
+    resized = EchoAIForPreTraining(config)
+    num_slices = num_frames // config.tubelet_size
+    state = {
+        name: resample_temporal(value, num_slices) if name.endswith("position_embeddings.temporal") else value
+        for name, value in model.state_dict().items()
+    }
+    resized.load_state_dict(state)  # strict: every other tensor has the same shape
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    resized.save_pretrained(partial)
+    EchoAIVideoProcessor.from_pretrained(source, num_frames=num_frames).save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiments: each returns (rows, extra results)
+# --------------------------------------------------------------------------------------------------
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def experiment_mask_ratio(args: argparse.Namespace, corpus: Path) -> list[dict]:
+    test_paths = load_echonet_dynamic(corpus)["test"]["video_path"]
+    rows = []
+    for ratio in floats(args.mask_ratios):
+        checkpoint, seconds = pretrain(args, corpus, ratio, args.pretrain_num_frames)
+        picture = args.output_dir / f"reconstruction_mask{ratio:g}.png"
+        losses = reconstruction_losses(
+            checkpoint, test_paths, {"own": ratio, "common": args.mask_ratio}, args.recon_num_clips, args.seed,
+            picture=picture,
+        )  # fmt: skip
+        rows.append(
+            {"mask_ratio": ratio, "test_loss_own_ratio": losses["own"], "test_loss_common_ratio": losses["common"],
+             "pretrain_seconds": seconds, "picture": picture.name, "run": str(checkpoint)}
+        )  # fmt: skip
+    return rows
+
+
+def experiment_num_frames(args: argparse.Namespace, corpus: Path) -> list[dict]:
+    checkpoint, pretrain_seconds = pretrain(args, corpus, args.mask_ratio, args.pretrain_num_frames)
+    rows = []
+    for num_frames in (int(v) for v in floats(args.frames)):
+        start = checkpoint
+        if num_frames != args.pretrain_num_frames:
+            start = resample_checkpoint(checkpoint, args.runs_dir / f"{checkpoint.name}_resampled_T{num_frames}",
+                                        num_frames)  # fmt: skip
+        result = finetune_and_test(args, corpus, f"pretrained_T{num_frames}", start, 1.0, args.seed)
+        rows.append({"num_frames": num_frames, **result, "pretrain_seconds": pretrain_seconds})
+    return rows
+
+
+def experiment_pretraining(args: argparse.Namespace, corpus: Path) -> list[dict]:
+    checkpoint, pretrain_seconds = pretrain(args, corpus, args.mask_ratio, args.pretrain_num_frames)
+    rows = []
+    for fraction in floats(args.label_fractions):
+        for init, start in (("pretrained", checkpoint), ("scratch", None)):
+            name = f"pretrained_T{args.pretrain_num_frames}" if start else "scratch"
+            runs = [
+                finetune_and_test(args, corpus, name, start, fraction, args.seed + i) for i in range(args.num_seeds)
+            ]
+            row = {"label_fraction": fraction, "init": init, "train_videos": runs[0]["train_videos"]}
+            for key in ("mae", "rmse", "r2"):
+                values = np.array([r[key] for r in runs], dtype=float)
+                row[key] = float(values.mean())
+                row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            row["seeds"] = runs
+            rows.append(row)
+    for row in rows:
+        row["pretrain_seconds"] = pretrain_seconds if row["init"] == "pretrained" else 0.0
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Report: markdown table, JSON, plot
+# --------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float, std: float = math.nan) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3f} ± {std:.3f}" if math.isfinite(std) else f"{value:.3f}"
+
+
+def table(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    if args.experiment == "mask_ratio":
+        lines = [
+            f"| mask ratio | test loss at own ratio | test loss at ratio {args.mask_ratio:g} | pretraining s | picture |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['mask_ratio']:g} | {fmt(r['test_loss_own_ratio'])} | {fmt(r['test_loss_common_ratio'])} "
+                f"| {r['pretrain_seconds']:.0f} | ![]({r['picture']}) |"
+            )
+    elif args.experiment == "num_frames":
+        lines = ["| frames per clip | test MAE | test RMSE | test R² | fine-tune s |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['num_frames']} | {fmt(r['mae'])} | {fmt(r['rmse'])} | {fmt(r['r2'])} "
+                f"| {r['finetune_seconds']:.0f} |"
+            )
+    else:
+        spread = f" (mean ± SD over {args.num_seeds} seeds)" if args.num_seeds > 1 else ""
+        lines = [
+            f"| labels | train videos | init | test MAE{spread} | test RMSE | test R² | per-seed MAE |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            per_seed = ", ".join(f"{s['mae']:.2f}" for s in r["seeds"])
+            lines.append(
+                f"| {100 * r['label_fraction']:g} % | {r['train_videos']} | {r['init']} | {fmt(r['mae'], r['mae_std'])} "
+                f"| {fmt(r['rmse'], r['rmse_std'])} | {fmt(r['r2'], r['r2_std'])} | {per_seed} |"
+            )
+    return lines
+
+
+def plot(args: argparse.Namespace, rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    if args.experiment == "mask_ratio":
+        ratios = [r["mask_ratio"] for r in rows]
+        axis.plot(ratios, [r["test_loss_own_ratio"] for r in rows], "o-", label="at its own ratio")
+        axis.plot(ratios, [r["test_loss_common_ratio"] for r in rows], "s--", label=f"at ratio {args.mask_ratio:g}")
+        axis.set_xlabel("pretraining mask ratio")
+        axis.set_ylabel("held-out norm-pix MSE")
+        axis.legend()
+    elif args.experiment == "num_frames":
+        frames = [r["num_frames"] for r in rows]
+        axis.plot(frames, [r["mae"] for r in rows], "o-")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(frames, [str(f) for f in frames])
+        axis.set_xlabel("frames per clip")
+        axis.set_ylabel("test EF MAE (%)")
+    else:
+        fractions = sorted({r["label_fraction"] for r in rows})
+        width = 0.38
+        for offset, init in ((-width / 2, "pretrained"), (width / 2, "scratch")):
+            chosen = [next(r for r in rows if r["label_fraction"] == f and r["init"] == init) for f in fractions]
+            errors = [0.0 if not math.isfinite(r["mae_std"]) else r["mae_std"] for r in chosen]
+            axis.bar(np.arange(len(fractions)) + offset, [r["mae"] for r in chosen], width, yerr=errors,
+                     capsize=3, label=init)  # fmt: skip
+        axis.set_xticks(np.arange(len(fractions)), [f"{100 * f:g} % labels" for f in fractions])
+        axis.set_ylabel("test EF MAE (%)")
+        axis.legend()
+    axis.set_title(f"EchoAI {args.experiment} ({'smoke' if args.smoke else args.config_name})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.num_threads:
+        # One thread by default: on a shared 2-core machine, two threads per process next to another busy
+        # process made a tiny-preset step up to 25x slower (spinning OpenMP threads); one thread costs ~1.4x alone.
+        torch.set_num_threads(args.num_threads)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    corpus = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
+    splits = load_echonet_dynamic(corpus)
+
+    start = time.perf_counter()
+    run = {"mask_ratio": experiment_mask_ratio, "num_frames": experiment_num_frames,
+           "pretraining": experiment_pretraining}[args.experiment]  # fmt: skip
+    rows = run(args, corpus)
+    seconds = time.perf_counter() - start
+
+    settings = {
+        "experiment": args.experiment, "smoke": args.smoke, "corpus": str(corpus),
+        "videos": {name: len(split) for name, split in splits.items()}, "config_name": args.config_name,
+        "config_overrides": args.config_overrides, "pretrain_steps": args.pretrain_steps,
+        "finetune_steps": args.finetune_steps, "per_device_train_batch_size": args.per_device_train_batch_size,
+        "eval_num_clips": args.eval_num_clips, "recon_num_clips": args.recon_num_clips, "seed": args.seed,
+        "num_seeds": args.num_seeds, "mask_ratio": args.mask_ratio, "pretrain_num_frames": args.pretrain_num_frames,
+        "wall_seconds": round(seconds, 1), "command": " ".join(["python scripts/experiments.py", *(argv or [])]),
+    }  # fmt: skip
+    if args.experiment != "mask_ratio":
+        # The floor a model must beat: predict the training split's mean EF for every test video.
+        train_ef, test_ef = np.asarray(splits["train"]["EF"], float), np.asarray(splits["test"]["EF"], float)
+        settings["mean_predictor_test_mae"] = float(np.abs(test_ef - train_ef.mean()).mean())
+    results = {**settings, "rows": rows}
+    (args.output_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    picture = plot(args, rows, args.output_dir / f"{args.experiment}.png")
+    header = [
+        f"# EchoAI experiment: {args.experiment}{' (smoke)' if args.smoke else ''}",
+        "",
+        f"`{settings['command']}`",
+        "",
+        f"Corpus {corpus} ({settings['videos']}); preset `{args.config_name}` with `{args.config_overrides}`; "
+        f"pretraining {args.pretrain_steps} steps, fine-tuning {args.finetune_steps} steps, batch "
+        f"{args.per_device_train_batch_size}; test: {args.eval_num_clips} clip(s) per video "
+        f"(reconstruction: {args.recon_num_clips}); seed {args.seed}, {args.num_seeds} fine-tuning seed(s). "
+        f"Wall time {seconds:.0f} s for this call (runs found complete in the runs folder are reused, not rerun; each run's own time is in the table / JSON).",
+        "",
+    ]
+    if "mean_predictor_test_mae" in settings:
+        header += [
+            f"Reference: predicting the training mean EF for every test video gives MAE "
+            f"{settings['mean_predictor_test_mae']:.3f} (R² ≤ 0); a model below that has learned something.",
+            "",
+        ]
+    (args.output_dir / "results.md").write_text(
+        "\n".join([*header, *table(args, rows), "", f"![]({picture.name})", ""])
+    )
+    print("\n".join(table(args, rows)))
+    print(f"\nWrote {args.output_dir}/results.md, results.json, {picture.name} in {seconds:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,98 @@
+"""The paper's three experiments in --smoke mode on a tiny corpus: every setting gives a row of finite numbers in
+results.md / results.json with a plot; runs are shared and reused; the num_frames checkpoint resampling is
+exactly the model's own interpolate_pos_encoding."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import tiny_corpus
+from test_training import load_script
+
+from configuration_echoai import EchoAIConfig
+from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification
+from training_echoai import parse_config_overrides
+
+
+NUM_VIDEOS = 12  # 8 train, 2 validation, 2 test
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tiny_corpus(tmp_path_factory, num_videos=NUM_VIDEOS)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("experiment_runs")  # shared: one 16-frame pretraining serves all three
+
+
+def run_experiment(corpus: Path, runs: Path, output: Path, name: str) -> dict:
+    argv = ["--experiment", name, "--smoke", "--data_dir", str(corpus), "--output_dir", str(output)]
+    return load_script("experiments").main([*argv, "--runs_dir", str(runs)])
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "metrics"),
+    [
+        ("mask_ratio", [0.8, 0.9, 0.95], ("test_loss_own_ratio", "test_loss_common_ratio")),
+        ("num_frames", [4, 8, 16], ("mae", "rmse")),
+        ("pretraining", [(0.1, "pretrained"), (0.1, "scratch"), (1.0, "pretrained"), (1.0, "scratch")], ("mae",)),
+    ],
+)
+def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
+    corpus, runs, tmp_path, name, settings, metrics
+):
+    results = run_experiment(corpus, runs, tmp_path, name)
+    rows = results["rows"]
+    key = {"mask_ratio": lambda r: r["mask_ratio"], "num_frames": lambda r: r["num_frames"],
+           "pretraining": lambda r: (r["label_fraction"], r["init"])}[name]  # fmt: skip
+    assert [key(r) for r in rows] == settings
+    assert all(math.isfinite(r[m]) and r[m] >= 0 for r in rows for m in metrics)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(settings)  # header + one row per setting
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    if name == "mask_ratio":
+        assert all((tmp_path / r["picture"]).stat().st_size > 0 for r in rows)
+        # Nested masks, same clips: the 0.9 model scores the same at its own and the common ratio.
+        row = rows[1]
+        assert row["test_loss_own_ratio"] == pytest.approx(row["test_loss_common_ratio"])
+    if name != "mask_ratio":
+        assert results["mean_predictor_test_mae"] > 0  # the floor every EF row is read against
+    if name == "pretraining":
+        assert rows[0]["train_videos"] == 1 and rows[2]["train_videos"] == 8  # 10 % / 100 % of 8 videos
+
+
+def test_a_rerun_reuses_the_finished_runs(corpus, runs, tmp_path):
+    first = run_experiment(corpus, runs, tmp_path / "first", "num_frames")
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/run_argv.json")}
+    again = run_experiment(corpus, runs, tmp_path / "again", "num_frames")
+    assert stamps and stamps == {p: p.stat().st_mtime_ns for p in runs.glob("*/run_argv.json")}
+    assert [r["mae"] for r in again["rows"]] == [r["mae"] for r in first["rows"]]
+
+
+def test_resampled_checkpoint_predicts_as_the_original_with_interpolated_positions(tmp_path):
+    """A 16-frame checkpoint copied for 8 frames equals the original model fed 8 frames with
+    interpolate_pos_encoding=True: the copy only moves the resampling from forward time to load time."""
+    experiments = load_script("experiments")
+    config = EchoAIConfig.from_preset("tiny", **parse_config_overrides(experiments.SMOKE_OVERRIDES), num_frames=16)
+    torch.manual_seed(0)
+    EchoAIForPreTraining(config).save_pretrained(tmp_path / "T16")
+    experiments.EchoAIVideoProcessor(num_frames=16, image_size=config.image_size).save_pretrained(tmp_path / "T16")
+    experiments.resample_checkpoint(tmp_path / "T16", tmp_path / "T8", num_frames=8)
+
+    original = EchoAIForVideoClassification.from_pretrained(tmp_path / "T16", num_labels=1).eval()
+    resampled = EchoAIForVideoClassification.from_pretrained(tmp_path / "T8", num_labels=1).eval()
+    resampled.load_state_dict({k: v for k, v in original.state_dict().items() if "position_embeddings" not in k},
+                              strict=False)  # the same (random) head  # fmt: skip
+    assert resampled.config.num_frames == 8
+    assert experiments.EchoAIVideoProcessor.from_pretrained(tmp_path / "T8").num_frames == 8
+    clips = torch.randn(2, 8, config.num_channels, config.image_size, config.image_size)
+    with torch.no_grad():
+        expected = original(clips, interpolate_pos_encoding=True).logits
+        torch.testing.assert_close(resampled(clips).logits, expected)
