@@ -60,11 +60,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import datasets
-import evaluate
 import numpy as np
 
 
-__all__ = ["DEFAULT_THRESHOLDS", "EFMetrics", "compute_ef_metrics", "load_ef_metric"]
+__all__ = ["DEFAULT_THRESHOLDS", "EFMetrics", "compute_ef_metrics", "load_ef_metric"]  # noqa: F822 (EFMetrics is lazy)
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (35.0, 40.0, 45.0, 50.0)
 # Two-sided 95 % normal quantile used by Bland & Altman (1986) for the limits of agreement.
@@ -388,44 +387,68 @@ def _warn_undefined(
             )
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class EFMetrics(evaluate.Metric):
-    """`evaluate.Metric` for EF regression; `compute` forwards its keyword arguments to `compute_ef_metrics`."""
+def _metric_class() -> type:
+    """Build the `evaluate.Metric` subclass on first use.
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            # float64 so stored values round-trip exactly and match `compute_ef_metrics` on the same input.
-            features=datasets.Features(
-                {"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}
-            ),
-            reference_urls=[
-                "https://github.com/echonet/dynamic",
-                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.r2_score.html",
-            ],
-        )
+    `evaluate` is imported here, not at module import: running `python scripts/evaluate.py` puts `scripts/`
+    first on `sys.path`, where a module-level `import evaluate` would find that script instead of the package.
+    Scripts that only compute metrics (`compute_ef_metrics`) never import the package at all.
+    """
+    import evaluate
 
-    def _compute(
-        self,
-        predictions: Sequence[float],
-        references: Sequence[float],
-        thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
-        bootstrap: int = 0,
-        seed: int | None = 0,
-        confidence: float = 0.95,
-    ) -> dict[str, float]:
-        return compute_ef_metrics(
-            predictions, references, thresholds=thresholds, bootstrap=bootstrap, seed=seed, confidence=confidence
-        )
+    @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+    class EFMetrics(evaluate.Metric):
+        """`evaluate.Metric` for EF regression; `compute` forwards its keyword arguments to `compute_ef_metrics`."""
+
+        def _info(self) -> evaluate.MetricInfo:
+            return evaluate.MetricInfo(
+                description=_DESCRIPTION,
+                citation=_CITATION,
+                inputs_description=_KWARGS_DESCRIPTION,
+                # float64 so stored values round-trip exactly and match `compute_ef_metrics` on the same input.
+                features=datasets.Features(
+                    {"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}
+                ),
+                reference_urls=[
+                    "https://github.com/echonet/dynamic",
+                    "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.r2_score.html",
+                ],
+            )
+
+        def _compute(
+            self,
+            predictions: Sequence[float],
+            references: Sequence[float],
+            thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+            bootstrap: int = 0,
+            seed: int | None = 0,
+            confidence: float = 0.95,
+        ) -> dict[str, float]:
+            return compute_ef_metrics(
+                predictions, references, thresholds=thresholds, bootstrap=bootstrap, seed=seed, confidence=confidence
+            )
+
+    return EFMetrics
 
 
-def load_ef_metric(**kwargs: Any) -> EFMetrics:
+def _ef_metrics_class() -> type:
+    if "EFMetrics" not in globals():  # built once, then an ordinary module attribute
+        globals()["EFMetrics"] = _metric_class()
+    return globals()["EFMetrics"]
+
+
+def __getattr__(name: str):
+    # `from metrics_echoai import EFMetrics` builds the class on first access (PEP 562).
+    if name == "EFMetrics":
+        return _ef_metrics_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_ef_metric(**kwargs: Any):
     """The EF metric as an `evaluate.Metric`, without a path and without the network.
 
     Equivalent to `evaluate.load("<repo>/metrics/ef_metrics", **kwargs)`: `kwargs` are the
     `evaluate.EvaluationModule` arguments (`experiment_id`, `num_process`, `process_id`,
     `keep_in_memory`, `cache_dir`, ...).
     """
-    return EFMetrics(**kwargs)
+    return _ef_metrics_class()(**kwargs)
