@@ -190,8 +190,11 @@ def main(argv: list[str] | None = None):
         accelerator.end_training()
         return result
     if result.losses:
+        # Means over a window: a single step's loss depends on its batch and mask.
+        window = max(1, min(20, len(result.losses) // 4))
+        first, last = (sum(part) / len(part) for part in (result.losses[:window], result.losses[-window:]))
         accelerator.print(
-            f"Reconstruction loss: first step {result.losses[0]:.4f}, last step {result.losses[-1]:.4f} "
+            f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f} "
             f"({result.state.global_step} steps, {result.seconds:.0f} s)"
         )
 
