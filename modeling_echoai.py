@@ -177,6 +177,13 @@ class EchoAIPositionEmbeddings(nn.Module):
         self.spatial = nn.Parameter(torch.zeros(self.grid[0] * self.grid[1], width))  # (N0, width)
         self.temporal = nn.Parameter(torch.zeros(config.num_frames // config.tubelet_size, width))  # (T'0, width)
 
+    @torch.no_grad()
+    def resize(self, num_slices: int, grid: tuple[int, int]) -> None:
+        """Resample both tables in place to `num_slices` token slices and an (h, w) patch grid."""
+        self.spatial = nn.Parameter(resample_spatial(self.spatial, self.grid, grid))
+        self.temporal = nn.Parameter(resample_temporal(self.temporal, num_slices))
+        self.grid = tuple(grid)
+
     def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """The (L, width) table for a (T', h, w) token grid, resampled if it differs from the learned one."""
         num_slices, h, w = grid
@@ -448,6 +455,22 @@ class EchoAIPreTrainedModel(PreTrainedModel):
         if not __package__:
             self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def resize_position_embeddings(self, num_frames: int | None = None, image_size: int | None = None) -> None:
+        """Make this model's own geometry another clip length and/or frame size: every position table is
+        resampled once (linearly in time, bicubically in space, as `interpolate_pos_encoding=True` does per
+        call) and the config updated, so the model then runs and saves at the new geometry. This is how a
+        checkpoint pretrained on 16-frame clips is fine-tuned on 8-frame ones."""
+        config = self.config
+        num_frames = config.num_frames if num_frames is None else num_frames
+        image_size = config.image_size if image_size is None else image_size
+        # Validate the new geometry before touching any weight.
+        EchoAIConfig(**{**config.to_diff_dict(), "num_frames": num_frames, "image_size": image_size})
+        side = image_size // config.patch_size
+        for module in self.modules():
+            if isinstance(module, EchoAIPositionEmbeddings):
+                module.resize(num_frames // config.tubelet_size, (side, side))
+        config.num_frames, config.image_size = num_frames, image_size
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

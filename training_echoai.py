@@ -336,6 +336,17 @@ def make_dataloader(
     )  # fmt: skip
 
 
+def from_pretrained_with_geometry(model_class: type, path: str, overrides: dict):
+    """`model_class.from_pretrained(path, **overrides)`, where a new `num_frames` or `image_size` resamples the
+    checkpoint's position tables (`resize_position_embeddings`) instead of failing on their shapes."""
+    overrides = dict(overrides)
+    geometry = {key: overrides.pop(key) for key in ("num_frames", "image_size") if key in overrides}
+    model = model_class.from_pretrained(path, **overrides)
+    if geometry:
+        model.resize_position_embeddings(**geometry)
+    return model
+
+
 def build_processor(
     args: argparse.Namespace,
     config: EchoAIConfig,
@@ -352,7 +363,9 @@ def build_processor(
     """
     if args.model_name_or_path:
         try:
-            return EchoAIVideoProcessor.from_pretrained(args.model_name_or_path, num_frames=config.num_frames)
+            return EchoAIVideoProcessor.from_pretrained(
+                args.model_name_or_path, num_frames=config.num_frames, image_size=config.image_size
+            )
         except OSError:
             logger.info("%s has no video processor; computing one from the training videos", args.model_name_or_path)
     if read_frames is None:

@@ -20,9 +20,9 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
   The masks are nested (the generator's noise is shared, a higher ratio hides a superset). One
   reconstruction picture per model (`training_echoai.save_reconstruction`).
 * `num_frames`: one pretraining at `--pretrain_num_frames`; for each frame count the checkpoint is copied
-  with its temporal position tables resampled to the new length (the model's own `resample_temporal`,
-  which `interpolate_pos_encoding=True` applies at forward time; `from_pretrained(num_frames=N)` refuses
-  the size mismatch), then fine-tuned with a processor of that frame count and evaluated on the test split.
+  with its position tables resampled to the new length (`resize_position_embeddings`, the same resampling
+  `interpolate_pos_encoding=True` applies at forward time), then fine-tuned with a processor of that frame
+  count and evaluated on the test split.
 * `pretraining`: fine-tune from the checkpoint and `--from_scratch` (same preset and overrides, same steps,
   same recipe) at each `--label_fractions`, for `--num_seeds` fine-tuning seeds; mean and spread.
 
@@ -45,20 +45,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 
-# `python scripts/<name>.py` puts scripts/ first on sys.path, where scripts/evaluate.py shadows the `evaluate`
-# package that metrics_echoai imports (a circular import error). The scripts are loaded by path instead.
+from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
+from modeling_echoai import EchoAIForPreTraining, make_mask, token_grid
+from training_echoai import from_pretrained_with_geometry, save_reconstruction
+from video_processing_echoai import EchoAIVideoProcessor
+
+
 SCRIPTS = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != SCRIPTS]
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from configuration_echoai import EchoAIConfig  # noqa: E402
-from data_echoai import load_echonet_dynamic, synthetic_echonet_dir  # noqa: E402
-from modeling_echoai import EchoAIForPreTraining, make_mask, resample_temporal, token_grid  # noqa: E402
-from training_echoai import save_reconstruction  # noqa: E402
-from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
 
 
 logger = logging.getLogger("experiments")
@@ -242,21 +238,11 @@ def reconstruction_losses(
 
 
 def resample_checkpoint(source: Path, target: Path, num_frames: int) -> Path:
-    """A copy of a pretraining checkpoint for clips of `num_frames` frames: config, processor and the encoder's
-    and decoder's temporal position tables resampled to num_frames / tubelet_size slices (linearly, as
-    `interpolate_pos_encoding=True` does at forward time). Needed because `from_pretrained(..., num_frames=N)`
-    refuses a checkpoint whose temporal table has another length."""
+    """A copy of a pretraining checkpoint and its processor for clips of `num_frames` frames, with the position
+    tables resampled once (`from_pretrained_with_geometry`), so every fine-tuning run starts from the same file."""
     if (target / "model.safetensors").is_file():
         return target
-    model = EchoAIForPreTraining.from_pretrained(source)
-    config = EchoAIConfig.from_pretrained(source, num_frames=num_frames)
-    resized = EchoAIForPreTraining(config)
-    num_slices = num_frames // config.tubelet_size
-    state = {
-        name: resample_temporal(value, num_slices) if name.endswith("position_embeddings.temporal") else value
-        for name, value in model.state_dict().items()
-    }
-    resized.load_state_dict(state)  # strict: every other tensor has the same shape
+    resized = from_pretrained_with_geometry(EchoAIForPreTraining, str(source), {"num_frames": num_frames})
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     resized.save_pretrained(partial)
@@ -411,6 +397,7 @@ def plot(args: argparse.Namespace, rows: list[dict], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    threads_before = torch.get_num_threads()
     if args.num_threads:
         # One thread by default: on a shared 2-core machine, two threads per process next to another busy
         # process made a tiny-preset step up to 25x slower (spinning OpenMP threads); one thread costs ~1.4x alone.
@@ -423,7 +410,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     run = {"mask_ratio": experiment_mask_ratio, "num_frames": experiment_num_frames,
            "pretraining": experiment_pretraining}[args.experiment]  # fmt: skip
-    rows = run(args, corpus)
+    try:
+        rows = run(args, corpus)
+    finally:  # called in-process (tests, notebooks): leave the caller's thread count as it was
+        torch.set_num_threads(threads_before)
     seconds = time.perf_counter() - start
 
     settings = {

@@ -51,6 +51,7 @@ from training_echoai import (
     build_processor,
     count_parameters,
     derive_seed,
+    from_pretrained_with_geometry,
     make_dataloader,
     parse_config_overrides,
     predict_ef,
@@ -139,7 +140,7 @@ def build_model(args: argparse.Namespace, train: Dataset) -> EchoAIForVideoClass
     overrides = {**head, **parse_config_overrides(args.config_overrides)}
     if args.from_scratch:
         return EchoAIForVideoClassification(EchoAIConfig.from_preset(args.config_name, **overrides))
-    return EchoAIForVideoClassification.from_pretrained(args.model_name_or_path, **overrides)
+    return from_pretrained_with_geometry(EchoAIForVideoClassification, args.model_name_or_path, overrides)
 
 
 def split_metrics(predictions: np.ndarray, references: np.ndarray, regression: bool) -> dict[str, float]:

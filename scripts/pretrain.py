@@ -49,6 +49,7 @@ from training_echoai import (
     build_processor,
     count_parameters,
     derive_seed,
+    from_pretrained_with_geometry,
     make_dataloader,
     parse_config_overrides,
     push_to_hub,
@@ -124,7 +125,7 @@ def load_videos(args: argparse.Namespace, accelerator):
 def build_model(args: argparse.Namespace) -> EchoAIForPreTraining:
     overrides = parse_config_overrides(args.config_overrides)
     if args.model_name_or_path:
-        return EchoAIForPreTraining.from_pretrained(args.model_name_or_path, **overrides)
+        return from_pretrained_with_geometry(EchoAIForPreTraining, args.model_name_or_path, overrides)
     return EchoAIForPreTraining(EchoAIConfig.from_preset(args.config_name, **overrides))
 
 

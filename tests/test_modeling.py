@@ -551,3 +551,28 @@ def test_bad_masks_raise_clear_errors():
         model(x, bool_masked_pos=torch.zeros(2, 32, dtype=torch.long))
     with pytest.raises(ValueError, match="hides every token"):
         model(x, bool_masked_pos=torch.ones(2, 32, dtype=torch.bool))
+
+
+def test_resized_position_embeddings_match_interpolation_and_survive_save_load(tmp_path):
+    """A 4-frame 32 px checkpoint made into an 8-frame 48 px model predicts what the original predicts with
+    `interpolate_pos_encoding=True`, and saves and reloads at the new geometry."""
+    config = tiny_config(num_labels=1)
+    model = build(EchoAIForVideoClassification, config)
+    x = clips(config, num_frames=8, image_size=48)
+    with torch.no_grad():
+        expected = model(x, interpolate_pos_encoding=True).logits
+    model.resize_position_embeddings(num_frames=8, image_size=48)
+    assert (model.config.num_frames, model.config.image_size) == (8, 48)
+    assert model.echoai.embeddings.position_embeddings.temporal.shape == (4, 32)
+    assert model.echoai.embeddings.position_embeddings.spatial.shape == (36, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = EchoAIForVideoClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="num_frames=7 must be divisible by tubelet_size=2"):
+        model.resize_position_embeddings(num_frames=7)
+    pretraining = build(EchoAIForPreTraining, config)
+    pretraining.resize_position_embeddings(num_frames=8)
+    assert pretraining.decoder_position_embeddings.temporal.shape == (4, 16)
