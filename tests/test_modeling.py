@@ -576,3 +576,15 @@ def test_resized_position_embeddings_match_interpolation_and_survive_save_load(t
     pretraining = build(EchoAIForPreTraining, config)
     pretraining.resize_position_embeddings(num_frames=8)
     assert pretraining.decoder_position_embeddings.temporal.shape == (4, 16)
+
+
+def test_masked_and_whole_clip_embedding_paths_agree():
+    """The whole-clip convolution and the visible-tubelet matmul are the same linear map."""
+    config = tiny_config()
+    embeddings = build(EchoAIModel, config).embeddings
+    x = clips(config)
+    mask = make_mask(2, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = embeddings(x)  # (B, L, D)
+        visible = embeddings(x, bool_masked_pos=mask)  # (B, V, D)
+    torch.testing.assert_close(visible, whole[~mask].view(2, -1, 32), rtol=1e-5, atol=1e-5)

@@ -309,3 +309,16 @@ def test_tracking_writes_tensorboard_events_and_epoch_checkpoints(corpus, tmp_pa
     assert names == ["step_0000004", "step_0000008"]
     state = json.loads((output / "checkpoints" / "step_0000004" / training_echoai.STATE_FILE).read_text())
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 0)
+
+
+def test_bf16_mixed_precision_pretrains_on_cpu(corpus, tmp_path):
+    # A fresh interpreter: accelerate keeps one precision per process.
+    output = tmp_path / "run"
+    command = [sys.executable, str(REPO / "scripts" / "pretrain.py"),
+               *pretrain_argv(corpus, output, "--max_train_steps", "3", "--mixed_precision", "bf16")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precision bf16" in result.stderr and "Reconstruction loss" in result.stdout
+    weights = final_weights(output)
+    assert all(value.dtype == torch.float32 for value in weights.values()), "master weights stay fp32"
+    assert all(torch.isfinite(value).all() for value in weights.values())
