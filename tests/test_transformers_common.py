@@ -150,17 +150,20 @@ class EchoAIModelTest(common.modeling.ModelTesterMixin, unittest.TestCase):
     def test_config(self):
         self.config_tester.run_common_tests()
 
+    def encoder_outputs(self, model_class, config, inputs_dict, **flags):
+        """A forward pass and the encoder's sequence length: the pretraining encoder sees only the visible
+        tokens, so its sequence is shorter than the other models'."""
+        model = model_class(copy.deepcopy(config)).eval()
+        with torch.no_grad():
+            outputs = model(**self._prepare_for_class(inputs_dict, model_class), **flags)
+        masked = self.model_tester.num_masked if model_class is EchoAIForPreTraining else 0
+        return outputs, self.model_tester.seq_length - masked
+
     def test_attention_outputs(self):
-        # The pretraining encoder attends over the visible tokens only, so its sequence is shorter.
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
         config._attn_implementation = "eager"
         for model_class in self.all_model_classes:
-            model = model_class(copy.deepcopy(config)).eval()
-            seq_length = self.model_tester.seq_length
-            if model_class is EchoAIForPreTraining:
-                seq_length -= self.model_tester.num_masked
-            with torch.no_grad():
-                outputs = model(**self._prepare_for_class(inputs_dict, model_class), output_attentions=True)
+            outputs, seq_length = self.encoder_outputs(model_class, config, inputs_dict, output_attentions=True)
             self.assertEqual(len(outputs.attentions), self.model_tester.num_hidden_layers)
             self.assertEqual(
                 list(outputs.attentions[0].shape[-3:]),
@@ -170,11 +173,6 @@ class EchoAIModelTest(common.modeling.ModelTesterMixin, unittest.TestCase):
     def test_hidden_states_output(self):
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
         for model_class in self.all_model_classes:
-            model = model_class(copy.deepcopy(config)).eval()
-            seq_length = self.model_tester.seq_length
-            if model_class is EchoAIForPreTraining:
-                seq_length -= self.model_tester.num_masked
-            with torch.no_grad():
-                outputs = model(**self._prepare_for_class(inputs_dict, model_class), output_hidden_states=True)
+            outputs, seq_length = self.encoder_outputs(model_class, config, inputs_dict, output_hidden_states=True)
             self.assertEqual(len(outputs.hidden_states), self.model_tester.num_hidden_layers + 1)
             self.assertEqual(list(outputs.hidden_states[0].shape[-2:]), [seq_length, self.model_tester.hidden_size])
