@@ -124,6 +124,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all', ...")
     add("--logging_steps", type=int, default=10)
     add("--seed", type=int, default=0)
+    add(
+        "--num_threads", type=int, default=None,
+        help="torch CPU threads per process (default: torch's choice). 1 avoids oversubscription when other "
+        "processes share the cores: two threads next to a busy process ran a step up to 25x slower.",
+    )  # fmt: skip
     add("--push_to_hub", action="store_true")
     add("--hub_model_id", type=str, default=None)
     add("--hub_token", type=str, default=None)
@@ -142,6 +147,8 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(args.seed)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     return accelerator
 
 

@@ -312,10 +312,10 @@ def test_tracking_writes_tensorboard_events_and_epoch_checkpoints(corpus, tmp_pa
 
 
 def test_bf16_mixed_precision_pretrains_on_cpu(corpus, tmp_path):
-    # A fresh interpreter: accelerate keeps one precision per process.
+    # A fresh interpreter: accelerate keeps one precision (and torch one thread count) per process.
     output = tmp_path / "run"
     command = [sys.executable, str(REPO / "scripts" / "pretrain.py"),
-               *pretrain_argv(corpus, output, "--max_train_steps", "3", "--mixed_precision", "bf16")]  # fmt: skip
+               *pretrain_argv(corpus, output, "--max_train_steps", "3", "--mixed_precision", "bf16", "--num_threads", "1")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision bf16" in result.stderr and "Reconstruction loss" in result.stdout
