@@ -345,6 +345,26 @@ def synthetic_echonet_dir(
 # --------------------------------------------------------------------------------------------------
 
 
+def read_video_file(
+    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator | None, training: bool, num_clips: int
+) -> torch.Tensor:
+    """One row's clips: the video file at `row["video_path"]`, decoded through the processor.
+
+    Returns `pixel_values` (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1 (evaluation). Training:
+    one clip at a random start, augmented, both drawn from `generator`; evaluation: `num_clips` evenly spaced
+    clips, no augmentation. `corpus_echoai.row_to_pixel_values` is the same for a prepared corpus's rows. Used by `EchoNetTransform`
+    and, as the default `read_clips`, by `training_echoai.TrainingClips`.
+    """
+    clips = processor(
+        row["video_path"],
+        clip_sampling="random" if training else "uniform",
+        num_clips=1 if training else num_clips,
+        do_augment=training,
+        generator=generator,
+    )["pixel_values"]  # (K, T, C, H, W)
+    return clips[0] if len(clips) == 1 else clips
+
+
 @dataclass
 class EchoNetTransform:
     """Per-row video loading for `Dataset.with_transform` / `set_transform`.
@@ -374,13 +394,8 @@ class EchoNetTransform:
         pixel_values, errors = [], []
         for path in paths:
             try:
-                clips = self.processor(
-                    path,
-                    clip_sampling="random" if self.training else "uniform",
-                    num_clips=1 if self.training else self.num_clips,
-                    do_augment=self.training,
-                )["pixel_values"]  # (K, T, C, H, W)
-                pixel_values.append(clips[0] if len(clips) == 1 else clips)
+                row = {"video_path": path}
+                pixel_values.append(read_video_file(row, self.processor, None, self.training, self.num_clips))
                 errors.append(None)
             except VideoDecodingError as error:
                 pixel_values.append(None)
@@ -423,5 +438,6 @@ __all__ = [
     "default_cache_dir",
     "load_echonet_dynamic",
     "load_video_folder",
+    "read_video_file",
     "synthetic_echonet_dir",
 ]

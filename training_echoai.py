@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
-from data_echoai import EchoAIDataCollator
+from data_echoai import EchoAIDataCollator, read_video_file
 from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std, read_video_frames
 
 
@@ -180,25 +180,6 @@ def derive_seed(*keys: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
-
-
-def read_video_file(
-    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator | None, training: bool, num_clips: int
-) -> torch.Tensor:
-    """The default `read_clips`: the video file at `row["video_path"]`, decoded through the processor.
-
-    Returns `pixel_values` (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1 (evaluation). Training:
-    one clip at a random start, augmented, both drawn from `generator`; evaluation: `num_clips` evenly spaced
-    clips, no augmentation. `corpus_echoai.row_to_pixel_values` is the same for a prepared corpus's rows.
-    """
-    clips = processor(
-        row["video_path"],
-        clip_sampling="random" if training else "uniform",
-        num_clips=1 if training else num_clips,
-        do_augment=training,
-        generator=generator,
-    )["pixel_values"]  # (K, T, C, H, W)
-    return clips[0] if len(clips) == 1 else clips
 
 
 ReadClips = Callable[[dict, EchoAIVideoProcessor, "torch.Generator | None", bool, int], torch.Tensor]

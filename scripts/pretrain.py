@@ -38,7 +38,7 @@ from datasets import Dataset
 
 from configuration_echoai import EchoAIConfig
 from corpus_echoai import load_corpus, read_row_frames, row_to_pixel_values, shuffle_corpus, split_corpus_by_node
-from data_echoai import load_echonet_dynamic, load_video_folder, synthetic_echonet_dir
+from data_echoai import load_echonet_dynamic, load_video_folder, read_video_file, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
 from training_echoai import (
     StreamingClips,
@@ -53,7 +53,6 @@ from training_echoai import (
     make_dataloader,
     parse_config_overrides,
     push_to_hub,
-    read_video_file,
     render_model_card,
     save_model,
     save_reconstruction,
