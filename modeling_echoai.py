@@ -104,11 +104,15 @@ def unpatchify(patches: torch.Tensor, tubelet_size: int, patch_size: int, grid: 
     )  # fmt: skip
 
 
-def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """MAE's norm-pix target: each tubelet's pixels minus their mean, over their std (unbiased, as in MAE)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps).sqrt()
+def patch_statistics(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each tubelet's pixel mean and std (unbiased variance + eps, as in MAE), shaped to broadcast over P."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + eps).sqrt()
+
+
+def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """MAE's norm-pix target: each tubelet's pixels minus their mean, over their std."""
+    mean, std = patch_statistics(patches)
+    return (patches - mean) / std
 
 
 def make_mask(
@@ -667,7 +671,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         prediction = logits.to(patches.dtype)
         if config.norm_pix_loss:
             true = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
-            mean, std = true.mean(-1, keepdim=True), (true.var(-1, keepdim=True) + 1e-6).sqrt()
+            mean, std = patch_statistics(true)  # the inverse of `normalize_patches`
             prediction = prediction * std + mean
         masked = patches.masked_fill(bool_masked_pos[..., None], 0.0)
         reconstruction = patches.clone()
