@@ -104,15 +104,28 @@ def unpatchify(patches: torch.Tensor, tubelet_size: int, patch_size: int, grid: 
     )  # fmt: skip
 
 
+def _centered_patches(patches: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, patches - mean, std) per tubelet, std from the unbiased variance + eps (as in MAE).
+
+    Two explicit passes (mean, then the sum of squared deviations) rather than `Tensor.var`: the same
+    numerics within 1e-6, and 7x faster on CPU for the (B, M, P) target of a pretraining step.
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    centered = patches - mean
+    variance = centered.square().sum(dim=-1, keepdim=True) / (patches.shape[-1] - 1)
+    return mean, centered, (variance + eps).sqrt()
+
+
 def patch_statistics(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Each tubelet's pixel mean and std (unbiased variance + eps, as in MAE), shaped to broadcast over P."""
-    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + eps).sqrt()
+    mean, _, std = _centered_patches(patches, eps)
+    return mean, std
 
 
-def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """MAE's norm-pix target: each tubelet's pixels minus their mean, over their std."""
-    mean, std = patch_statistics(patches)
-    return (patches - mean) / std
+    _, centered, std = _centered_patches(patches, eps)
+    return centered / std
 
 
 def make_mask(
@@ -221,8 +234,16 @@ class EchoAIPatchEmbeddings(nn.Module):
             # Contiguous: the view's strides (L*D, 1, L) would otherwise follow the residual stream through
             # every layer, costing a copy per LayerNorm and slow elementwise adds.
             return rearrange(x, "b d T h w -> b (T h w) d").contiguous()  # (B, L, D)
-        patches = patchify(pixel_values, self.tubelet_size, self.patch_size)  # (B, L, P)
-        visible = rearrange(patches[~bool_masked_pos], "(b v) p -> b v p", b=pixel_values.shape[0])  # (B, V, P)
+        # Index the visible tubelets out of a strided view: only they are copied (patchify would copy all L).
+        tubelets = rearrange(
+            pixel_values,
+            "b (T t) c (h p) (w q) -> b T h w t p q c",
+            t=self.tubelet_size,
+            p=self.patch_size,
+            q=self.patch_size,
+        )  # (B, T', h, w, t, p, q, C), a view
+        visible = tubelets[~bool_masked_pos.view(tubelets.shape[:4])]  # (B * V, t, p, q, C)
+        visible = rearrange(visible, "(b v) t p q c -> b v (t p q c)", b=pixel_values.shape[0])  # (B, V, P)
         # `patchify` orders a tubelet's pixels (t p q c); the convolution kernel is (c t p q).
         weight = rearrange(self.projection.weight, "d c t p q -> d (t p q c)")
         return F.linear(visible, weight, self.projection.bias)  # (B, V, D)
@@ -300,6 +321,8 @@ def check_mask(bool_masked_pos: torch.Tensor, batch_size: int, num_tokens: int) 
         )
     if bool_masked_pos.dtype != torch.bool:
         raise ValueError(f"bool_masked_pos must be a bool tensor, got {bool_masked_pos.dtype}.")
+    if torch.compiler.is_compiling():  # the checks below read the mask's values: a graph break each
+        return
     counts = bool_masked_pos.sum(dim=1)
     if not bool((counts == counts[0]).all()):
         raise ValueError(
@@ -325,14 +348,41 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ · scaling) v on (B, heads, L, d) tensors; returns (B, L, heads, d) and the weights."""
-    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    """softmax(q kᵀ · scaling) v on (B, heads, L, d) tensors; returns (B, L, heads, d) and the weights.
+
+    The scaling is applied to q (L x d) rather than to the (L x L) scores. The softmax runs in the inputs'
+    dtype: CPU and CUDA kernels accumulate half-precision inputs in fp32 and round once on output, the same
+    numerics as an fp32 softmax cast back, without an fp32 copy of the scores kept for the backward.
+    """
+    weights = torch.matmul(query * scaling, key.transpose(-1, -2))
     if attention_mask is not None:
         weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.softmax(weights, dim=-1)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = rearrange(torch.matmul(weights, value), "b heads l d -> b l heads d")
     return output, weights
+
+
+# Scores per chunk in `chunked_attention_forward`: 4 M elements (8 MB in bf16) stay in the CPU's caches.
+ATTENTION_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunked_attention_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, dropout: float, training: bool
+) -> torch.Tensor:
+    """softmax(q kᵀ · scaling) v as two matmuls and a softmax, over chunks of the batch small enough for the
+    scores to stay in cache; returns (B, L, heads, d). What "sdpa" runs on CPU in bf16 / fp16: at EchoAI's
+    shapes, torch's fused CPU kernel is 2-5x slower there (bench/bench_attention.py). The math is eager's."""
+    batch_size, num_heads, length, _ = query.shape
+    chunk = max(1, ATTENTION_CHUNK_ELEMENTS // (num_heads * length * key.shape[2]))
+    outputs = []
+    for start in range(0, batch_size, chunk):
+        part = slice(start, start + chunk)
+        weights = F.softmax(torch.matmul(query[part] * scaling, key[part].transpose(-1, -2)), dim=-1)
+        weights = F.dropout(weights, p=dropout, training=training)
+        outputs.append(torch.matmul(weights, value[part]))
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return rearrange(output, "b heads l d -> b l heads d")
 
 
 class EchoAISelfAttention(nn.Module):
@@ -355,9 +405,12 @@ class EchoAISelfAttention(nn.Module):
             self.qkv(hidden_states), "b l (three heads d) -> three b heads l d", three=3, heads=self.num_heads
         )
         query, key, value = qkv.unbind(0)  # each (B, heads, L, d)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa" and query.device.type == "cpu" and query.dtype != torch.float32:
+            # In fp32 torch's fused CPU kernel is the faster one; in half precision it is not.
+            output = chunked_attention_forward(query, key, value, self.scaling, self.dropout_prob, self.training)
+            return self.proj_dropout(self.proj(rearrange(output, "b l heads d -> b l (heads d)"))), None
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention_interface(
             self,
             query,
