@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, is_compiled_module, send_to_device, set_seed
 from datasets import Dataset, IterableDataset
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from tqdm.auto import tqdm
@@ -129,6 +129,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="torch CPU threads per process (default: torch's choice). 1 avoids oversubscription when other "
         "processes share the cores: two threads next to a busy process ran a step up to 25x slower.",
     )  # fmt: skip
+    add(
+        "--torch_compile", action="store_true",
+        help="Compile the model with torch.compile (through accelerate). The first steps pay the compilation (about "
+        "a minute for the small preset on CPU); then a bf16 CPU step of the small preset ran 1.1-1.2x faster.",
+    )  # fmt: skip
+    add("--torch_compile_backend", default="inductor", help="torch.compile backend with --torch_compile.")
     add("--push_to_hub", action="store_true")
     add("--hub_model_id", type=str, default=None)
     add("--hub_token", type=str, default=None)
@@ -142,6 +148,7 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_config=project,
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend) if args.torch_compile else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
@@ -149,6 +156,8 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     set_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if args.torch_compile:
+        logger.info("torch.compile (%s backend): the first steps include the compilation", args.torch_compile_backend)
     return accelerator
 
 
@@ -418,6 +427,9 @@ def build_optimizer(
         param_groups(model, args.weight_decay, args.learning_rate, layer_decay),
         lr=args.learning_rate,
         betas=(0.9, args.adam_beta2),
+        # One kernel over all tensors (CPU and CUDA): a third of the foreach update's time for the small preset
+        # on CPU, the same update to float rounding; transformers' Trainer uses it by default too.
+        fused=True,
     )
     streamed = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)  # no length: --max_train_steps
     schedule_steps(args, None if streamed else math.ceil(len(dataloader) / accelerator.num_processes))
@@ -773,7 +785,7 @@ def predict_ef(
     """
     was_training = model.training
     model.eval()
-    num_labels = accelerator.unwrap_model(model).config.num_labels
+    num_labels = unwrap(accelerator, model).config.num_labels
     gathered: dict[str, list[torch.Tensor]] = {"index": [], "logits": [], "labels": []}
     for batch in dataloader:
         index, labels, pixel_values = batch["index"], batch["labels"].float(), batch["pixel_values"]
@@ -836,15 +848,25 @@ class BestModel:
 # --------------------------------------------------------------------------------------------------
 
 
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model, without accelerate's wrappers (DDP, ...) nor torch.compile's (whose parameter names carry
+    an `_orig_mod.` prefix)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict under the bare model's names (gathered from every process under FSDP)."""
+    return accelerator.get_state_dict(model._orig_mod if is_compiled_module(model) else model)
+
+
 def save_model(
     accelerator: Accelerator, model: torch.nn.Module, processor: EchoAIVideoProcessor, output_dir: str | os.PathLike
 ) -> None:
     """`save_pretrained` of model (safetensors, with remote code) and processor, from the main process."""
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(
+    unwrap(accelerator, model).save_pretrained(
         output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
+        state_dict=model_state_dict(accelerator, model),
     )  # fmt: skip
     if accelerator.is_main_process:
         processor.save_pretrained(output_dir)

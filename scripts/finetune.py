@@ -53,12 +53,14 @@ from training_echoai import (
     derive_seed,
     from_pretrained_with_geometry,
     make_dataloader,
+    model_state_dict,
     parse_config_overrides,
     predict_ef,
     push_to_hub,
     render_model_card,
     save_model,
     train,
+    unwrap,
 )
 
 
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None):
         metrics = evaluate(validation_loader)
         score = metrics["mae"] if regression else -metrics["accuracy"]
         if best.improves(score):  # every process takes this branch: the metrics are gathered
-            best.update(score, metrics, accelerator.get_state_dict(model), state.global_step, epoch)
+            best.update(score, metrics, model_state_dict(accelerator, model), state.global_step, epoch)
             state.best_metric = best.score
         shown = {k: metrics[k] for k in (("mae", "rmse", "r2") if regression else ("accuracy",))}
         accelerator.print(
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None):
         accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
 
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, compute_loss, on_epoch_end=validate)
-    result.model = accelerator.unwrap_model(model)
+    result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
         accelerator.end_training()
         return result

@@ -57,6 +57,7 @@ from training_echoai import (
     save_model,
     save_reconstruction,
     train,
+    unwrap,
 )
 
 
@@ -175,17 +176,17 @@ def main(argv: list[str] | None = None):
     # Masks are drawn from a generator seeded by (seed, step, process), so a resumed run hides the same tubelets.
     def compute_loss(model, batch, step):
         generator = torch.Generator().manual_seed(derive_seed(args.seed, step, accelerator.process_index))
-        mask = accelerator.unwrap_model(model).make_mask(batch["pixel_values"], generator=generator)
+        mask = unwrap(accelerator, model).make_mask(batch["pixel_values"], generator=generator)
         outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=mask)
         return outputs.loss, outputs
 
     def on_step(step, batch, outputs):
         if accelerator.is_main_process and args.reconstruction_steps and step % args.reconstruction_steps == 0:
-            save_reconstruction(accelerator.unwrap_model(model), batch["pixel_values"], outputs, processor,
+            save_reconstruction(unwrap(accelerator, model), batch["pixel_values"], outputs, processor,
                                 Path(args.output_dir) / "reconstructions" / f"step_{step:07d}.png")  # fmt: skip
 
     result = train(accelerator, model, optimizer, scheduler, dataloader, args, compute_loss, on_step=on_step)
-    result.model = accelerator.unwrap_model(model)
+    result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
         accelerator.end_training()
         return result
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None):
     # Save: model (safetensors + remote code), processor, model card.
     save_model(accelerator, model, processor, args.output_dir)
     if accelerator.is_main_process:
-        card = render_model_card(accelerator.unwrap_model(model), args, task="pretraining", dataset_dir=data_dir,
+        card = render_model_card(unwrap(accelerator, model), args, task="pretraining", dataset_dir=data_dir,
                                  num_videos=num_videos, train_result=result,
                                  dataset_name="prepared echo corpus" if args.dataset_path else None)  # fmt: skip
         card.save(Path(args.output_dir) / "README.md")

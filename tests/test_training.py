@@ -322,3 +322,18 @@ def test_bf16_mixed_precision_pretrains_on_cpu(corpus, tmp_path):
     weights = final_weights(output)
     assert all(value.dtype == torch.float32 for value in weights.values()), "master weights stay fp32"
     assert all(torch.isfinite(value).all() for value in weights.values())
+
+
+def test_torch_compile_flag_compiles_and_saves_plain_weights(corpus, tmp_path):
+    """--torch_compile wraps the model through accelerate; the saved weights carry the plain names (no
+    `_orig_mod.` prefix) and load. aot_eager traces forward and backward as inductor does, without a compiler."""
+    output = tmp_path / "run"
+    command = [sys.executable, str(REPO / "scripts" / "pretrain.py"),
+               *pretrain_argv(corpus, output, "--max_train_steps", "2", "--torch_compile",
+                              "--torch_compile_backend", "aot_eager", "--num_threads", "1")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.compile (aot_eager backend)" in result.stderr
+    weights = final_weights(output)
+    assert not [name for name in weights if "_orig_mod" in name]
+    EchoAIForPreTraining.from_pretrained(output)
