@@ -40,6 +40,7 @@ from inference_echoai import (
     scatter_plot,
 )
 from metrics_echoai import compute_ef_metrics
+from training_echoai import keep_freed_memory
 
 
 logger = logging.getLogger("evaluate")
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     table = rows.select_columns(["FileName", "EF", "FPS", "NumberOfFrames", "EDFrame", "ESFrame"]).to_pandas()
 
     # Model.
+    keep_freed_memory()
     try:
         model, processor = load_model_and_processor(args.model_name_or_path, args.device)
     except ModelLoadingError as error:

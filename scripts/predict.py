@@ -28,6 +28,7 @@ import torch
 
 from data_echoai import VIDEO_EXTENSIONS
 from inference_echoai import PROTOCOLS, ModelLoadingError, load_model_and_processor, predict_videos
+from training_echoai import keep_freed_memory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    keep_freed_memory()
     try:
         model, processor = load_model_and_processor(args.model_name_or_path, args.device)
     except ModelLoadingError as error:
