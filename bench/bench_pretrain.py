@@ -1,45 +1,58 @@
-"""Model step benchmark: EchoAI against transformers' VideoMAE at the same geometry and width.
+"""Model benchmark: EchoAI against transformers' VideoMAE at the same geometry and widths, in one process.
 
-What is timed, side by side in one process, the two models alternating step by step (A B A B ...) after a
-warm-up, medians reported:
+Contenders, each in fp32 and in bf16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)` around forward
++ loss, backward outside it, fp32 master weights and optimizer state):
 
-* one pretraining step: forward + norm-pix loss + backward + AdamW step + `zero_grad(set_to_none=True)` of
-  `EchoAIForPreTraining` and `VideoMAEForPreTraining`, with one (B, L) tube mask drawn by
-  `modeling_echoai.make_mask` and given to both (VideoMAE needs an explicit `bool_masked_pos`);
-* inference: clips/s of `EchoAIForVideoClassification` and `VideoMAEForVideoClassification` (`num_labels=1`,
-  eval mode, `torch.no_grad()`), on the full unmasked clip;
+* pretraining step: forward + norm-pix loss + backward + AdamW step + `zero_grad(set_to_none=True)` of
+  `EchoAIForPreTraining` and `VideoMAEForPreTraining`, batch 8, one (B, L) 90 % tube mask drawn by
+  `modeling_echoai.make_mask` and given to both (VideoMAE needs an explicit `bool_masked_pos`). Both use
+  fused AdamW (`torch.optim.AdamW(fused=True)`): the default of transformers' `Trainer` and of EchoAI's
+  scripts, so the optimizer is not a difference between the two;
+* inference on a 200-frame video, EchoNet-Dynamic's all-clips protocol: every 16-frame clip at period 2 (170
+  clips, `inference_echoai.protocol_clip_indices`) through `EchoAIForVideoClassification` and
+  `VideoMAEForVideoClassification` (`num_labels=1`, eval, `torch.no_grad()`) in batches of 16, the EF the mean
+  of the clip predictions; reported as videos/s. The frames are normalised once beforehand, as
+  `scripts/evaluate.py` does (decoding is `bench_data.py`'s subject);
+* with `--compile`, also both models' bf16 pretraining steps under `torch.compile` (inductor); the
+  compilation (the first steps) is timed separately and excluded from the step time.
 
-each in fp32 and in bf16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)` around forward + loss;
-backward outside it; fp32 master weights and optimizer state). Both models use SDPA attention.
+The process runs with `training_echoai.keep_freed_memory()`, as EchoAI's scripts do (glibc's malloc keeps
+freed memory instead of faulting it in again every step); it speeds up both models. `--default_malloc` leaves
+glibc's defaults, to measure what it is worth.
+
+All contenders of a table run in one `alternate` call: step by step, A B C D, then D C B A, ..., after a
+warm-up, so every ratio pairs steps taken moments apart; medians and interquartile ranges of those per-round
+ratios are reported. VideoMAE uses SDPA attention, its default (`--videomae_attention eager` for the other).
 
 The peak resident memory of each model's pretraining step is read in a fresh subprocess per model and
-precision (`VmHWM` of /proc/self/status, i.e. the process's peak RSS including torch itself; the table also
-gives the growth over the RSS just before the first step).
+precision (`VmHWM` of /proc/self/status, the process's peak RSS including torch itself; in brackets the
+growth over the RSS just before the first step).
 
-FLOPs are counted analytically (`pretrain_flops`, `inference_flops`), identically for both models since
-they have the same layer shapes:
+Model FLOPs are counted analytically (`pretrain_flops`, `inference_flops`) from the layer shapes, the same
+count for both models: the work the masked autoencoder needs, whatever an implementation spends beyond it.
   * every linear layer: 2 * tokens * fan_in * fan_out for the forward; the forward + backward of a training
     step is 3x that (input gradient + weight gradient), except the tubelet embedding, whose input
     (`pixel_values`) needs no gradient, so 2x;
-  * the Conv3d tubelet embedding counts as a linear over the patches: fan_in = P = t * p * p * C, fan_out = D,
-    tokens = B * L (the embedding runs on every token; the mask is applied after it);
+  * the tubelet embedding counts as a linear over the patches (fan_in = P = t * p * p * C, fan_out = D) of the
+    V visible tubelets only in pretraining (VideoMAE embeds all L and discards 90 %: 10x this stage's FLOPs,
+    not counted), of all L in inference;
   * attention: 2 * 2 * B * heads * L_seq^2 * head_dim for Q Kᵀ and for A V (3x that in training);
   * the encoder runs on the V visible tokens per clip, the decoder on all L tokens, the pixel head on the
     M masked ones;
-  * LayerNorm, softmax, GELU, residual adds, the loss and the AdamW update are ignored (elementwise work,
-    a few % of the total and no matmul).
+  * LayerNorm, softmax, GELU, residual adds, the loss and the AdamW update are ignored (elementwise work, no
+    matmul).
 GFLOP/s = those FLOPs / the median step time; MFU = GFLOP/s / the matmul peak measured in the same run
 (median of repeated 2048 x 2048 x 2048 products in fp32 and in bf16, at the start and at the end; the
 higher kept).
 
-    python bench/bench_pretrain.py              # the full run (6.5 minutes on the shared 2-core machine)
+    python bench/bench_pretrain.py              # the full run (about 8 minutes on the 2-core machine)
+    python bench/bench_pretrain.py --compile    # + EchoAI under torch.compile (a few minutes more)
     python bench/bench_pretrain.py --quick      # a smoke run (about a minute)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
@@ -53,14 +66,24 @@ from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVide
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine_info, markdown_table, matmul_peak_gflops, proc_status_mib  # noqa: E402
+from common import (  # noqa: E402
+    alternate,
+    machine_info,
+    markdown_table,
+    matmul_peak_gflops,
+    precision_context,
+    proc_status_mib,
+)
 
 from configuration_echoai import EchoAIConfig  # noqa: E402
+from inference_echoai import protocol_clip_indices  # noqa: E402
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask  # noqa: E402
+from training_echoai import keep_freed_memory  # noqa: E402
+from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
 
 
-MODELS = ("EchoAI", "VideoMAE")
 PRECISIONS = ("fp32", "bf16")
+VIDEO_FRAMES = 200  # the inference benchmark's video length (EchoNet-Dynamic's median is about 175)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +95,7 @@ def echoai_config(preset: str, **overrides) -> EchoAIConfig:
     return EchoAIConfig.from_preset(preset, attn_implementation="sdpa", **overrides)
 
 
-def videomae_config(config: EchoAIConfig, **overrides) -> VideoMAEConfig:
+def videomae_config(config: EchoAIConfig, attn_implementation: str = "sdpa", **overrides) -> VideoMAEConfig:
     return VideoMAEConfig(
         image_size=config.image_size,
         patch_size=config.patch_size,
@@ -91,7 +114,7 @@ def videomae_config(config: EchoAIConfig, **overrides) -> VideoMAEConfig:
         decoder_intermediate_size=config.decoder_intermediate_size,
         norm_pix_loss=config.norm_pix_loss,
         use_mean_pooling=config.use_mean_pooling,
-        attn_implementation="sdpa",
+        attn_implementation=attn_implementation,
         **overrides,
     )
 
@@ -136,7 +159,7 @@ def layer_flops(batch: int, seq: int, width: int, heads: int, mlp: int) -> int:
 
 
 def pretrain_flops(config: EchoAIConfig, batch: int, num_visible: int, num_masked: int) -> dict[str, int]:
-    """Forward + backward FLOPs of one masked-autoencoder step, by stage."""
+    """Forward + backward model FLOPs of one masked-autoencoder step, by stage."""
     c = config
     tokens = num_visible + num_masked  # L
     pixels = c.tubelet_size * c.patch_size**2 * c.num_channels  # P
@@ -147,7 +170,7 @@ def pretrain_flops(config: EchoAIConfig, batch: int, num_visible: int, num_maske
         batch, tokens, c.decoder_hidden_size, c.decoder_num_attention_heads, c.decoder_intermediate_size
     )
     return {
-        "tubelet embedding": 2 * linear_flops(batch * tokens, pixels, c.hidden_size),  # no input gradient
+        "tubelet embedding (V tokens)": 2 * linear_flops(batch * num_visible, pixels, c.hidden_size),
         "encoder (V tokens)": 3 * encoder,
         "encoder_to_decoder": 3 * linear_flops(batch * num_visible, c.hidden_size, c.decoder_hidden_size),
         "decoder (L tokens)": 3 * decoder,
@@ -155,15 +178,16 @@ def pretrain_flops(config: EchoAIConfig, batch: int, num_visible: int, num_maske
     }
 
 
-def inference_flops(config: EchoAIConfig, batch: int) -> int:
-    """Forward FLOPs of the video classifier on full clips (every one of the L tokens encoded)."""
+def inference_flops(config: EchoAIConfig, num_clips: int) -> int:
+    """Forward FLOPs of the video classifier on `num_clips` full clips (every one of the L tokens encoded)."""
     c = config
     pixels = c.tubelet_size * c.patch_size**2 * c.num_channels
     tokens = c.num_patches
     return (
-        linear_flops(batch * tokens, pixels, c.hidden_size)
-        + c.num_hidden_layers * layer_flops(batch, tokens, c.hidden_size, c.num_attention_heads, c.intermediate_size)
-        + linear_flops(batch, c.hidden_size, 1)
+        linear_flops(num_clips * tokens, pixels, c.hidden_size)
+        + c.num_hidden_layers
+        * layer_flops(num_clips, tokens, c.hidden_size, c.num_attention_heads, c.intermediate_size)
+        + linear_flops(num_clips, c.hidden_size, 1)
     )
 
 
@@ -172,32 +196,25 @@ def inference_flops(config: EchoAIConfig, batch: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def precision_context(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def build_pretraining(name: str, config: EchoAIConfig) -> torch.nn.Module:
+def build_pretraining(name: str, config: EchoAIConfig, videomae_attention: str = "sdpa") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = EchoAIForPreTraining(config) if name == "EchoAI" else VideoMAEForPreTraining(videomae_config(config))
-    return model.train()
+    if name == "EchoAI":
+        return EchoAIForPreTraining(config).train()
+    return VideoMAEForPreTraining(videomae_config(config, videomae_attention)).train()
 
 
-def build_classifier(name: str, config: EchoAIConfig) -> torch.nn.Module:
+def build_classifier(name: str, config: EchoAIConfig, videomae_attention: str = "sdpa") -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "EchoAI":
         config = copy.deepcopy(config)
         config.num_labels = 1
-        model = EchoAIForVideoClassification(config)
-    else:
-        model = VideoMAEForVideoClassification(videomae_config(config, num_labels=1))
-    return model.eval()
+        return EchoAIForVideoClassification(config).eval()
+    return VideoMAEForVideoClassification(videomae_config(config, videomae_attention, num_labels=1)).eval()
 
 
 def pretraining_step(model: torch.nn.Module, pixel_values: torch.Tensor, mask: torch.Tensor, precision: str):
     """A closure running one full optimisation step; AdamW keeps fp32 master weights in both precisions."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=0.05, fused=True)
 
     def step() -> None:
         with precision_context(precision):
@@ -209,10 +226,16 @@ def pretraining_step(model: torch.nn.Module, pixel_values: torch.Tensor, mask: t
     return step
 
 
-def inference_step(model: torch.nn.Module, pixel_values: torch.Tensor, precision: str):
-    def step() -> None:
+def video_inference(model: torch.nn.Module, frames: torch.Tensor, clips: torch.Tensor, batch: int, precision: str):
+    """A closure predicting one video's EF with the all-clips protocol: `frames` (N, C, H, W) normalised once,
+    `clips` (K, T) frame indices; clips in batches of `batch`, EF = the mean of the K predictions."""
+
+    def step() -> float:
+        predictions = []
         with torch.no_grad(), precision_context(precision):
-            model(pixel_values=pixel_values)
+            for part in clips.split(batch):
+                predictions.append(model(pixel_values=frames[part]).logits.float().view(-1))
+        return torch.cat(predictions).mean().item()
 
     return step
 
@@ -227,14 +250,28 @@ def inputs(config: EchoAIConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor
     return pixel_values, mask
 
 
+def video_inputs(config: EchoAIConfig, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A normalised (N, C, H, W) video and its all-clips (K, T) frame indices (period 2, as EchoNet)."""
+    frames = torch.randn(
+        num_frames,
+        config.num_channels,
+        config.image_size,
+        config.image_size,
+        generator=torch.Generator().manual_seed(1),
+    )
+    processor = EchoAIVideoProcessor(num_frames=config.num_frames, period=2, size=config.image_size)
+    clips = torch.from_numpy(protocol_clip_indices(num_frames, processor, "all_clips"))
+    return frames, clips
+
+
 # --------------------------------------------------------------------------------------------------
 # Peak memory: one fresh process per model and precision
 # --------------------------------------------------------------------------------------------------
 
 
-def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps: int) -> None:
+def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps: int, attention: str) -> None:
     """Run in a subprocess: build, record RSS, run `steps` training steps, print peak RSS as JSON."""
-    model = build_pretraining(name, config)
+    model = build_pretraining(name, config, attention)
     pixel_values, mask = inputs(config, batch)
     step = pretraining_step(model, pixel_values, mask, precision)
     before = proc_status_mib("VmRSS")
@@ -245,9 +282,9 @@ def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps
 
 def measure_rss(args, name: str, precision: str, steps: int) -> dict[str, float]:
     command = [
-        sys.executable, __file__, "--rss_child", name, precision,
-        "--preset", args.preset, "--batch_size", str(args.batch_size), "--steps", str(steps),
-    ]  # fmt: skip
+        sys.executable, __file__, "--rss_child", name, precision, "--preset", args.preset,
+        "--batch_size", str(args.batch_size), "--steps", str(steps), "--videomae_attention", args.videomae_attention,
+    ] + (["--default_malloc"] if args.default_malloc else [])  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -261,71 +298,91 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=4, method="inclusive")[int(q * 4) - 1] if len(values) > 1 else values[0]
 
 
-def speedup(echoai: list[float], videomae: list[float]) -> tuple[float, float, float]:
-    """EchoAI's speed-up over VideoMAE (> 1 = EchoAI faster): median and quartiles of the per-round ratios
-    t_VideoMAE / t_EchoAI. Pairing the two steps of one round cancels load that other jobs put on the
-    machine for a while."""
-    ratios = [v / e for e, v in zip(echoai, videomae, strict=True)]
+def speedup(fast: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Speed-up of `fast` over `reference` (> 1 = faster): median and quartiles of the per-round ratios
+    t_reference / t_fast. Pairing the two steps of one round cancels load that other jobs put on the machine
+    for a while."""
+    ratios = [r / f for f, r in zip(fast, reference, strict=True)]
     return statistics.median(ratios), quantile(ratios, 0.25), quantile(ratios, 0.75)
 
 
-# Other jobs on the shared machine only ever add time, so the fastest step of each model is a second, less
-# load-sensitive estimate next to the median.
+def versus(times: dict[str, list[float]], key: str, reference_key: str) -> str:
+    if key == reference_key:
+        return "1 (ref)"
+    ratio, low, high = speedup(times[key], times[reference_key])
+    return f"{ratio:.2f} [{low:.2f}–{high:.2f}]"
 
 
-def verdict(low: float, high: float) -> str:
-    if low > 1:
-        return "EchoAI faster"
-    if high < 1:
-        return "EchoAI SLOWER"
-    return "tie (within noise)"
+def report_rows(times, flops, items_per_step, peaks, rss=None, per="clips/s"):
+    """Rows of a results table, keyed "<model> <precision>": the speed-up is over VideoMAE at the same precision
+    and over VideoMAE fp32. Other jobs on the shared machine only ever add time, so the fastest step is a second,
+    less load-sensitive estimate next to the median."""
+    rows = []
+    for key, values in times.items():
+        name, precision = key.rsplit(" ", 1)
+        seconds = statistics.median(values)
+        gflops = flops / seconds / 1e9
+
+        row = [
+            name, precision, f"{seconds * 1e3:.0f}", f"{min(values) * 1e3:.0f}", f"{items_per_step / seconds:.2f}",
+            versus(times, key, f"VideoMAE {precision}"), versus(times, key, "VideoMAE fp32"), f"{gflops:.0f}",
+            f"{100 * gflops / peaks[precision]:.0f} %",
+        ]  # fmt: skip
+        if rss is not None:
+            r = rss.get(key)
+            row.append(f"{r['peak_mib']:.0f} (+{r['peak_mib'] - r['before_mib']:.0f})" if r else "–")
+        rows.append(row)
+    return rows
 
 
-def report_rows(times, flops_per_step, clips_per_step, peaks, rss=None):
-    """Rows of a results table: per precision, VideoMAE (reference) then EchoAI (with its speed-up)."""
-    rows, verdicts = [], {}
+def goals(train_times, train_flops, eval_times, peaks, rss, video_frames, compile_key=None) -> list[str]:
+    """The speed issue's goals, each with the figure this run measured."""
+    lines = []
     for precision in PRECISIONS:
-        ratio, low, high = speedup(times[precision]["EchoAI"], times[precision]["VideoMAE"])
-        verdicts[precision] = verdict(low, high)
-        for name in ("VideoMAE", "EchoAI"):
-            seconds = statistics.median(times[precision][name])
-            gflops = flops_per_step / seconds / 1e9
-            best = min(times[precision][name])
-            best_ratio = min(times[precision]["VideoMAE"]) / min(times[precision]["EchoAI"])
-            row = [
-                name,
-                precision,
-                f"{seconds * 1e3:.0f}",
-                f"{best * 1e3:.0f}",
-                f"{clips_per_step / seconds:.2f}",
-                "1 (ref)" if name == "VideoMAE" else f"{ratio:.3f} [{low:.3f}–{high:.3f}]",
-                "1 (ref)" if name == "VideoMAE" else f"{best_ratio:.3f}",
-                f"{gflops:.1f}",
-                f"{100 * gflops / peaks[precision]:.0f} %",
-            ]
-            if rss is not None:
-                r = rss[precision][name]
-                row.append(f"{r['peak_mib']:.0f} (+{r['peak_mib'] - r['before_mib']:.0f})")
-            rows.append(row)
-    return rows, verdicts
+        ratio, low, high = speedup(train_times[f"EchoAI {precision}"], train_times[f"VideoMAE {precision}"])
+        lines.append(f"pretraining {precision}, EchoAI / VideoMAE: {ratio:.2f}x [{low:.2f}-{high:.2f}] (goal >= 1.5x)")
+    best = min(
+        (k for k in train_times if not k.startswith("VideoMAE")), key=lambda k: statistics.median(train_times[k])
+    )
+    ratio, low, high = speedup(train_times[best], train_times["VideoMAE fp32"])
+    lines.append(
+        f"pretraining, best EchoAI ({best}) / VideoMAE fp32: {ratio:.2f}x [{low:.2f}-{high:.2f}] (goal >= 2x)"
+    )
+    if compile_key:
+        ratio, low, high = speedup(train_times[compile_key], train_times["VideoMAE-compiled bf16"])
+        lines.append(f"pretraining, both compiled, bf16, EchoAI / VideoMAE: {ratio:.2f}x [{low:.2f}-{high:.2f}]")
+    for key in ["EchoAI bf16"] + ([compile_key] if compile_key else []):
+        mfu = train_flops / statistics.median(train_times[key]) / 1e9 / peaks["bf16"]
+        lines.append(f"pretraining MFU, {key}: {100 * mfu:.0f} % of {peaks['bf16']:.0f} GFLOP/s (goal >= 50 %)")
+    for precision in PRECISIONS:
+        ratio, low, high = speedup(eval_times[f"EchoAI {precision}"], eval_times[f"VideoMAE {precision}"])
+        lines.append(
+            f"inference {precision}, all-clips {video_frames}-frame video, EchoAI / VideoMAE: {ratio:.2f}x "
+            f"[{low:.2f}-{high:.2f}], {1 / statistics.median(eval_times[f'EchoAI {precision}']):.3f} videos/s "
+            "(goal >= 1.5x)"
+        )
+    for precision in PRECISIONS:
+        echoai, videomae = rss[f"EchoAI {precision}"]["peak_mib"], rss[f"VideoMAE {precision}"]["peak_mib"]
+        lines.append(f"peak RSS {precision}: EchoAI {echoai:.0f} MiB vs VideoMAE {videomae:.0f} MiB (goal <=)")
+    return lines
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", help="EchoAIConfig preset; VideoMAE gets the same widths.")
     parser.add_argument("--batch_size", type=int, default=None, help="Clips per pretraining step (default 8).")
-    parser.add_argument("--eval_batch_size", type=int, default=None, help="Clips per inference batch (default 16).")
-    parser.add_argument("--steps", type=int, default=None, help="Measured pretraining steps per model (default 16).")
-    parser.add_argument("--warmup", type=int, default=None, help="Warm-up steps per model (default 3).")
-    parser.add_argument("--quick", action="store_true", help="Smoke run: batch 2, 1 warm-up, 2 measured steps.")
+    parser.add_argument("--eval_batch_size", type=int, default=16, help="Clips per inference forward pass.")
+    parser.add_argument("--steps", type=int, default=None, help="Measured pretraining rounds (default 12).")
+    parser.add_argument("--videos", type=int, default=None, help="Measured inference rounds, 1 video each (3).")
+    parser.add_argument("--warmup", type=int, default=None, help="Warm-up steps per contender (default 3).")
+    parser.add_argument("--compile", action="store_true", help="Add both bf16 pretraining steps under torch.compile.")
+    parser.add_argument("--default_malloc", action="store_true", help="Leave glibc's malloc at its defaults.")
+    parser.add_argument("--videomae_attention", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--quick", action="store_true", help="Smoke run: batch 2, 1 warm-up, 2 rounds, 40 frames.")
     parser.add_argument("--rss_child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    defaults = (
-        dict(batch_size=2, eval_batch_size=2, steps=2, warmup=1)
-        if args.quick
-        else dict(batch_size=8, eval_batch_size=16, steps=16, warmup=3)
-    )
-    for key, value in defaults.items():
+    quick = dict(batch_size=2, steps=2, videos=1, warmup=1)
+    for key, value in (quick if args.quick else dict(batch_size=8, steps=12, videos=3, warmup=3)).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -334,14 +391,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = echoai_config(args.preset)
+    if not args.default_malloc:
+        keep_freed_memory()
     if args.rss_child:
-        rss_child(*args.rss_child, config, args.batch_size, args.steps)
+        rss_child(*args.rss_child, config, args.batch_size, args.steps, args.videomae_attention)
         return
 
     started = time.perf_counter()
     if args.preset == "small":
         check_small_preset()
     info = machine_info()
+    info["malloc"] = "glibc defaults" if args.default_malloc else "keep_freed_memory()"
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print("command: python " + " ".join(sys.argv))
 
@@ -352,7 +412,7 @@ def main(argv=None) -> None:
     peaks = {p: matmul_peak_gflops(dtypes[p], repeats=repeats) for p in PRECISIONS}
     print(f"matmul peak 2048³ (start): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
 
-    # Pretraining step.
+    # Pretraining step: every model x precision in one alternation.
     pixel_values, mask = inputs(config, args.batch_size)
     num_masked = int(mask[0].sum())
     num_visible = mask.shape[1] - num_masked
@@ -361,59 +421,77 @@ def main(argv=None) -> None:
     print(
         f"\npretraining: batch {args.batch_size}, L={mask.shape[1]} tokens, V={num_visible} visible, "
         f"M={num_masked} masked; {total / 1e9:.1f} GFLOP per step ("
-        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items())
+        + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items())
         + ")"
     )
-    models = {name: build_pretraining(name, config) for name in MODELS}
-    train_times = {}
+    steps = {}
     for precision in PRECISIONS:
-        steps = {name: pretraining_step(models[name], pixel_values, mask, precision) for name in MODELS}
-        train_times[precision] = alternate(steps, args.warmup, args.steps)
-        print(f"  {precision} done ({time.perf_counter() - started:.0f} s)", flush=True)
-    del models, steps
+        for name in ("VideoMAE", "EchoAI"):
+            model = build_pretraining(name, config, args.videomae_attention)
+            steps[f"{name} {precision}"] = pretraining_step(model, pixel_values, mask, precision)
+    compile_key = None
+    if args.compile:
+        compile_key = "EchoAI-compiled bf16"
+        for name in ("VideoMAE", "EchoAI"):
+            compiled = torch.compile(build_pretraining(name, config, args.videomae_attention))
+            steps[f"{name}-compiled bf16"] = step = pretraining_step(compiled, pixel_values, mask, "bf16")
+            compile_started = time.perf_counter()
+            for _ in range(2):  # forward + backward graphs, then a step with the optimizer state in place
+                step()
+            print(
+                f"  {name} torch.compile (inductor), bf16: first two steps {time.perf_counter() - compile_started:.0f} s"
+            )
+    train_times = alternate(steps, args.warmup, args.steps)
+    print(f"  pretraining done ({time.perf_counter() - started:.0f} s)", flush=True)
+    del steps
 
-    # Inference on full clips.
-    eval_pixels, _ = inputs(config, args.eval_batch_size)
-    eval_flops = inference_flops(config, args.eval_batch_size)
-    print(f"\ninference: batch {args.eval_batch_size}, {eval_flops / 1e9:.1f} GFLOP per batch")
-    classifiers = {name: build_classifier(name, config) for name in MODELS}
-    eval_steps_count = max(2, args.steps // 2)
-    eval_times = {}
+    # Inference: one 200-frame video, all clips.
+    frames, clips = video_inputs(config, 40 if args.quick else VIDEO_FRAMES)
+    eval_flops = inference_flops(config, len(clips))
+    print(
+        f"\ninference: {len(frames)}-frame video, all-clips protocol: {len(clips)} clips in batches of "
+        f"{args.eval_batch_size}, {eval_flops / 1e9:.0f} GFLOP per video"
+    )
+    videos = {}
     for precision in PRECISIONS:
-        steps = {name: inference_step(classifiers[name], eval_pixels, precision) for name in MODELS}
-        eval_times[precision] = alternate(steps, max(1, args.warmup - 1), eval_steps_count)
-        print(f"  {precision} done ({time.perf_counter() - started:.0f} s)", flush=True)
-    del classifiers, steps
+        for name in ("VideoMAE", "EchoAI"):
+            model = build_classifier(name, config, args.videomae_attention)
+            videos[f"{name} {precision}"] = video_inference(model, frames, clips, args.eval_batch_size, precision)
+    eval_times = alternate(videos, 1 if args.quick else 1, args.videos)
+    print(f"  inference done ({time.perf_counter() - started:.0f} s)", flush=True)
+    del videos
 
-    # Peak RSS of each model's step, each in a fresh process (alternating the models here too).
-    rss = {p: {name: measure_rss(args, name, p, 1 if args.quick else 2) for name in MODELS} for p in PRECISIONS}
+    # Peak RSS of each model's step, each in a fresh process.
+    rss = {
+        f"{name} {p}": measure_rss(args, name, p, 1 if args.quick else 2)
+        for p in PRECISIONS
+        for name in ("VideoMAE", "EchoAI")
+    }
 
     end_peaks = {p: matmul_peak_gflops(dtypes[p], repeats=repeats) for p in PRECISIONS}
     print(f"matmul peak 2048³ (end): fp32 {end_peaks['fp32']:.0f} GFLOP/s, bf16 {end_peaks['bf16']:.0f} GFLOP/s")
     peaks = {p: max(peaks[p], end_peaks[p]) for p in PRECISIONS}
 
-    train_rows, train_verdicts = report_rows(train_times, total, args.batch_size, peaks, rss)
-    eval_rows, eval_verdicts = report_rows(eval_times, eval_flops, args.eval_batch_size, peaks)
     headers = [
-        "model", "precision", "median ms", "best ms", "clips/s", "EchoAI speed-up [IQR]", "speed-up of best",
-        "GFLOP/s", "MFU",
+        "model", "precision", "median ms", "best ms", "{per}", "speed-up vs VideoMAE, same precision [IQR]",
+        "speed-up vs VideoMAE fp32 [IQR]", "GFLOP/s", "MFU",
     ]  # fmt: skip
     print(
-        f"\nPretraining step (fwd + bwd + AdamW), batch {args.batch_size}, {args.warmup} warm-up + "
-        f"{args.steps} measured steps each, alternating:"
+        f"\nPretraining step (fwd + bwd + fused AdamW), batch {args.batch_size}, {args.warmup} warm-up + "
+        f"{args.steps} measured rounds, alternating:"
     )
-    print(markdown_table(headers + ["peak RSS MiB (+step)"], train_rows))
+    train_rows = report_rows(train_times, total, args.batch_size, peaks, rss)
+    print(markdown_table([h.format(per="clips/s") for h in headers] + ["peak RSS MiB (+step)"], train_rows))
+    print(f"\nInference, all-clips protocol on a {len(frames)}-frame video, {args.videos} measured rounds:")
+    eval_rows = report_rows(eval_times, eval_flops, 1, peaks)
     print(
-        f"\nInference (no_grad, eval), batch {args.eval_batch_size}, {max(1, args.warmup - 1)} warm-up + "
-        f"{eval_steps_count} measured batches each, alternating:"
+        markdown_table(
+            [h.replace("median ms", "median ms per video").format(per="videos/s") for h in headers], eval_rows
+        )
     )
-    print(markdown_table(headers, eval_rows))
-    print(
-        "\nEchoAI no slower than VideoMAE at equal precision: "
-        + "; ".join(f"pretrain {p}: {v}" for p, v in train_verdicts.items())
-        + "; "
-        + "; ".join(f"inference {p}: {v}" for p, v in eval_verdicts.items())
-    )
+    print("\nGoals:")
+    for line in goals(train_times, total, eval_times, peaks, rss, len(frames), compile_key):
+        print("  " + line)
     print(f"wall time: {time.perf_counter() - started:.0f} s")
 
 

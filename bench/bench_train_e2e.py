@@ -8,7 +8,7 @@ Two contenders, alternated in one process, per precision (fp32, bf16):
   times are the intervals between consecutive optimizer steps, stamped by the script's own per-step hook
   (`on_step`, through the `save_reconstruction` name it calls, replaced by a timestamp), after a warm-up;
 * model only: `EchoAIForPreTraining` small on a synthetic (B, T, C, H, W) tensor already in memory, with the
-  same step: tube mask, forward (bf16 autocast when bf16), backward, gradient clipping, AdamW, zero_grad.
+  same step: tube mask, forward (bf16 autocast when bf16), backward, gradient clipping, fused AdamW (as the script), zero_grad.
 
 Rounds alternate the contenders (end to end, model only; then model only, end to end; ...). Reported: median
 step times, videos/s, and the pipeline overhead 1 - (e2e videos/s) / (model-only videos/s). Goal: < 20 %.
@@ -39,6 +39,7 @@ from common import machine_info, markdown_table  # noqa: E402
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from data_echoai import synthetic_echonet_dir  # noqa: E402
 from modeling_echoai import EchoAIForPreTraining  # noqa: E402
+from training_echoai import keep_freed_memory  # noqa: E402
 
 
 def load_pretrain():
@@ -70,7 +71,7 @@ def model_only_step_times(precision: str, steps: int, warmup: int, args) -> list
     """The same optimizer step on a synthetic in-memory batch: forward, backward, clip, AdamW, zero_grad."""
     torch.manual_seed(args.seed)
     model = EchoAIForPreTraining(EchoAIConfig.from_preset(args.preset)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     config = model.config
     pixel_values = torch.randn(
         args.batch_size, config.num_frames, config.num_channels, config.image_size, config.image_size
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A smoke run: 1 round, 2 measured steps, 1 warm-up.")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the script's build_accelerator does, for both contenders from the start
     if args.quick:
         args.rounds, args.steps_fp32, args.steps_bf16, args.warmup = 1, 2, 2, 1
 

@@ -8,6 +8,7 @@ rather than as absolute numbers.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -79,6 +80,13 @@ def alternate(steps: dict[str, Callable[[], None]], warmup: int, measured: int) 
             step()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def precision_context(precision: str):
+    """bf16 autocast on CPU for "bf16", nothing for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
