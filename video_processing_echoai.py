@@ -189,8 +189,10 @@ def decode_video_frames(path: str | os.PathLike, frame_indices: Sequence[int] | 
     """Decode only the frames at `frame_indices` (any order, repeats allowed) as grey uint8.
 
     Seeks to the key frame at or before the first wanted frame, decodes forward and stops after
-    the last wanted one. Frame numbers come from presentation timestamps, so they stay right after a
-    seek; a stream without timestamps is decoded from the start, counting frames.
+    the last wanted one. In an intra-only stream (MJPEG, as EchoNet-Dynamic's AVIs; every frame stands
+    alone) the packets of unwanted frames are skipped undecoded: a period-2 clip decodes 16 frames, not 31.
+    Frame numbers come from presentation timestamps, so they stay right after a seek; a stream without
+    timestamps is decoded from the start, counting frames.
 
     Raises:
         VideoDecodingError: unreadable file, corrupt data, or a wanted frame past the end of the
@@ -203,19 +205,22 @@ def decode_video_frames(path: str | os.PathLike, frame_indices: Sequence[int] | 
     first, last = int(indices.min()), int(indices.max())
     with _open_video(path) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         num_video_frames = _count_frames(container, stream)
         rate, start_pts = _frame_rate(stream), stream.start_time or 0
         can_seek = first > 0 and rate is not None and stream.time_base is not None
 
-        def frame_number(frame: av.VideoFrame) -> int | None:
-            if frame.pts is None or rate is None:
+        def frame_number(pts: int | None) -> int | None:
+            if pts is None or rate is None:
                 return None
-            return round((frame.pts - start_pts) * stream.time_base * rate)
+            return round((pts - start_pts) * stream.time_base * rate)
 
+        intra_only = bool(getattr(stream.codec_context.codec, "intra_only", False)) and rate is not None
         frames: dict[int, np.ndarray] = {}
         num_decoded = 0
-        for attempt_seek in (True, False) if can_seek else (False,):
+        attempts = [(True, intra_only), (False, intra_only)] if can_seek else [(False, intra_only)]
+        if intra_only:  # a stream whose packets lack timestamps after all: decode everything, counting
+            attempts.append((False, False))
+        for attempt_seek, skip_unwanted in attempts:
             frames.clear()
             if attempt_seek:
                 container.seek(start_pts + int(first / rate / stream.time_base), stream=stream, backward=True)
@@ -223,9 +228,29 @@ def decode_video_frames(path: str | os.PathLike, frame_indices: Sequence[int] | 
                 container.seek(0)
             position, usable = -1, True
             try:
+                if skip_unwanted:
+                    for packet in container.demux(stream):
+                        if packet.size == 0:  # the demuxer's end-of-stream marker
+                            continue
+                        number = frame_number(packet.pts)
+                        if number is None or (not frames and number > first):
+                            usable = False  # no timestamps, or the demuxer seeked past the target
+                            break
+                        position = number
+                        if number in wanted:
+                            for frame in packet.decode():
+                                num_decoded += 1
+                                frames[number] = _grey(frame)
+                        if number >= last:
+                            break
+                    if usable:
+                        break
+                    continue
+                if not stream.codec_context.is_open:  # frame threads for inter-coded streams (set before opening)
+                    stream.thread_type = "AUTO"
                 for frame in container.decode(stream):
                     num_decoded += 1
-                    number = frame_number(frame)
+                    number = frame_number(frame.pts)
                     position = number if number is not None else position + 1
                     if attempt_seek and (number is None or (not frames and number > first)):
                         usable = False  # no timestamps, or the demuxer seeked past the target
