@@ -133,8 +133,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     add(
         "--torch_compile", action="store_true",
-        help="Compile the model with torch.compile (through accelerate). The first steps pay the compilation (about "
-        "a minute for the small preset on CPU); then a bf16 CPU step of the small preset ran 1.1-1.2x faster.",
+        help="Compile the model with torch.compile (through accelerate). The first steps pay the compilation (half "
+        "a minute to a minute for the small preset on CPU); then a bf16 CPU step of the small preset ran 1.06x faster.",
     )  # fmt: skip
     add("--torch_compile_backend", default="inductor", help="torch.compile backend with --torch_compile.")
     add("--push_to_hub", action="store_true")

@@ -32,9 +32,9 @@ from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices, decode_video_frames, probe_video
 
 
-# Input rate a pretraining step consumes: ViT-S (384 wide, 12 layers) at 16 x 112^2, batch 8, for
-# transformers' VideoMAE on the 2-core development machine (the `small` preset's size class).
-PRETRAIN_VIDEOS_PER_S = {"fp32": 8.6, "bf16": 12.7}
+# Input rate a pretraining step consumes: EchoAI's `small` preset (ViT-S, 384 wide, 12 layers) at 16 x 112^2,
+# batch 8, on the 2-core development machine (docs/BENCHMARKS.md, bench_pretrain.py).
+PRETRAIN_VIDEOS_PER_S = {"fp32": 14.5, "bf16": 37.3}
 
 
 def decode_all_frames(path: str) -> np.ndarray:

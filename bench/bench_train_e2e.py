@@ -3,12 +3,13 @@
 Two contenders, alternated in one process, per precision (fp32, bf16):
 
 * end to end: the real `scripts/pretrain.py` `main()` -- EchoNet-layout synthetic corpus, `TrainingClips`
-  (PyAV partial decoding, random clip, augmentation), the DataLoader with workers, `accelerate`, the shared
+  (PyAV partial decoding, random clip, augmentation), the DataLoader (`--num_workers`), `accelerate`, the shared
   `training_echoai.train` loop (flags all-reduce, clipping, scheduler, logging) -- on the `small` preset. Step
   times are the intervals between consecutive optimizer steps, stamped by the script's own per-step hook
   (`on_step`, through the `save_reconstruction` name it calls, replaced by a timestamp), after a warm-up;
 * model only: `EchoAIForPreTraining` small on a synthetic (B, T, C, H, W) tensor already in memory, with the
-  same step: tube mask, forward (bf16 autocast when bf16), backward, gradient clipping, fused AdamW (as the script), zero_grad.
+  same step: tube mask, forward (bf16 autocast when bf16), backward, gradient clipping, fused AdamW (as the
+  script), zero_grad.
 
 Rounds alternate the contenders (end to end, model only; then model only, end to end; ...). Reported: median
 step times, videos/s, and the pipeline overhead 1 - (e2e videos/s) / (model-only videos/s). Goal: < 20 %.
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--num_videos", type=int, default=128, help="Synthetic corpus size (EchoNet layout).")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (default 0, as the scripts).")
     parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds per precision.")
     parser.add_argument("--steps_fp32", type=int, default=6, help="Measured steps per contender and round, fp32.")
     parser.add_argument("--steps_bf16", type=int, default=16, help="Measured steps per contender and round, bf16.")
