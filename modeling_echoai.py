@@ -415,7 +415,7 @@ class EchoAISelfAttention(nn.Module):
         )
         query, key, value = qkv.unbind(0)  # each (B, heads, L, d)
         implementation = self.config._attn_implementation
-        if implementation == "sdpa" and query.device.type == "cpu" and query.dtype != torch.float32:
+        if implementation == "sdpa" and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
             # In fp32 torch's fused CPU kernel is the faster one; in half precision it is not.
             output = chunked_attention_forward(query, key, value, self.scaling, self.dropout_prob, self.training)
             return self.proj_dropout(self.proj(rearrange(output, "b l heads d -> b l (heads d)"))), None
