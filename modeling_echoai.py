@@ -360,8 +360,8 @@ def eager_attention_forward(
     """softmax(q kᵀ · scaling) v on (B, heads, L, d) tensors; returns (B, L, heads, d) and the weights.
 
     The scaling is applied to q (L x d) rather than to the (L x L) scores. The softmax runs in the inputs'
-    dtype: CPU and CUDA kernels accumulate half-precision inputs in fp32 and round once on output, the same
-    numerics as an fp32 softmax cast back, without an fp32 copy of the scores kept for the backward.
+    dtype: CPU and CUDA kernels accumulate half-precision inputs in fp32 and round once on output, the values
+    of an fp32 softmax cast back, without an fp32 copy of the scores kept for the backward.
     """
     weights = torch.matmul(query * scaling, key.transpose(-1, -2))
     if attention_mask is not None:
@@ -381,7 +381,7 @@ def chunked_attention_forward(
 ) -> torch.Tensor:
     """softmax(q kᵀ · scaling) v as two matmuls and a softmax, over chunks of the batch small enough for the
     scores to stay in cache; returns (B, L, heads, d). What "sdpa" runs on CPU in bf16 / fp16: at EchoAI's
-    shapes, torch's fused CPU kernel is 2-5x slower there (bench/bench_attention.py). The math is eager's."""
+    shapes, torch's fused CPU kernel is 1.7-4.8x slower there (bench/bench_attention.py). The math is eager's."""
     batch_size, num_heads, length, _ = query.shape
     chunk = max(1, ATTENTION_CHUNK_ELEMENTS // (num_heads * length * key.shape[2]))
     outputs = []
