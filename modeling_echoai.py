@@ -377,21 +377,26 @@ ATTENTION_CHUNK_ELEMENTS = 1 << 22
 
 
 def chunked_attention_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, dropout: float, training: bool
-) -> torch.Tensor:
-    """softmax(q kᵀ · scaling) v as two matmuls and a softmax, over chunks of the batch small enough for the
-    scores to stay in cache; returns (B, L, heads, d). What "sdpa" runs on CPU in bf16 / fp16: at EchoAI's
-    shapes, torch's fused CPU kernel is 1.7-4.8x slower there (bench/bench_attention.py). The math is eager's."""
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`eager_attention_forward` over chunks of the batch small enough for the scores to stay in cache; returns
+    (B, L, heads, d) and no weights, as SDPA. What "sdpa" runs on CPU in bf16 / fp16: at EchoAI's shapes, torch's
+    fused CPU kernel is 1.7-4.8x slower there (bench/bench_attention.py)."""
     batch_size, num_heads, length, _ = query.shape
     chunk = max(1, ATTENTION_CHUNK_ELEMENTS // (num_heads * length * key.shape[2]))
     outputs = []
     for start in range(0, batch_size, chunk):
         part = slice(start, start + chunk)
-        weights = F.softmax(torch.matmul(query[part] * scaling, key[part].transpose(-1, -2)), dim=-1)
-        weights = F.dropout(weights, p=dropout, training=training)
-        outputs.append(torch.matmul(weights, value[part]))
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return rearrange(output, "b heads l d -> b l heads d")
+        mask = attention_mask[part] if attention_mask is not None and attention_mask.shape[0] > 1 else attention_mask
+        outputs.append(eager_attention_forward(module, query[part], key[part], value[part], mask, scaling, dropout)[0])
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
 
 
 class EchoAISelfAttention(nn.Module):
@@ -415,11 +420,9 @@ class EchoAISelfAttention(nn.Module):
         )
         query, key, value = qkv.unbind(0)  # each (B, heads, L, d)
         implementation = self.config._attn_implementation
-        if implementation == "sdpa" and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
-            # In fp32 torch's fused CPU kernel is the faster one; in half precision it is not.
-            output = chunked_attention_forward(query, key, value, self.scaling, self.dropout_prob, self.training)
-            return self.proj_dropout(self.proj(rearrange(output, "b l heads d -> b l (heads d)"))), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if implementation == "sdpa" and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+            attention_interface = chunked_attention_forward  # in fp32 torch's fused CPU kernel is the faster one
         output, weights = attention_interface(
             self,
             query,

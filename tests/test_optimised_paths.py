@@ -94,7 +94,7 @@ def test_chunked_attention_equals_sdpa_with_gradients(monkeypatch, chunk_element
     monkeypatch.setattr(modeling_echoai, "ATTENTION_CHUNK_ELEMENTS", chunk_elements)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(5, 4, 32, 8, generator=generator, requires_grad=True) for _ in range(3))
-    output = chunked_attention_forward(q, k, v, scaling=8**-0.5, dropout=0.0, training=True)  # (B, L, heads, d)
+    output, _ = chunked_attention_forward(torch.nn.Module(), q, k, v, None, scaling=8**-0.5)  # (B, L, heads, d)
     reference = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(output.square().sum(), (q, k, v))
