@@ -243,22 +243,20 @@ def decode_video_frames(path: str | os.PathLike, frame_indices: Sequence[int] | 
                                 frames[number] = _grey(frame)
                         if number >= last:
                             break
-                    if usable:
-                        break
-                    continue
-                if not stream.codec_context.is_open:  # frame threads for inter-coded streams (set before opening)
-                    stream.thread_type = "AUTO"
-                for frame in container.decode(stream):
-                    num_decoded += 1
-                    number = frame_number(frame.pts)
-                    position = number if number is not None else position + 1
-                    if attempt_seek and (number is None or (not frames and number > first)):
-                        usable = False  # no timestamps, or the demuxer seeked past the target
-                        break
-                    if position in wanted:
-                        frames[position] = _grey(frame)
-                    if position >= last:
-                        break
+                else:
+                    if not stream.codec_context.is_open:  # frame threads for inter-coded streams, set before opening
+                        stream.thread_type = "AUTO"
+                    for frame in container.decode(stream):
+                        num_decoded += 1
+                        number = frame_number(frame.pts)
+                        position = number if number is not None else position + 1
+                        if attempt_seek and (number is None or (not frames and number > first)):
+                            usable = False  # no timestamps, or the demuxer seeked past the target
+                            break
+                        if position in wanted:
+                            frames[position] = _grey(frame)
+                        if position >= last:
+                            break
             except av.FFmpegError as error:
                 raise VideoDecodingError(path, f"corrupt data near frame {position + 1} ({error})") from error
             if usable:
