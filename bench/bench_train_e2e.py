@@ -35,7 +35,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import machine_info, markdown_table  # noqa: E402
+from common import machine_info, markdown_table, precision_context  # noqa: E402
 
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from data_echoai import synthetic_echonet_dir  # noqa: E402
@@ -77,12 +77,11 @@ def model_only_step_times(precision: str, steps: int, warmup: int, args) -> list
     pixel_values = torch.randn(
         args.batch_size, config.num_frames, config.num_channels, config.image_size, config.image_size
     )
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
         mask = model.make_mask(pixel_values, generator=torch.Generator().manual_seed(step))
-        with autocast:
+        with precision_context(precision):
             loss = model(pixel_values=pixel_values, bool_masked_pos=mask).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
