@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from inference_echoai import (
-    PROTOCOLS,
     ModelLoadingError,
+    add_prediction_arguments,
     bland_altman_plot,
     load_model_and_processor,
     nearest_frame_error,
     predict_videos,
+    prediction_options,
     scatter_plot,
 )
 from metrics_echoai import compute_ef_metrics
@@ -54,21 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default=None, help="EchoNet-Dynamic folder (default: the synthetic corpus).")
     parser.add_argument("--synthetic_num_videos", type=int, default=200, help="Size of the default synthetic corpus.")
     parser.add_argument("--split", choices=SPLITS, default="test")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="all_clips")
-    parser.add_argument("--num_clips", type=int, default=4, help="Clips per video for --protocol k_clips.")
+    add_prediction_arguments(parser)
     parser.add_argument("--beat_by_beat", action="store_true", help="Also score clips centred on detected beats.")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=32, help="Clips per forward pass.")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader processes decoding videos.")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples (EchoNet: 10,000).")
     parser.add_argument("--confidence", type=float, default=0.95, help="Bootstrap interval coverage.")
     parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate only the first N videos.")
     parser.add_argument("--output_dir", default="outputs/evaluate")
     args = parser.parse_args(argv)
-    if args.num_clips < 1 or args.per_device_eval_batch_size < 1:
-        parser.error("--num_clips and --per_device_eval_batch_size must be at least 1")
+    args.prediction = prediction_options(parser, args)
     return args
 
 
@@ -148,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     # Predictions.
-    results = predict_videos(
-        model, processor, rows["video_path"], protocol=args.protocol, num_clips=args.num_clips,
-        beat_by_beat=args.beat_by_beat, batch_size=args.per_device_eval_batch_size,
-        num_workers=args.num_workers, bf16=args.bf16,
-    )  # fmt: skip
+    results = predict_videos(model, processor, rows["video_path"], beat_by_beat=args.beat_by_beat, **args.prediction)
     table["EF_predicted"] = [r.ef for r in results]
     table["clip_spread"] = [r.clip_spread for r in results]
     table["num_clips"] = [r.num_clips for r in results]

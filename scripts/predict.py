@@ -24,10 +24,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from data_echoai import VIDEO_EXTENSIONS
-from inference_echoai import PROTOCOLS, ModelLoadingError, load_model_and_processor, predict_videos
+from inference_echoai import (
+    ModelLoadingError,
+    add_prediction_arguments,
+    load_model_and_processor,
+    predict_videos,
+    prediction_options,
+)
 from training_echoai import keep_freed_memory
 
 
@@ -39,18 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="Fine-tuned model folder with its processor (nothing is downloaded).",
     )
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="all_clips")
-    parser.add_argument("--num_clips", type=int, default=4, help="Clips per video for --protocol k_clips.")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=32, help="Clips per forward pass.")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader processes decoding videos.")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_prediction_arguments(parser)
     parser.add_argument("--output", default=None, help="Also write the table to this .csv or .json file.")
     args = parser.parse_args(argv)
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         parser.error(f"--output must end in .csv or .json, got {args.output}")
-    if args.num_clips < 1 or args.per_device_eval_batch_size < 1:
-        parser.error("--num_clips and --per_device_eval_batch_size must be at least 1")
+    args.prediction = prediction_options(parser, args)
     return args
 
 
@@ -80,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    results = predict_videos(
-        model, processor, videos, protocol=args.protocol, num_clips=args.num_clips,
-        batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers, bf16=args.bf16,
-        progress=len(videos) > 1,
-    )  # fmt: skip
+    results = predict_videos(model, processor, videos, progress=len(videos) > 1, **args.prediction)
     root = Path(args.video_or_dir) if Path(args.video_or_dir).is_dir() else None
     rows = [
         {

@@ -159,6 +159,34 @@ def test_batched_predictions_equal_clip_by_clip_predictions(model_dir, split_row
         assert result.ef == pytest.approx(float(slow.double().mean()), abs=1e-5)
 
 
+def test_compiled_prediction_compiles_once_and_equals_eager(model_dir, split_rows):
+    """`compile_backend`: the partial last batch is padded to the batch size, so the whole run is one compiled
+    graph, and the predictions are the eager ones (padding clips dropped)."""
+    model, processor = load_model_and_processor(model_dir)
+    paths = list(split_rows["video_path"][:2])
+    eager = predict_videos(model, processor, paths, batch_size=7, progress=False)
+    assert sum(r.num_clips for r in eager) % 7, "the test needs a partial last batch"
+    compilations = []
+
+    def counting_backend(graph_module, example_inputs):
+        compilations.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = predict_videos(model, processor, paths, batch_size=7, progress=False, compile_backend=counting_backend)
+    assert len(compilations) == 1
+    for fast, slow in zip(compiled, eager, strict=True):
+        assert fast.num_clips == slow.num_clips
+        np.testing.assert_allclose(fast.clip_predictions, slow.clip_predictions, rtol=0, atol=1e-5)
+
+    for name in ("predict", "evaluate"):
+        required = ["videos"] if name == "predict" else []
+        args = load_script(name).parse_args([*required, "--model_name_or_path", "m", "--torch_compile"])
+        assert args.prediction["compile_backend"] == "inductor"
+        args = load_script(name).parse_args([*required, "--model_name_or_path", "m"])
+        assert args.prediction["compile_backend"] is None
+
+
 def test_predict_lists_unreadable_videos_and_predicts_the_rest(corpus, model_dir, tmp_path, capsys):
     folder = tmp_path / "videos"
     folder.mkdir()
