@@ -27,7 +27,8 @@ warm-up, so every ratio pairs steps taken moments apart; medians and interquarti
 ratios are reported. VideoMAE uses SDPA attention, its default (`--videomae_attention eager` for the other).
 
 The peak resident memory of each model's pretraining step is read in a fresh subprocess per model and
-precision (`VmHWM` of /proc/self/status, the process's peak RSS including torch itself; in brackets the
+precision (`VmHWM` of /proc/self/status, the process's peak RSS including torch itself; the median of 3 such
+processes, as one process's peak varies by tens of MiB from run to run; in brackets the
 growth over the RSS just before the first step).
 
 Model FLOPs are counted analytically (`pretrain_flops`, `inference_flops`) from the layer shapes, the same
@@ -283,12 +284,23 @@ def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps
 
 
 def measure_rss(args, name: str, precision: str, steps: int) -> dict[str, float]:
+    """Peak RSS of `args.rss_runs` fresh processes (the median, and the range): one process's peak varies by a few
+    tens of MiB from run to run with where the allocator happens to place things."""
     command = [
         sys.executable, __file__, "--rss_child", name, precision, "--preset", args.preset,
         "--batch_size", str(args.batch_size), "--steps", str(steps), "--videomae_attention", args.videomae_attention,
     ] + (["--default_malloc"] if args.default_malloc else [])  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(args.rss_runs):
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    peaks = [run["peak_mib"] for run in runs]
+    return {
+        "peak_mib": statistics.median(peaks),
+        "before_mib": statistics.median(run["before_mib"] for run in runs),
+        "min_mib": min(peaks),
+        "max_mib": max(peaks),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +344,11 @@ def report_rows(times, flops, items_per_step, peaks, rss=None, per="clips/s"):
         ]  # fmt: skip
         if rss is not None:
             r = rss.get(key)
-            row.append(f"{r['peak_mib']:.0f} (+{r['peak_mib'] - r['before_mib']:.0f})" if r else "–")
+            row.append(
+                f"{r['peak_mib']:.0f} (+{r['peak_mib'] - r['before_mib']:.0f}) [{r['min_mib']:.0f}–{r['max_mib']:.0f}]"
+                if r
+                else "–"
+            )
         rows.append(row)
     return rows
 
@@ -379,8 +395,12 @@ def goals(train_times, train_flops, eval_times, eval_flops, peaks, rss, video_fr
             f"needs {100 * need:.0f} % MFU)"
         )
     for precision in PRECISIONS:
-        echoai, videomae = rss[f"EchoAI {precision}"]["peak_mib"], rss[f"VideoMAE {precision}"]["peak_mib"]
-        lines.append(f"peak RSS {precision}: EchoAI {echoai:.0f} MiB vs VideoMAE {videomae:.0f} MiB (goal <=)")
+        echoai, videomae = rss[f"EchoAI {precision}"], rss[f"VideoMAE {precision}"]
+        lines.append(
+            f"peak RSS {precision}, median of fresh processes: EchoAI {echoai['peak_mib']:.0f} MiB "
+            f"[{echoai['min_mib']:.0f}-{echoai['max_mib']:.0f}] vs VideoMAE {videomae['peak_mib']:.0f} MiB "
+            f"[{videomae['min_mib']:.0f}-{videomae['max_mib']:.0f}] (goal <=)"
+        )
     return lines
 
 
@@ -395,11 +415,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="Add both models' bf16 steps under torch.compile.")
     parser.add_argument("--default_malloc", action="store_true", help="Leave glibc's malloc at its defaults.")
     parser.add_argument("--videomae_attention", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--rss_runs", type=int, default=None, help="Fresh processes per peak-RSS figure (3).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: batch 2, 1 warm-up, 2 rounds, 40 frames.")
     parser.add_argument("--rss_child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = dict(batch_size=2, steps=2, videos=1, warmup=1)
-    for key, value in (quick if args.quick else dict(batch_size=8, steps=12, videos=3, warmup=3)).items():
+    quick = dict(batch_size=2, steps=2, videos=1, warmup=1, rss_runs=1)
+    for key, value in (quick if args.quick else dict(batch_size=8, steps=12, videos=3, warmup=3, rss_runs=3)).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -507,7 +528,12 @@ def main(argv=None) -> None:
         f"{args.steps} measured rounds, alternating:"
     )
     train_rows = report_rows(train_times, total, args.batch_size, peaks, rss)
-    print(markdown_table([h.format(per="clips/s") for h in headers] + ["peak RSS MiB (+step)"], train_rows))
+    print(
+        markdown_table(
+            [h.format(per="clips/s") for h in headers] + [f"peak RSS MiB (+step) [range of {args.rss_runs}]"],
+            train_rows,
+        )
+    )
     print(f"\nInference, all-clips protocol on a {len(frames)}-frame video, {args.videos} measured rounds:")
     eval_rows = report_rows(eval_times, eval_flops, 1, peaks)
     print(
