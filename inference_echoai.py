@@ -447,7 +447,7 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--torch_compile", action="store_true",
         help="Run the model under torch.compile with frozen weights. The first batch pays the compilation (about "
-        "half a minute for the small preset on CPU); then bf16 CPU inference of the small preset ran about 1.2x "
+        "half a minute for the small preset on CPU); then bf16 CPU inference of the small preset ran 1.15-1.2x "
         "faster. Worth it for a test set, not for a few videos.",
     )  # fmt: skip
     add("--torch_compile_backend", default="inductor", help="torch.compile backend with --torch_compile.")
