@@ -340,7 +340,7 @@ def report_rows(times, flops, items_per_step, peaks, rss=None, per="clips/s"):
         row = [
             name, precision, f"{seconds * 1e3:.0f}", f"{min(values) * 1e3:.0f}", f"{items_per_step / seconds:.2f}",
             versus(times, key, f"VideoMAE {precision}"), versus(times, key, "VideoMAE fp32"), f"{gflops:.0f}",
-            f"{100 * gflops / peaks[precision]:.0f} %",
+            f"{100 * mfu(flops, values, peaks[precision]):.0f} %",
         ]  # fmt: skip
         if rss is not None:
             r = rss.get(key)
@@ -353,10 +353,15 @@ def report_rows(times, flops, items_per_step, peaks, rss=None, per="clips/s"):
     return rows
 
 
+def mfu(flops: float, times: list[float], peak: float) -> float:
+    """Model FLOP utilisation: `flops` per step over the median step time, as a fraction of `peak` GFLOP/s."""
+    return flops / statistics.median(times) / 1e9 / peak
+
+
 def needed_mfu(flops: float, reference: list[float], peak: float, target: float = 1.5) -> float:
     """The MFU a model would need to run `target` times faster than the `reference` step times, at the same
     model FLOPs: over 100 % means no implementation of the same computation can reach it on this machine."""
-    return flops / (statistics.median(reference) / target) / 1e9 / peak
+    return target * mfu(flops, reference, peak)
 
 
 def goals(train_times, train_flops, eval_times, eval_flops, peaks, rss, video_frames, compiled=False) -> list[str]:
@@ -381,8 +386,10 @@ def goals(train_times, train_flops, eval_times, eval_flops, peaks, rss, video_fr
         ratio, low, high = speedup(train_times["EchoAI-compiled bf16"], train_times["VideoMAE-compiled bf16"])
         lines.append(f"pretraining, both compiled, bf16, EchoAI / VideoMAE: {ratio:.2f}x [{low:.2f}-{high:.2f}]")
     for key in ["EchoAI bf16"] + (["EchoAI-compiled bf16"] if compiled else []):
-        mfu = train_flops / statistics.median(train_times[key]) / 1e9 / peaks["bf16"]
-        lines.append(f"pretraining MFU, {key}: {100 * mfu:.0f} % of {peaks['bf16']:.0f} GFLOP/s (goal >= 50 %)")
+        utilisation = mfu(train_flops, train_times[key], peaks["bf16"])
+        lines.append(
+            f"pretraining MFU, {key}: {100 * utilisation:.0f} % of {peaks['bf16']:.0f} GFLOP/s (goal >= 50 %)"
+        )
     pairs = [(f"EchoAI {p}", f"VideoMAE {p}", p) for p in PRECISIONS]
     if compiled:
         pairs.append(("EchoAI-compiled bf16", "VideoMAE-compiled bf16", "bf16"))
@@ -493,7 +500,7 @@ def main(argv=None) -> None:
         for name in ("VideoMAE", "EchoAI"):
             model = build_classifier(name, config, args.videomae_attention)
             videos[f"{name} {precision}"] = video_inference(model, frames, clips, args.eval_batch_size, precision)
-    if args.compile:  # as scripts/evaluate.py --torch_compile: frozen weights, static shapes
+    if args.compile:  # as scripts/evaluate.py --torch_compile: inductor, frozen weights
         for name in ("VideoMAE", "EchoAI"):
             compiled = compile_for_inference(build_classifier(name, config, args.videomae_attention))
             videos[f"{name}-compiled bf16"] = video = video_inference(
@@ -504,7 +511,7 @@ def main(argv=None) -> None:
             print(
                 f"  {name} torch.compile (inductor, frozen weights), bf16: first video {time.perf_counter() - compile_started:.0f} s"
             )
-    eval_times = alternate(videos, 1 if args.quick else 1, args.videos)
+    eval_times = alternate(videos, 1, args.videos)
     print(f"  inference done ({time.perf_counter() - started:.0f} s)", flush=True)
     del videos
 
