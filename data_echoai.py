@@ -51,7 +51,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Value
 from tqdm.auto import tqdm
 
-from synthetic_echonet import make_synthetic_echonet
+from synthetic_echonet import PHANTOM_VERSION, make_synthetic_echonet
 from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, probe_video
 
 
@@ -312,7 +312,9 @@ def default_cache_dir() -> Path:
 def synthetic_echonet_dir(
     num_videos: int = 200, seed: int = 0, cache_dir: str | os.PathLike | None = None, num_workers: int | None = None
 ) -> Path:
-    """Path of the synthetic EchoNet-layout corpus `<cache>/synthetic_echonet/<num_videos>_<seed>`, made once.
+    """Path of the synthetic corpus `<cache>/synthetic_echonet/v<PHANTOM_VERSION>_<num_videos>_<seed>`, made once.
+
+    The phantom's version is part of the name, so a corpus rendered by an older phantom is never reused.
 
     The corpus is written to a temporary sibling folder and renamed into place when complete, so an
     interrupted run never leaves a half corpus behind, and concurrent callers (e.g. one per
@@ -323,7 +325,7 @@ def synthetic_echonet_dir(
         num_workers: rendering processes, see `synthetic_echonet.make_synthetic_echonet`.
     """
     root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "synthetic_echonet"
-    target = root / f"{num_videos}_{seed}"
+    target = root / f"v{PHANTOM_VERSION}_{num_videos}_{seed}"
     if (target / "FileList.csv").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)

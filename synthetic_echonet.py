@@ -15,16 +15,28 @@ Layout (identical to the released dataset, see ``data_echoai.load_echonet_dynami
 
 The phantom, per video (all sizes in pixels of the 112x112 frame):
 
-* an ultrasound sector (fan) with its apex at the top centre, depth attenuation and multiplicative
-  speckle (Rayleigh-distributed magnitude of smoothed complex Gaussian noise, partly re-drawn every
-  frame so it "boils" like real speckle);
 * an apical-4-chamber arrangement: the left ventricle (LV) on the image's right, its apex under the
   transducer, a dark blood pool inside a bright myocardial wall that thickens in systole; the right
   ventricle (RV) on the left, separated by the septum; both atria below the valve plane, filling
   while the ventricles empty;
 * the LV cavity is a truncated ellipse ("bullet"): long axis ``L`` from the apex to the mitral
-  annulus, half-width ``b``. Over the cardiac cycle (heart rate 50-110 bpm, random phase) both
-  shrink towards end-systole; the long axis shortens less than the short axis, as in real hearts.
+  annulus, half-width ``b``. Over the cardiac cycle (random phase) both shrink towards end-systole;
+  the long axis shortens less than the short axis, as in real hearts;
+* multiplicative speckle with a Rayleigh-distributed magnitude (mean 1, grain ~2 px) that no frame
+  shares with a distant one, so a model cannot tell videos apart by a fixed speckle fingerprint and
+  has to read the heart. Its complex Gaussian field evolves as an AR(1) process over frames (lag-1
+  correlation 0.7-0.9 per video: neighbouring frames alike, frames ~20 apart independent), and it
+  is sampled in tissue coordinates, so the pattern moves with the heart: the LV cavity scales about
+  the apex with ``L`` and ``b``, and the tissue around it follows the cavity boundary, fading with
+  the distance from it;
+* an ultrasound sector (fan) with its apex at the top centre and acquisition that differs between
+  and within videos: depth attenuation with a per-video slope (0.3-0.6 of the signal lost at the
+  far edge), an overall gain (0.8-1.1) that drifts slowly by 2-5 % (a sinusoid of 3-10 s period),
+  and electronic noise. On average the contrast between cavity and tissue is that of version 1,
+  whose slope (0.45) and gain were fixed per video.
+
+Frame rates and heart rates spread as in EchoNet-Dynamic: 50 fps for 80 % of the videos, otherwise
+uniform in 24-60 fps; heart rate from a normal distribution (mean 75, sd 15 bpm) clipped to 45-140.
 
 Labels come from the phantom's own geometry, the way a sonographer measures them: at the
 end-diastolic (ED, largest LV) and end-systolic (ES, smallest LV) frames of the first cardiac cycle
@@ -36,8 +48,10 @@ with mean 55 and standard deviation 12 clipped to [10, 85], roughly EchoNet-Dyna
 the written EF is the one measured on the traced frames, which sample the cycle at the video's frame
 rate and so land close to, not exactly on, the target. EDV targets are log-normal around 95 mL.
 
-Videos are 30-60 frames per second and 60-200 frames long, always at least 1.1 cardiac cycles so
-both traced frames lie inside the video; splits are TRAIN/VAL/TEST in proportions 75/12.5/12.5.
+Videos are 60-200 frames long, always at least 1.1 cardiac cycles so both traced frames lie inside
+the video; splits are TRAIN/VAL/TEST in proportions 75/12.5/12.5. As in EchoNet-Dynamic's CSV, a
+video's ES tracing block comes first in ``VolumeTracings.csv`` and its ED block last. Frames are
+encoded from grey, so the decoded chroma is neutral (R = G = B).
 
 Everything is drawn from ``numpy.random.SeedSequence(seed)``, one child sequence per video, so the
 same seed gives byte-identical CSVs and identical decoded frames, whatever the number of worker
@@ -60,6 +74,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
+# Part of the cache folder's name (data_echoai.synthetic_echonet_dir): raise it whenever the same seed
+# renders different videos or labels, so a corpus made by an older phantom is not reused.
+PHANTOM_VERSION = 2
 FRAME_SIZE = 112
 NUM_CHORDS = 20
 FILE_LIST_COLUMNS = ["FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split"]
@@ -94,15 +111,99 @@ def _smooth(noise: np.ndarray) -> np.ndarray:
     return (rows[..., :, :-2] + rows[..., :, 1:-1] + rows[..., :, 2:]) / 9.0
 
 
-def _speckle(rng: np.random.Generator, num_frames: int, temporal_correlation: float) -> np.ndarray:
-    """Rayleigh speckle with mean 1, shape (T, H, W): a fixed pattern plus a per-frame part."""
-    shape = (FRAME_SIZE, FRAME_SIZE)
-    fixed = rng.standard_normal((2, *shape), dtype=np.float32)
-    moving = rng.standard_normal((2, num_frames, *shape), dtype=np.float32)
-    mix = np.sqrt(temporal_correlation), np.sqrt(1.0 - temporal_correlation)
-    real = _smooth(mix[0] * fixed[0] + mix[1] * moving[0])
-    imag = _smooth(mix[0] * fixed[1] + mix[1] * moving[1])
-    magnitude = np.hypot(real, imag)
+def _tissue_coordinates(
+    xx: np.ndarray, yy: np.ndarray, apex: np.ndarray, direction: np.ndarray, length: np.ndarray, half_width: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the tissue seen at a pixel lay in the largest (end-diastolic) heart, for the pixels that move.
+
+    Speckle is the interference pattern of the tissue's scatterers, so it travels with the tissue; sampling
+    one field at these coordinates makes it do so. Inside the LV the cavity scales about the apex by
+    ``length`` along its axis and ``half_width`` across (the bullet's own change of shape, so the
+    endocardium always samples the same scatterers). Outside, a pixel moves with the cavity boundary point
+    on its ray from the ellipse centre, fading with its distance from the largest cavity over a reach of
+    five times the largest boundary displacement (at least 12 px): smooth, stretching the pattern by at most
+    ~1.5x, never folding it over, and zero beyond the reach, so only the pixels near the LV need resampling.
+
+    Returns the flat indices (M,) of the pixels within reach and their tissue x, y, each (T, M).
+    """
+    dx, dy = (xx - apex[0]).ravel(), (yy - apex[1]).ravel()
+    along = dx * direction[0] + dy * direction[1]  # (H * W,)
+    across = -dx * direction[1] + dy * direction[0]
+    largest_length, largest_half_width = length.max(), half_width.max()
+    largest_a = largest_length / 1.6  # as in _bullet_distance
+    q = np.sqrt(((along - largest_a) / largest_a) ** 2 + (across / largest_half_width) ** 2)
+    outside = np.maximum(np.maximum((q - 1.0) * largest_half_width, along - largest_length), 0.0)
+    extents = (length.reshape(-1, 1), half_width.reshape(-1, 1))  # (T, 1)
+    reaches = [max(12.0, 5.0 * float(extent.max() - extent.min())) for extent in extents]
+    moving = np.flatnonzero(outside < max(reaches))
+    along, across, outside = along[moving], across[moving], outside[moving]  # (M,)
+
+    length, half_width = extents
+    a = length / 1.6
+    q = np.sqrt(((along - a) / a) ** 2 + (across / half_width) ** 2)  # (T, M), 1 on the boundary
+    to_boundary = 1.0 / np.maximum(q, 1.0)
+    boundary_along = np.minimum(a + (along - a) * to_boundary, length)  # the valve plane caps the cavity
+    boundary_across = across * to_boundary
+    shift_along, shift_across = (
+        np.square(np.clip(1.0 - np.square(outside / reach), 0.0, None)) * boundary * (extent.max() / extent - 1.0)
+        for boundary, extent, reach in zip((boundary_along, boundary_across), extents, reaches, strict=True)
+    )
+    x = xx.ravel()[moving] + shift_along * direction[0] - shift_across * direction[1]
+    y = yy.ravel()[moving] + shift_along * direction[1] + shift_across * direction[0]
+    return moving, x, y
+
+
+def _speckle(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    moving: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    lag_one_correlation: float,
+) -> np.ndarray:
+    """Rayleigh speckle with mean 1, of ``shape`` (T, H, W), that moves with the tissue: nothing in it is fixed.
+
+    The underlying complex Gaussian field (grain ~2 px from ``_smooth``) evolves as an AR(1) process over
+    frames, as scatterers move in and out of the imaging plane: frames k apart correlate as
+    ``lag_one_correlation**k``, so neighbouring frames look alike, frames a second apart share nothing,
+    and a model cannot recognise a video by a speckle fingerprint. The flat pixels ``moving`` read the field
+    bilinearly at their tissue coordinates ``x``, ``y`` (T, M), so there the pattern follows the heart.
+    """
+    num_frames, height, width = shape
+    # The field covers the frame and whatever tissue the warp brings into it from beyond its edges (in
+    # systole the valve plane pulls tissue up from below the frame), so no scatterer is seen twice.
+    left, top = min(0, math.floor(x.min(initial=0.0))), min(0, math.floor(y.min(initial=0.0)))
+    right = max(width, math.floor(x.max(initial=0.0)) + 2)
+    bottom = max(height, math.floor(y.max(initial=0.0)) + 2)
+    field_height, field_width = bottom - top, right - left
+    field = _smooth(rng.standard_normal((2, num_frames, field_height, field_width), dtype=np.float32))
+    innovation = math.sqrt(1.0 - lag_one_correlation**2)  # keeps the variance stationary
+    for t in range(1, num_frames):
+        field[:, t] *= innovation
+        field[:, t] += lag_one_correlation * field[:, t - 1]
+    in_frame = field[:, :, -top : height - top, -left : width - left]
+    magnitude = np.hypot(in_frame[0], in_frame[1]).reshape(num_frames, -1)
+
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = x - x0, y - y0
+    frame_start = np.arange(num_frames, dtype=np.int32).reshape(-1, 1) * (field_height * field_width)
+    x0 = x0.astype(np.int32) - left
+    row = frame_start + (y0.astype(np.int32) - top) * field_width
+    # Interpolating between pixels averages the field and lowers its variance, which would print the
+    # warp onto the brightness; the 3x3 box makes neighbours correlate 2/3, so the loss is known exactly
+    # and the weights are scaled to undo it.
+    gx, gy = 1.0 - fx, 1.0 - fy
+    scale = 1.0 / np.sqrt((1.0 - (2.0 / 3.0) * fx * gx) * (1.0 - (2.0 / 3.0) * fy * gy))
+    gy *= scale
+    fy *= scale
+    weights = ((row + x0, gx * gy), (row + x0 + 1, fx * gy), (row + field_width + x0, gx * fy),
+               (row + field_width + x0 + 1, fx * fy))  # fmt: skip
+    power = np.zeros_like(x)
+    for part in field.reshape(2, -1):
+        sample = sum(part[corner] * weight for corner, weight in weights)
+        power += sample * sample
+    magnitude[:, moving] = np.sqrt(power)
+    magnitude = magnitude.reshape(shape)
     return magnitude / magnitude.mean()
 
 
@@ -150,8 +251,10 @@ def _chord_tracing(
 def render_phantom(seed_sequence: np.random.SeedSequence) -> PhantomVideo:
     """Render one phantom echo video and measure it. Deterministic in ``seed_sequence``."""
     rng = np.random.default_rng(seed_sequence)
-    fps = int(rng.integers(30, 61))
-    heart_rate = float(rng.uniform(50.0, 110.0))  # bpm
+    # EchoNet-Dynamic's videos are mostly 50 fps, the rest spread over roughly 24-60; its heart rates run
+    # from ~45 to ~140 bpm, most of them 60-100.
+    fps = 50 if rng.random() < 0.8 else int(rng.integers(24, 61))
+    heart_rate = float(np.clip(rng.normal(75.0, 15.0), 45.0, 140.0))  # bpm
     frames_per_cycle = fps * 60.0 / heart_rate
     num_frames = max(int(rng.integers(60, 201)), math.ceil(1.1 * frames_per_cycle) + 2)
     target_ef = float(np.clip(rng.normal(55.0, 12.0), 10.0, 85.0))
@@ -185,13 +288,13 @@ def render_phantom(seed_sequence: np.random.SeedSequence) -> PhantomVideo:
     ed_frame = int(np.argmax(volume_px[:window]))
     es_frame = ed_frame + int(np.argmin(volume_px[ed_frame : ed_frame + window]))
     tracings, volumes = {}, {}
-    for frame in (ed_frame, es_frame):
+    for frame in (es_frame, ed_frame):  # the order they are written in, see make_synthetic_echonet
         tracings[frame], volumes[frame] = _chord_tracing(lv_apex, direction, length[frame], half_width[frame])
     edv = volumes[ed_frame] * spacing**3 / 1000.0
     esv = volumes[es_frame] * spacing**3 / 1000.0
     ef = 100.0 * (edv - esv) / edv
 
-    frames = _draw_frames(rng, lv_apex, direction, length, half_width, wall, c)
+    frames = _draw_frames(rng, lv_apex, direction, length, half_width, wall, c, fps)
     return PhantomVideo(
         frames=frames, fps=fps, ef=ef, esv=esv, edv=edv, ed_frame=ed_frame, es_frame=es_frame, tracings=tracings,
         heart_rate=heart_rate,
@@ -206,6 +309,7 @@ def _draw_frames(
     half_width: np.ndarray,
     wall: np.ndarray,
     contraction: np.ndarray,
+    fps: int,
 ) -> np.ndarray:
     """Rasterise the four chambers, speckle and the sector for every frame at once: (T, H, W) uint8."""
     num_frames = len(length)
@@ -252,15 +356,24 @@ def _draw_frames(
     image = paint(image, np.maximum(rv_dist, rv_open - 1.0), _BLOOD)
     image = paint(image, np.maximum(lv_dist, lv_open - 1.0), _BLOOD)
 
-    # Acquisition: speckle, depth attenuation, sector mask, electronic noise.
-    image *= _speckle(rng, num_frames, temporal_correlation=float(rng.uniform(0.6, 0.85)))
+    # Acquisition: speckle moving with the tissue, depth attenuation, sector mask, drifting gain, noise.
+    moving, tissue_x, tissue_y = _tissue_coordinates(xx, yy, lv_apex, direction, length, half_width)
+    lag_one_correlation = float(rng.uniform(0.7, 0.9))
+    image *= _speckle(rng, image.shape, moving, tissue_x, tissue_y, lag_one_correlation)
     sector_apex_y = -4.0
     radius = np.hypot(xx - FRAME_SIZE / 2, yy - sector_apex_y)
     angle = np.arctan2(xx - FRAME_SIZE / 2, yy - sector_apex_y)
     max_radius, half_angle = FRAME_SIZE + 2.0, float(rng.uniform(0.68, 0.78))
     sector = np.clip((max_radius - radius) / 1.5, 0, 1) * np.clip((half_angle - np.abs(angle)) * 40.0, 0, 1)
-    gain = float(rng.uniform(0.8, 1.1))
-    image *= gain * (1.0 - 0.45 * radius / max_radius) * sector
+    # The gain drifts slowly (a few %, over seconds) and the attenuation slope differs between videos
+    # (depth, patient habitus); both average to the fixed values of earlier phantoms, so the mean contrast
+    # between cavity and tissue is unchanged.
+    seconds = np.arange(num_frames, dtype=np.float32) / fps
+    amplitude, period, phase_shift = rng.uniform(0.02, 0.05), rng.uniform(3.0, 10.0), rng.uniform(0.0, 2 * np.pi)
+    drift = 1.0 + amplitude * np.sin(2 * np.pi * seconds / period + phase_shift)  # (T,)
+    gain = float(rng.uniform(0.8, 1.1)) * col(drift)
+    attenuation = float(rng.uniform(0.3, 0.6))
+    image *= gain * (1.0 - attenuation * radius / max_radius) * sector
     image += np.abs(rng.normal(0.0, 0.01, size=image.shape)).astype(np.float32) * sector
     return np.clip(image * 255.0, 0, 255).astype(np.uint8)
 
@@ -278,8 +391,9 @@ def write_avi(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
         stream.bit_rate = 8_000_000
         stream.codec_context.thread_count = 1  # keep the bitstream independent of the machine
         for frame in frames:
-            rgb = np.repeat(frame[:, :, None], 3, axis=2)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            # Grey in, so the chroma planes come out neutral (128); RGB input rounds them to 127, which
+            # decodes with red and blue up to 2 levels below green.
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")))
         container.mux(stream.encode())
 
 
@@ -343,7 +457,9 @@ def make_synthetic_echonet(
             [name, f"{video.ef:.6f}", f"{video.esv:.6f}", f"{video.edv:.6f}", FRAME_SIZE, FRAME_SIZE,
              video.fps, len(video.frames), split]
         )  # fmt: skip
-        for frame in sorted(video.tracings):
+        # ES block first, ED block last: EchoNet-Dynamic's own loader (echonet.datasets.Echo) takes a
+        # video's last traced frame as the large (diastolic) one and its first as the small one.
+        for frame in (video.es_frame, video.ed_frame):
             for x1, y1, x2, y2 in video.tracings[frame]:
                 tracing_rows.append([f"{name}.avi", f"{x1:.4f}", f"{y1:.4f}", f"{x2:.4f}", f"{y2:.4f}", frame])
 

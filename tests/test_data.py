@@ -6,6 +6,7 @@ import logging
 import math
 from pathlib import Path
 
+import av
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +21,14 @@ from data_echoai import (
     load_video_folder,
     synthetic_echonet_dir,
 )
-from synthetic_echonet import FILE_LIST_COLUMNS, TRACING_COLUMNS, make_synthetic_echonet
+from synthetic_echonet import (
+    FILE_LIST_COLUMNS,
+    PHANTOM_VERSION,
+    TRACING_COLUMNS,
+    make_synthetic_echonet,
+    render_phantom,
+    write_avi,
+)
 from video_processing_echoai import EchoAIVideoProcessor, decode_video_frames, probe_video
 
 
@@ -48,7 +56,7 @@ def test_synthetic_corpus_has_echonet_layout(corpus):
     for row in files.itertuples():
         info = probe_video(corpus / "Videos" / f"{row.FileName}.avi")
         assert (info.num_frames, info.fps, info.height, info.width) == (row.NumberOfFrames, row.FPS, 112, 112)
-        assert 60 <= row.NumberOfFrames <= 200 and 30 <= row.FPS <= 60
+        assert 60 <= row.NumberOfFrames <= 200 and 24 <= row.FPS <= 60
 
 
 def test_synthetic_corpus_is_deterministic_by_seed(tmp_path):
@@ -79,13 +87,59 @@ def test_tracings_lie_on_the_dark_lv_cavity_of_their_frame(corpus):
         assert inside < 45 < image[int(round(wall[1])), int(round(wall[0]))]
 
 
+def _speckle_residual(frame: np.ndarray) -> np.ndarray:
+    """Lateral tissue beside the LV minus its 5x5 local mean: the speckle, without anatomy or gain."""
+    patch = frame[56:90, 88:108].astype(np.float64)
+    padded = np.pad(patch, 2, mode="edge")
+    local = sum(padded[i : i + patch.shape[0], j : j + patch.shape[1]] for i in range(5) for j in range(5)) / 25
+    return (patch - local)[2:-2, 2:-2].ravel()
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_phantom_speckle_decorrelates_over_time(seed):
+    # A speckle pattern shared by every frame would let a model recognise the video instead of reading
+    # the heart: neighbouring frames may look alike, frames 40 apart must not.
+    speckle = [_speckle_residual(frame) for frame in render_phantom(np.random.SeedSequence(seed)).frames]
+
+    def correlation(lag: int) -> float:
+        return np.mean([np.corrcoef(speckle[t], speckle[t + lag])[0, 1] for t in range(0, len(speckle) - 40, 5)])
+
+    assert correlation(1) > 0.3
+    assert abs(correlation(40)) < 0.1
+
+
+def test_phantom_videos_decode_with_neutral_chroma(tmp_path):
+    # Grey frames must decode grey: R = G = B (EchoNet's videos are 3-channel grey).
+    frames = np.tile(np.linspace(0, 255, 112).round().astype(np.uint8), (3, 112, 1))
+    frames[1] = np.random.default_rng(0).integers(0, 256, size=(112, 112), dtype=np.uint8)
+    write_avi(tmp_path / "grey.avi", frames, fps=50)
+    with av.open(str(tmp_path / "grey.avi")) as container:
+        decoded = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]).astype(int)
+    assert decoded.shape == (3, 112, 112, 3)
+    assert np.abs(decoded[..., 0] - decoded[..., 1]).max() <= 1
+    assert np.abs(decoded[..., 2] - decoded[..., 1]).max() <= 1
+    assert np.abs(decoded[0, ..., 1] - frames[0]).max() <= 2
+
+
+def test_tracings_list_es_first_and_ed_last(corpus):
+    # EchoNet-Dynamic's loader (echonet.datasets.Echo) takes a video's last traced frame as the large
+    # (diastolic) one and its first as the small one; EchoAI decides by volume. Both must agree.
+    dataset = load_echonet_dynamic(corpus)
+    tracings = pd.read_csv(corpus / "VolumeTracings.csv")
+    for split in dataset.values():
+        for row in split:
+            frames = tracings.loc[tracings.FileName == row["FileName"] + ".avi", "Frame"]
+            blocks = frames[frames.ne(frames.shift())].tolist()  # one entry per contiguous block
+            assert blocks == [row["ESFrame"], row["EDFrame"]]
+
+
 def test_synthetic_echonet_dir_caches_atomically(tmp_path):
     path = synthetic_echonet_dir(num_videos=2, seed=1, cache_dir=tmp_path)
-    assert path == tmp_path / "synthetic_echonet" / "2_1"
+    assert path == tmp_path / "synthetic_echonet" / f"v{PHANTOM_VERSION}_2_1"  # a new phantom, a new folder
     stamp = (path / "FileList.csv").stat().st_mtime_ns
     assert synthetic_echonet_dir(num_videos=2, seed=1, cache_dir=tmp_path) == path
     assert (path / "FileList.csv").stat().st_mtime_ns == stamp  # reused, not regenerated
-    assert [p.name for p in (tmp_path / "synthetic_echonet").iterdir()] == ["2_1"]  # no partial folders left
+    assert [p.name for p in (tmp_path / "synthetic_echonet").iterdir()] == [path.name]  # no partial folders left
 
 
 def test_synthetic_echonet_dir_honours_echoai_cache(tmp_path, monkeypatch, corpus):
