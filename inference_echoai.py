@@ -36,6 +36,8 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor  #
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 import modeling_echoai  # noqa: F401  registers EchoAI with the Auto classes
+from baselines_echoai import CONFIG_FILE as BASELINE_CONFIG_FILE
+from baselines_echoai import load_baseline
 from video_processing_echoai import (
     EchoAIVideoProcessor,
     VideoDecodingError,
@@ -69,7 +71,8 @@ def load_model_and_processor(
     A local folder must hold `config.json`, the weights (`model.safetensors`, sharded or not, or
     `pytorch_model.bin`) and `video_preprocessor_config.json` -- what `scripts/finetune.py` writes. A
     name that is not a local path is treated as a Hub id and read from the local cache (nothing is
-    downloaded when `HF_HUB_OFFLINE=1`).
+    downloaded when `HF_HUB_OFFLINE=1`). A folder written by `finetune.py --baseline` (`baseline_config.json`)
+    loads the baseline (`baselines_echoai.load_baseline`), so evaluation and prediction score it the same way.
 
     Raises:
         ModelLoadingError: the folder is missing, lacks the model or the processor, or the model is
@@ -82,6 +85,8 @@ def load_model_and_processor(
     if path.exists() or not looks_like_hub_id:
         if not path.is_dir():
             raise ModelLoadingError(f"{path}: model folder not found; {fix}")
+        if (path / BASELINE_CONFIG_FILE).is_file() and (path / PROCESSOR_FILE).is_file():
+            return load_baseline(path).to(device).eval(), EchoAIVideoProcessor.from_pretrained(path)
         if not (path / CONFIG_NAME).is_file() or not any((path / w).is_file() for w in WEIGHT_FILES):
             raise ModelLoadingError(
                 f"{path} holds no model (expected {CONFIG_NAME} and one of {', '.join(WEIGHT_FILES)}); {fix}"

@@ -63,7 +63,13 @@ import datasets
 import numpy as np
 
 
-__all__ = ["DEFAULT_THRESHOLDS", "EFMetrics", "compute_ef_metrics", "load_ef_metric"]  # noqa: F822 (EFMetrics is lazy)
+__all__ = [  # noqa: F822 (EFMetrics is lazy)
+    "DEFAULT_THRESHOLDS",
+    "EFMetrics",
+    "check_against_mean_predictor",
+    "compute_ef_metrics",
+    "load_ef_metric",
+]
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (35.0, 40.0, 45.0, 50.0)
 # Two-sided 95 % normal quantile used by Bland & Altman (1986) for the limits of agreement.
@@ -352,6 +358,72 @@ def compute_ef_metrics(
         results["bootstrap"] = int(bootstrap)
         results["confidence"] = float(confidence)
     return results
+
+
+def check_against_mean_predictor(
+    predictions: Sequence[float] | np.ndarray,
+    references: Sequence[float] | np.ndarray,
+    train_mean: float,
+    min_spread: float = 0.1,
+) -> dict[str, Any]:
+    """Has an EF model learned anything? Its predictions against the mean predictor, the trivial baseline that
+    gives every video the training split's mean EF (`train_mean`).
+
+    Two failures, either one enough:
+
+    - *collapsed to a constant*: the predictions' SD is below `min_spread` × the references' SD. A regression head
+      that learns nothing settles on the training mean; best-by-validation selection then happily keeps it.
+    - *does not beat the mean predictor*: the model's MAE is not below the mean predictor's on the same videos.
+
+    Returns a dict of JSON-ready values: `learned_ef` (bool), `failure` (the reason(s) in words, None when it
+    learned), `collapsed`, `beats_mean_predictor`, `mae`, `prediction_sd`, `label_sd` (both ddof=0, EF points),
+    `min_spread`, and `mean_predictor` {`ef`, `mae`, `rmse`, `r2`} (R² as `compute_ef_metrics`: ≤ 0 unless the
+    split's mean equals `train_mean`).
+    """
+    predictions = _as_ef_vector(predictions, "predictions")
+    references = _as_ef_vector(references, "references")
+    if predictions.shape != references.shape:
+        raise ValueError(
+            f"`predictions` and `references` must have the same length, got {predictions.size} and {references.size}"
+        )
+    if predictions.size < 2:
+        raise ValueError(f"A spread needs at least 2 videos, got {predictions.size}")
+    if not np.isfinite(train_mean):
+        raise ValueError(f"`train_mean` must be the training split's mean EF in %, got {train_mean!r}")
+    if not min_spread >= 0:
+        raise ValueError(
+            f"`min_spread` must be a non-negative fraction of the label SD (e.g. 0.1), got {min_spread!r}"
+        )
+
+    baseline_error = references - train_mean
+    ss_tot = float(np.sum((references - references.mean()) ** 2))
+    ss_res = float(np.sum(baseline_error**2))
+    mean_predictor = {
+        "ef": float(train_mean),
+        "mae": float(np.abs(baseline_error).mean()),
+        "rmse": float(np.sqrt(np.mean(baseline_error**2))),
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0),  # sklearn's convention when constant
+    }
+    mae = float(np.abs(predictions - references).mean())
+    prediction_sd, label_sd = float(predictions.std()), float(references.std())
+    collapsed = prediction_sd < min_spread * label_sd
+    beats = mae < mean_predictor["mae"]
+    reasons = []
+    if collapsed:
+        reasons.append(
+            f"collapsed to a constant: its predictions vary by SD {prediction_sd:.2f} EF points, "
+            f"{prediction_sd / label_sd:.3f} x the label SD {label_sd:.2f} (less than {min_spread:g} x)"
+        )
+    if not beats:
+        reasons.append(
+            f"does not beat the mean predictor: MAE {mae:.2f} vs {mean_predictor['mae']:.2f} for predicting the "
+            f"training mean EF {train_mean:.1f} % for every video"
+        )
+    return {
+        "learned_ef": not reasons, "failure": "; ".join(reasons) or None, "collapsed": bool(collapsed),
+        "beats_mean_predictor": bool(beats), "mae": mae, "prediction_sd": prediction_sd, "label_sd": label_sd,
+        "min_spread": float(min_spread), "mean_predictor": mean_predictor,
+    }  # fmt: skip
 
 
 def _warn_undefined(

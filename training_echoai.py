@@ -12,11 +12,12 @@ The two scripts differ only in their model, data and loss; everything else lives
 * `build_processor` -- the processor that ships with the model: the starting checkpoint's, so preprocessing
   matches, else one normalised with the training videos' mean and std.
 * `param_groups`, `build_optimizer` -- AdamW groups with no weight decay on norms, biases, position tables and
-  the mask token (MAE), optional layer-wise learning-rate decay (BEiT / MAE fine-tuning); warm-up + cosine.
+  the mask token (MAE), optional layer-wise learning-rate decay (BEiT / MAE fine-tuning); warm-up + cosine, over
+  the steps or, with `--max_train_seconds`, over whichever of steps and seconds is further spent.
 * `Checkpoints` -- `accelerator.save_state` written to a temporary folder and renamed into place (a
   killed save never leaves a half checkpoint), rotated, and found again by `latest`.
 * `train` -- the loop: accumulation, clipping, skipping of non-finite losses, SIGTERM/SIGINT handling,
-  checkpoints, progress bar and tracker logging.
+  checkpoints, a time budget, progress bar and tracker logging.
 * `predict_ef`, `BestModel` -- batched, gathered evaluation (one or several clips per video) and the best
   weights by a validation score, kept through checkpoints.
 * `save_model`, `render_model_card`, `push_to_hub` -- the end of a run.
@@ -25,6 +26,7 @@ The two scripts differ only in their model, data and loss; everything else lives
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import itertools
 import json
@@ -43,7 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, is_compiled_module, send_to_device, set_seed
+from accelerate.utils import (
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    broadcast,
+    is_compiled_module,
+    send_to_device,
+    set_seed,
+)
 from datasets import Dataset, IterableDataset
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from tqdm.auto import tqdm
@@ -104,6 +113,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 disables).")
     add("--num_train_epochs", type=int, default=1)
     add("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    add(
+        "--max_train_seconds", type=float, default=None,
+        help="Stop cleanly after this many seconds of training (evaluation and checkpoint saving not counted), or "
+        "at --max_train_steps / --num_train_epochs if sooner. The warm-up and cosine decay then follow whichever "
+        "budget is further spent, so the learning rate reaches 0 as time runs out. The step count becomes "
+        "machine-dependent (and load-dependent): compare models by it only on one machine at one time. "
+        "Unset or 0: no time limit.",
+    )  # fmt: skip
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--num_warmup_steps", type=int, default=None, help="Linear warm-up steps (default: 5%% of training).")
     add(
@@ -421,8 +438,9 @@ def param_groups(
     model: torch.nn.Module, weight_decay: float, learning_rate: float, layer_decay: float | None = None
 ) -> list[dict]:
     """AdamW parameter groups: decay / no decay, each scaled by layer-wise learning-rate decay if given
-    (layer l of L gets learning_rate * layer_decay ** (L + 1 - l), so the head learns fastest)."""
-    num_layers = model.config.num_hidden_layers
+    (layer l of L gets learning_rate * layer_decay ** (L + 1 - l), so the head learns fastest). Without layer decay
+    any module will do (the R(2+1)D baseline has no transformer layers)."""
+    num_layers = model.config.num_hidden_layers if layer_decay is not None else 0
     groups: dict[tuple[bool, int], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -457,12 +475,42 @@ def build_optimizer(
     streamed = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)  # no length: --max_train_steps
     schedule_steps(args, None if streamed else math.ceil(len(dataloader) / accelerator.num_processes))
     # A prepared scheduler steps once per process per optimizer step, hence the factor.
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    num_warmup_steps = args.num_warmup_steps * accelerator.num_processes
+    num_training_steps = args.max_train_steps * accelerator.num_processes
+    if getattr(args, "max_train_seconds", None):
+        scheduler = TimeBudgetSchedule(optimizer, num_warmup_steps, num_training_steps, args.max_train_seconds)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
     return optimizer, scheduler
+
+
+class TimeBudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up then cosine decay over a run's progress p = max(steps / max steps, seconds / max seconds).
+
+    When the steps run out first this is exactly transformers' `get_cosine_schedule_with_warmup`; when the time
+    budget (`--max_train_seconds`) runs out first the learning rate still reaches 0 as the run stops, instead of
+    being cut at its peak. The warm-up takes the first `num_warmup_steps / num_training_steps` of the progress.
+    `train` sets `seconds` (seconds of training so far, the same on every process) before each `step()`.
+    """
+
+    def __init__(self, optimizer, num_warmup_steps: int, num_training_steps: int, max_seconds: float):
+        if not max_seconds > 0:
+            raise ValueError(f"--max_train_seconds must be positive, got {max_seconds!r}")
+        self.warmup_fraction = num_warmup_steps / max(1, num_training_steps)
+        self.num_training_steps, self.max_seconds, self.seconds = num_training_steps, float(max_seconds), 0.0
+        super().__init__(optimizer)
+
+    def progress(self) -> float:
+        return min(1.0, max(self.last_epoch / max(1, self.num_training_steps), self.seconds / self.max_seconds))
+
+    def factor(self) -> float:
+        progress, warmup = self.progress(), self.warmup_fraction
+        if progress < warmup:
+            return progress / warmup
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / max(1e-12, 1.0 - warmup))))
+
+    def get_lr(self) -> list[float]:
+        return [base_lr * self.factor() for base_lr in self.base_lrs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,6 +528,7 @@ class TrainingState:
     nonfinite_skipped: int = 0
     videos_skipped: int = 0
     best_metric: float | None = None
+    train_seconds: float = 0.0  # seconds of training so far (evaluation and checkpoints not counted): the time budget
     # This process's position in a stream (`StreamingClips.state_dict`), None for a map-style dataset. Each
     # process has its own, so it is saved apart from the rest: one `data_state_<rank>.json` per process.
     data_state: dict | None = None
@@ -579,6 +628,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step, this process
     seen: list[int] = field(default_factory=list)  # dataset indices this process trained on
     stopped_by_signal: bool = False
+    stopped_by_time: bool = False  # --max_train_seconds ran out before the steps did
     checkpoint: Path | None = None
     seconds: float = 0.0
     model: torch.nn.Module | None = None  # the unwrapped model, set by the scripts
@@ -604,6 +654,11 @@ def train(
     `compute_loss(model, batch, global_step) -> (loss, outputs)`; `on_step(global_step, batch, outputs)`
     runs after each optimizer step (e.g. to save a reconstruction picture); `on_epoch_end(epoch, state)`
     after each epoch (e.g. to evaluate). Both prepared objects and `args.max_train_steps` must be set.
+
+    `args.max_train_seconds` (optional) stops the loop after the step that spends it: seconds of training, counted
+    in `state.train_seconds` (kept through checkpoints) without the callbacks and checkpoint saving, so models that
+    evaluate differently get the same training time. Process 0's clock decides for every process. A
+    `TimeBudgetSchedule` is told the seconds before each step, so its learning rate reaches 0 with the budget.
 
     The loader is either prepared by `accelerate` over a map-style dataset (`TrainingClips`: a resumed epoch
     skips the batches already seen) or, for a stream already split per process (`StreamingClips`), left
@@ -646,11 +701,31 @@ def train(
         disable=not accelerator.is_local_main_process,
     )  # fmt: skip
     consecutive_nonfinite, window_start, window_videos = 0, time.perf_counter(), 0
+    max_seconds = getattr(args, "max_train_seconds", None)
+    schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps a prepared scheduler
+    resumed_seconds, paused = state.train_seconds, 0.0
+
+    @contextlib.contextmanager
+    def not_training():
+        # Evaluation, pictures and checkpoints do not count as training time (nor against --max_train_seconds).
+        nonlocal paused
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            paused += time.perf_counter() - begin
+
+    def training_seconds() -> float:
+        seconds = resumed_seconds + time.perf_counter() - start - paused
+        if max_seconds and accelerator.num_processes > 1:  # one clock, so every process stops at the same step
+            seconds = float(broadcast(torch.tensor([seconds], device=accelerator.device), from_process=0)[0])
+        return seconds
 
     def save_checkpoint() -> Path:
         # With workers the position lives in them: saving the main process's would silently replay the pass.
         state.data_state = dataset.state_dict() if streamed and not dataloader.num_workers else None
-        return checkpoints.save(accelerator, state)
+        with not_training():
+            return checkpoints.save(accelerator, state)
 
     start = time.perf_counter()
     model.train()
@@ -691,6 +766,10 @@ def train(
                         if accelerator.sync_gradients and args.max_grad_norm:
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()
+                        if accelerator.sync_gradients:
+                            state.train_seconds = training_seconds()
+                            if isinstance(schedule, TimeBudgetSchedule):
+                                schedule.seconds = state.train_seconds
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if any_nonfinite:
@@ -727,7 +806,8 @@ def train(
                         accelerator.log(logs, step=state.global_step)
                         window_start, window_videos = time.perf_counter(), 0
                     if on_step is not None:
-                        on_step(state.global_step, batch, outputs)
+                        with not_training():
+                            on_step(state.global_step, batch, outputs)
                     if checkpoint_every and state.global_step % checkpoint_every == 0:
                         result.checkpoint = save_checkpoint()
                 if stop_now:
@@ -740,6 +820,9 @@ def train(
                     break
                 if state.global_step >= args.max_train_steps:
                     break
+                if max_seconds and state.train_seconds >= max_seconds:
+                    result.stopped_by_time = True
+                    break
             else:
                 exhausted = True
             if result.stopped_by_signal:
@@ -751,14 +834,21 @@ def train(
                 )
             if exhausted or (not streamed and state.batches_in_epoch >= len(dataloader)):  # the epoch ran to its end
                 if on_epoch_end is not None:
-                    on_epoch_end(epoch, state)
+                    with not_training():
+                        on_epoch_end(epoch, state)
                 state.epoch, state.batches_in_epoch = epoch + 1, 0
                 if args.checkpointing_steps == "epoch":
                     result.checkpoint = save_checkpoint()
-            if state.global_step >= args.max_train_steps:
+            if state.global_step >= args.max_train_steps or result.stopped_by_time:
                 break
     progress.close()
     result.seconds = time.perf_counter() - start
+    if result.stopped_by_time:
+        logger.info(
+            "Stopped by --max_train_seconds %g after %.1f s of training, at step %d of at most %d (the step count "
+            "depends on the machine and its load).", max_seconds, state.train_seconds, state.global_step,
+            args.max_train_steps,
+        )  # fmt: skip
     if state.videos_skipped:
         logger.warning(
             "%d unreadable videos were skipped during training (see the warnings above).", state.videos_skipped
@@ -921,12 +1011,15 @@ def render_model_card(
     metrics: dict[str, dict[str, float]] | None = None,
     eval_protocol: str = "",
     dataset_name: str | None = None,
+    failure: str | None = None,
 ) -> ModelCard:
     """Fill `model_card.md` from the run: architecture, size, data, hyper-parameters and, for a fine-tuned
     model, the metrics (also written as the card's `model-index`, task regression, metrics MAE/RMSE/R²).
 
     `task` is "pretraining", "regression" or "classification"; `num_videos` None: a streamed corpus; `metrics` maps a split ("validation", "test") to
-    {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}).
+    {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}), with the mean predictor's figures on the same
+    videos under "mean_predictor" (`metrics_echoai.check_against_mean_predictor`), shown beside the model's.
+    `failure`: why the model did not learn EF (the same check), stated at the top of the card.
     """
     config = model.config
     synthetic = dataset_dir is not None and "synthetic_echonet" in str(dataset_dir)
@@ -938,13 +1031,19 @@ def render_model_card(
         else "echo videos"
     )
     repo_id = args.hub_model_id or Path(args.output_dir).name
-    eval_results, eval_rows = [], []
+    eval_results, eval_rows, mean_predictor_ef = [], [], None
     names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²", "accuracy": "accuracy"}
     task_type = "video-classification" if task == "classification" else "regression"
     for split, values in (metrics or {}).items():
+        mean_predictor = values.get("mean_predictor") or {}
+        mean_predictor_ef = mean_predictor.get("ef", mean_predictor_ef)
         for key, label in names.items():
             if values.get(key) is not None:  # None: undefined on this split
-                eval_rows.append({"split": split, "metric": label, "value": f"{values[key]:.3f}"})
+                baseline = mean_predictor.get(key)
+                eval_rows.append(
+                    {"split": split, "metric": label, "value": f"{values[key]:.3f}",
+                     "mean_predictor": f"{baseline:.3f}" if baseline is not None else "n/a"}
+                )  # fmt: skip
                 eval_results.append(
                     EvalResult(
                         task_type=task_type, dataset_type=dataset_name.lower().replace(" ", "-"),
@@ -1011,6 +1110,8 @@ def render_model_card(
         hyperparameters=hyperparameters,
         eval_rows=eval_rows,
         eval_protocol=eval_protocol,
+        mean_predictor_ef=f"{mean_predictor_ef:.1f}" if mean_predictor_ef is not None else None,
+        failure=failure,
     )
 
 

@@ -13,6 +13,12 @@ how close the detected ED/ES frames are to the traced ones in VolumeTracings.csv
 Writes to `--output_dir`: predictions.csv, metrics.json (with percentile-bootstrap intervals),
 strata.csv (errors by EF range, frame rate and video length, also printed), scatter.png and
 bland_altman.png.
+
+The mean predictor is scored beside the model on the same videos: every video gets the training split's mean EF,
+the model config's `regression_target_mean` (set by finetune.py). metrics.json holds its MAE / RMSE / R² under
+`mean_predictor` and the verdict of `metrics_echoai.check_against_mean_predictor`: `learned_ef` false, with the
+reason in `failure`, when the predictions collapsed to a constant (SD below 0.1 x the label SD) or their MAE is
+not below the mean predictor's (also a WARNING in the log).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from inference_echoai import (
     prediction_options,
     scatter_plot,
 )
-from metrics_echoai import compute_ef_metrics
+from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
 from training_echoai import keep_freed_memory
 
 
@@ -178,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.protocol == "k_clips":
         metrics["num_clips"] = args.num_clips
+    train_mean = getattr(model.config, "regression_target_mean", None)
+    check = check_against_mean_predictor(scored["EF_predicted"], scored["EF"], train_mean) if train_mean else None
+    if check is None:  # a config without the training mean (0.0, the default): no floor to compare with
+        logger.warning("%s has no regression_target_mean: the mean predictor is not scored", args.model_name_or_path)
+    else:
+        metrics.update({key: check[key] for key in ("mean_predictor", "learned_ef", "failure", "prediction_sd",
+                                                    "label_sd")})  # fmt: skip
+        if check["failure"]:
+            logger.warning("%s did not learn EF -- %s", args.model_name_or_path, check["failure"])
     if args.beat_by_beat:
         metrics["beat_by_beat"] = compute_ef_metrics(
             scored["EF_beat_by_beat"], scored["EF"], bootstrap=args.bootstrap, seed=args.seed,
@@ -197,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.protocol} on {len(scored)} {args.split} videos:")
     for key in ("mae", "rmse", "r2", "bias"):
         print(f"  {key:5s} {metrics[key]:7.3f}{ci(key)}")
+    if check is not None:
+        baseline = check["mean_predictor"]
+        print(
+            f"  mean predictor (training mean EF {baseline['ef']:.1f} % for every video): MAE {baseline['mae']:.3f}, "
+            f"RMSE {baseline['rmse']:.3f}, R² {baseline['r2']:.3f}; "
+            + ("the model beats it" if check["learned_ef"] else f"NOT LEARNED: {check['failure']}")
+        )
     if args.beat_by_beat:
         bbb, detection = metrics["beat_by_beat"], metrics["beat_detection"]
         print(f"  beat-by-beat: MAE {bbb['mae']:.3f}, RMSE {bbb['rmse']:.3f}, R² {bbb['r2']:.3f}")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""The seed paper's three experiments at CPU scale, one command each, on the real training scripts.
+"""The seed paper's three experiments at CPU scale, and the baselines, one command each, on the real training scripts.
 
     python scripts/experiments.py --experiment mask_ratio     # pretrain at mask 0.8 / 0.9 / 0.95, held-out loss
     python scripts/experiments.py --experiment num_frames     # EF MAE with 4 / 8 / 16 frames, one 16-frame checkpoint
     python scripts/experiments.py --experiment pretraining    # EF MAE, pretrained vs from scratch, 10 % / 100 % labels
+    python scripts/experiments.py --experiment baselines      # mean predictor, R(2+1)D-18, EchoAI: same time budget
     python scripts/experiments.py --experiment pretraining --data_dir EchoNet-Dynamic --config_overrides ''
     python scripts/experiments.py --experiment mask_ratio --smoke --output_dir /tmp/smoke   # seconds, for tests
 
@@ -25,9 +26,19 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
   count and evaluated on the test split.
 * `pretraining`: fine-tune from the checkpoint and `--from_scratch` (same preset and overrides, same steps,
   same recipe) at each `--label_fractions`, for `--num_seeds` fine-tuning seeds; mean and spread.
+* `baselines`: one row per `--models` entry on the same split and labels (all of them): the mean predictor (the
+  training split's mean EF for every test video), EchoNet-Dynamic's R(2+1)D-18 from scratch (`finetune.py
+  --baseline r2plus1d_18`, its own recipe), and EchoAI from scratch and pretrained (finetune.py's default recipe;
+  `model_argv` is where a new EchoAI recipe enters). Every trained model gets the same `--time_budget_s` seconds of
+  training (`--max_train_seconds`: evaluation excluded, the schedule decays within the budget, the step count
+  depends on the machine and is reported) or `--finetune_steps`, whichever runs out first, for `--num_seeds` seeds.
+  Pretraining is outside the budget (its time is reported). The R(2+1)D takes the clip geometry (`num_frames`,
+  `image_size`, `num_channels`) of `--config_overrides` plus `--baseline_overrides`.
 
 EF results are `scripts/evaluate.py` on the test split (`k_clips` with `--eval_num_clips` evenly spaced
 clips averaged per video, `one_clip` when 1) of the model `finetune.py` kept (best validation MAE, one clip).
+Every EF table shows the mean predictor beside the model (its test MAE, from the model's own training mean) and
+whether the model learned EF at all (`metrics_echoai.check_against_mean_predictor` on the test split).
 
 Writes `results.md` (table), `results.json` (everything, with wall times) and `<experiment>.png` (plus
 `reconstruction_mask*.png` for `mask_ratio`) into `--output_dir`.
@@ -49,8 +60,9 @@ import numpy as np
 import torch
 
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
+from metrics_echoai import check_against_mean_predictor
 from modeling_echoai import EchoAIForPreTraining, make_mask, token_grid
-from training_echoai import from_pretrained_with_geometry, save_reconstruction
+from training_echoai import from_pretrained_with_geometry, parse_config_overrides, save_reconstruction
 from video_processing_echoai import EchoAIVideoProcessor
 
 
@@ -59,7 +71,7 @@ SCRIPTS = Path(__file__).resolve().parent
 
 logger = logging.getLogger("experiments")
 
-EXPERIMENTS = ("mask_ratio", "num_frames", "pretraining")
+EXPERIMENTS = ("mask_ratio", "num_frames", "pretraining", "baselines")
 # CPU scale: the tiny preset on 64 x 64 frames (the phantom is drawn at 112; 64 keeps its EF readable and
 # runs about 3x faster). Smoke: a few thousand parameters on 32 x 32 frames, as the tests' TINY_MODEL.
 DEFAULT_OVERRIDES = "image_size=64"
@@ -67,6 +79,18 @@ SMOKE_OVERRIDES = (
     "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
     "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32"
 )
+# The R(2+1)D-18 baseline at smoke scale: a few thousand parameters (the full network is the default).
+BASELINE_SMOKE_OVERRIDES = "base_width=2,stem_width=2,blocks_per_stage=1"
+GEOMETRY = ("num_frames", "image_size", "num_channels")  # what every model of the baselines table shares
+BASELINE_MODELS = {  # --models of the baselines experiment: the table's row names
+    "mean": "mean predictor",
+    "r2plus1d_18": "R(2+1)D-18, scratch",
+    "echoai_scratch": "EchoAI, scratch",
+    "echoai_pretrained": "EchoAI, pretrained",
+}
+LEARNED = {True: "yes", False: "no", None: "n/a"}  # the verdict of check_against_mean_predictor, or none recorded
+# With a time budget and no --finetune_steps the budget alone decides (the schedule follows the larger fraction).
+BUDGET_STEP_CAP = 1_000_000
 # Defaults of the full runs / of --smoke, for the flags left unset.
 SCALE = {
     "pretrain_steps": (1000, 2),
@@ -74,7 +98,8 @@ SCALE = {
     "per_device_train_batch_size": (8, 1),  # smoke: 10 % of a 12-video corpus is one video
     "eval_num_clips": (4, 1),
     "recon_num_clips": (2, 1),
-    "num_seeds": (None, 1),  # None: 2 for `pretraining`, 1 otherwise
+    "num_seeds": (None, 1),  # None: 2 for `pretraining` and `baselines`, 1 otherwise
+    "time_budget_s": (300.0, 0.0),  # baselines: seconds of training per run; 0: steps only
 }
 
 
@@ -102,12 +127,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pretrain_num_frames", type=int, default=16, help="Frames per clip of the shared pretraining.")
     add("--frames", default="4,8,16", help="num_frames: the frame counts compared.")
     add("--label_fractions", default="0.1,1.0", help="pretraining: the label fractions compared.")
+    add(
+        "--models", default=",".join(BASELINE_MODELS), help=f"baselines: the table's rows, of {list(BASELINE_MODELS)}."
+    )
+    add(
+        "--time_budget_s", type=float, default=None,
+        help="baselines: seconds of training per run, the same for every model (default 300; smoke 0: steps only). "
+        "Without --finetune_steps the budget alone decides how many steps each model gets.",
+    )  # fmt: skip
+    add(
+        "--baseline_overrides", default=None,
+        help="baselines: R(2+1)D config fields beside the geometry of --config_overrides, e.g. 'base_width=16,stem_width=12' "
+        f"(default: none, the full R(2+1)D-18; smoke {BASELINE_SMOKE_OVERRIDES!r}).",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.time_budget_s is None:
+        full, smoke = SCALE["time_budget_s"]
+        args.time_budget_s = smoke if args.smoke else full
+    if args.experiment == "baselines" and args.finetune_steps is None and args.time_budget_s and not args.smoke:
+        args.finetune_steps = BUDGET_STEP_CAP  # smoke runs stay a few steps, budget or not
     for name, (full, smoke) in SCALE.items():
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)
     if args.num_seeds is None:
-        args.num_seeds = 2 if args.experiment == "pretraining" else 1
+        args.num_seeds = 2 if args.experiment in ("pretraining", "baselines") else 1
+    if args.baseline_overrides is None:
+        args.baseline_overrides = BASELINE_SMOKE_OVERRIDES if args.smoke else ""
+    unknown = [m for m in names(args.models) if m not in BASELINE_MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(BASELINE_MODELS)}")
     if args.config_overrides is None:
         args.config_overrides = SMOKE_OVERRIDES if args.smoke else DEFAULT_OVERRIDES
     args.output_dir = Path(args.output_dir or f"outputs/experiments/{args.experiment}")
@@ -168,16 +216,27 @@ def finetune_and_test(
     args: argparse.Namespace, corpus: Path, name: str, start: Path | None, label_fraction: float, seed: int
 ) -> dict:
     """Fine-tune (from `start`, or from scratch when None) then score the kept model on the test split."""
-    output = args.runs_dir / f"finetune_{name}_labels{label_fraction:g}_steps{args.finetune_steps}_seed{seed}"
     init = (
         ["--model_name_or_path", str(start)]
         if start
         else ["--from_scratch", "--config_name", args.config_name, "--config_overrides", overrides(args)]
     )
+    return train_and_test(args, corpus, name, init, label_fraction, seed)
+
+
+def train_and_test(
+    args: argparse.Namespace, corpus: Path, name: str, init: list[str], label_fraction: float, seed: int,
+    time_budget_s: float = 0.0,
+) -> dict:  # fmt: skip
+    """`finetune.py` with the model arguments `init` (and `--max_train_seconds time_budget_s` when > 0), then
+    `evaluate.py` of the kept model on the test split; the test metrics, the mean predictor's and the verdict."""
+    budget = f"_budget{time_budget_s:g}s" if time_budget_s else ""
+    output = args.runs_dir / f"finetune_{name}_labels{label_fraction:g}_steps{args.finetune_steps}{budget}_seed{seed}"
     argv = [
         "--data_dir", str(corpus), *init, "--max_train_steps", str(args.finetune_steps),
         "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--per_device_eval_batch_size", "16",
         "--label_fraction", str(label_fraction), "--seed", str(seed), "--eval_num_clips", "1", "--logging_steps", "50",
+        *(["--max_train_seconds", f"{time_budget_s:g}"] if time_budget_s else []),
     ]  # fmt: skip
     finetune_seconds = run_script("finetune", output, argv)
     protocol = ["--protocol", "k_clips", "--num_clips", str(args.eval_num_clips)]
@@ -189,10 +248,15 @@ def finetune_and_test(
     evaluate_seconds = run_script("evaluate", output / "test", evaluate_argv)
     metrics = json.loads((output / "test" / "metrics.json").read_text())
     trained = json.loads((output / "all_results.json").read_text())
+    # A run reused from before the mean-predictor check and the time budget lacks their fields: None, shown n/a.
     return {
         "mae": metrics["mae"], "rmse": metrics["rmse"], "r2": metrics["r2"], "n": metrics["n"],
-        "train_videos": trained["train_videos"], "best_step": trained["best_step"], "seed": seed,
-        "finetune_seconds": finetune_seconds, "evaluate_seconds": evaluate_seconds, "run": str(output),
+        "mean_predictor_mae": (metrics.get("mean_predictor") or {}).get("mae"),
+        "learned_ef": metrics.get("learned_ef"), "failure": metrics.get("failure"),
+        "train_videos": trained["train_videos"], "parameters": trained.get("parameters"), "steps": trained["steps"],
+        "best_step": trained["best_step"], "train_seconds": trained.get("train_seconds"),
+        "stopped_by_time": trained.get("stopped_by_time"), "seed": seed, "finetune_seconds": finetune_seconds,
+        "evaluate_seconds": evaluate_seconds, "run": str(output),
     }  # fmt: skip
 
 
@@ -260,6 +324,22 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def seed_summary(runs: list[dict]) -> dict:
+    """Mean and SD (ddof=1; NaN for one seed) over seeds of each test metric, the seeds that learned EF."""
+    summary = {}
+    for key in ("mae", "rmse", "r2"):
+        values = np.array([r[key] for r in runs], dtype=float)
+        summary[key] = float(values.mean())
+        summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    summary["mean_predictor_mae"] = runs[0]["mean_predictor_mae"]  # same training subset for every seed
+    summary["learned_ef"] = sum(r["learned_ef"] is True for r in runs)
+    return summary
+
+
 def experiment_mask_ratio(args: argparse.Namespace, corpus: Path) -> list[dict]:
     test_paths = load_echonet_dynamic(corpus)["test"]["video_path"]
     rows = []
@@ -300,14 +380,65 @@ def experiment_pretraining(args: argparse.Namespace, corpus: Path) -> list[dict]
                 finetune_and_test(args, corpus, name, start, fraction, args.seed + i) for i in range(args.num_seeds)
             ]
             row = {"label_fraction": fraction, "init": init, "train_videos": runs[0]["train_videos"]}
-            for key in ("mae", "rmse", "r2"):
-                values = np.array([r[key] for r in runs], dtype=float)
-                row[key] = float(values.mean())
-                row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            row.update(seed_summary(runs))
             row["seeds"] = runs
             rows.append(row)
     for row in rows:
         row["pretrain_seconds"] = pretrain_seconds if row["init"] == "pretrained" else 0.0
+    return rows
+
+
+def model_argv(args: argparse.Namespace, corpus: Path, model: str) -> tuple[list[str], float]:
+    """What makes each trained model of the baselines table: its `finetune.py` model arguments (everything else --
+    data, labels, budget, batch, seeds, evaluation -- is shared), and the seconds spent before fine-tuning.
+
+    EchoAI rows use finetune.py's default recipe; a new EchoAI recipe (flags or `--config_overrides`) enters here."""
+    if model == "r2plus1d_18":
+        geometry = {k: v for k, v in parse_config_overrides(args.config_overrides).items() if k in GEOMETRY}
+        fields = ",".join(filter(None, [*(f"{k}={v}" for k, v in geometry.items()), args.baseline_overrides]))
+        return ["--baseline", "r2plus1d_18", "--config_overrides", fields], 0.0
+    if model == "echoai_scratch":
+        return ["--from_scratch", "--config_name", args.config_name, "--config_overrides", overrides(args)], 0.0
+    if model == "echoai_pretrained":
+        checkpoint, pretrain_seconds = pretrain(args, corpus, args.mask_ratio, args.pretrain_num_frames)
+        return ["--model_name_or_path", str(checkpoint)], pretrain_seconds
+    raise ValueError(f"no finetune.py arguments for {model!r}; add them to model_argv")
+
+
+def mean_predictor_row(corpus: Path) -> dict:
+    """The trivial baseline: the training split's mean EF for every test video (no training, no seeds)."""
+    splits = load_echonet_dynamic(corpus)
+    train_ef, test_ef = np.asarray(splits["train"]["EF"], float), np.asarray(splits["test"]["EF"], float)
+    constant = np.full_like(test_ef, train_ef.mean())
+    scores = check_against_mean_predictor(constant, test_ef, train_ef.mean())["mean_predictor"]
+    return {
+        "model": "mean", "name": BASELINE_MODELS["mean"], "train_videos": len(train_ef), "parameters": 0,
+        "mae": scores["mae"], "rmse": scores["rmse"], "r2": scores["r2"], "mae_std": math.nan, "rmse_std": math.nan,
+        "r2_std": math.nan, "mean_predictor_mae": scores["mae"], "learned_ef": 0, "steps": 0, "train_seconds": 0.0,
+        "pretrain_seconds": 0.0, "seeds": [],
+    }  # fmt: skip
+
+
+def experiment_baselines(args: argparse.Namespace, corpus: Path) -> list[dict]:
+    rows = []
+    for model in names(args.models):
+        if model == "mean":
+            rows.append(mean_predictor_row(corpus))
+            continue
+        init, pretrain_seconds = model_argv(args, corpus, model)
+        runs = [
+            train_and_test(args, corpus, model, init, 1.0, args.seed + i, args.time_budget_s)
+            for i in range(args.num_seeds)
+        ]
+        row = {"model": model, "name": BASELINE_MODELS[model], "train_videos": runs[0]["train_videos"],
+               "parameters": runs[0]["parameters"], **seed_summary(runs)}  # fmt: skip
+        row["steps"] = float(np.mean([r["steps"] for r in runs]))
+        row["train_seconds"] = float(
+            np.mean([math.nan if r["train_seconds"] is None else r["train_seconds"] for r in runs])
+        )
+        row["pretrain_seconds"] = pretrain_seconds
+        row["seeds"] = runs
+        rows.append(row)
     return rows
 
 
@@ -316,10 +447,10 @@ def experiment_pretraining(args: argparse.Namespace, corpus: Path) -> list[dict]
 # --------------------------------------------------------------------------------------------------
 
 
-def fmt(value: float, std: float = math.nan) -> str:
+def fmt(value: float, std: float = math.nan, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
-    return f"{value:.3f} ± {std:.3f}" if math.isfinite(std) else f"{value:.3f}"
+    return f"{value:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{value:.{digits}f}"
 
 
 def table(args: argparse.Namespace, rows: list[dict]) -> list[str]:
@@ -334,23 +465,48 @@ def table(args: argparse.Namespace, rows: list[dict]) -> list[str]:
                 f"| {r['pretrain_seconds']:.0f} | ![]({r['picture']}) |"
             )
     elif args.experiment == "num_frames":
-        lines = ["| frames per clip | test MAE | test RMSE | test R² | fine-tune s |", "|---|---|---|---|---|"]
+        lines = [
+            "| frames per clip | test MAE | test RMSE | test R² | mean-predictor MAE | learned EF | fine-tune s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             lines.append(
                 f"| {r['num_frames']} | {fmt(r['mae'])} | {fmt(r['rmse'])} | {fmt(r['r2'])} "
-                f"| {r['finetune_seconds']:.0f} |"
+                f"| {fmt(r['mean_predictor_mae'])} | {LEARNED[r['learned_ef']]} | {r['finetune_seconds']:.0f} |"
             )
-    else:
+    elif args.experiment == "pretraining":
         spread = f" (mean ± SD over {args.num_seeds} seeds)" if args.num_seeds > 1 else ""
         lines = [
-            f"| labels | train videos | init | test MAE{spread} | test RMSE | test R² | per-seed MAE |",
-            "|---|---|---|---|---|---|---|",
+            f"| labels | train videos | init | test MAE{spread} | test RMSE | test R² | per-seed MAE "
+            "| mean-predictor MAE | learned EF (seeds) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             per_seed = ", ".join(f"{s['mae']:.2f}" for s in r["seeds"])
             lines.append(
                 f"| {100 * r['label_fraction']:g} % | {r['train_videos']} | {r['init']} | {fmt(r['mae'], r['mae_std'])} "
-                f"| {fmt(r['rmse'], r['rmse_std'])} | {fmt(r['r2'], r['r2_std'])} | {per_seed} |"
+                f"| {fmt(r['rmse'], r['rmse_std'])} | {fmt(r['r2'], r['r2_std'])} | {per_seed} "
+                f"| {fmt(r['mean_predictor_mae'])} | {r['learned_ef']}/{len(r['seeds'])} |"
+            )
+    else:
+        spread = f" (mean ± SD over {args.num_seeds} seeds)" if args.num_seeds > 1 else ""
+        lines = [
+            f"| model | parameters | test MAE{spread} | test RMSE | test R² | per-seed MAE | steps | training s "
+            "| learned EF (seeds) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if not r["seeds"]:  # the mean predictor: nothing trained
+                lines.append(
+                    f"| {r['name']} | 0 | {fmt(r['mae'])} | {fmt(r['rmse'])} | {fmt(r['r2'])} | — | — | — | — |"
+                )
+                continue
+            per_seed = ", ".join(f"{s['mae']:.2f}" for s in r["seeds"])
+            parameters = f"{r['parameters'] / 1e6:.3g} M" if r["parameters"] else "n/a"
+            lines.append(
+                f"| {r['name']} | {parameters} | {fmt(r['mae'], r['mae_std'])} "
+                f"| {fmt(r['rmse'], r['rmse_std'])} | {fmt(r['r2'], r['r2_std'])} | {per_seed} | {r['steps']:.0f} "
+                f"| {fmt(r['train_seconds'], digits=0)} | {r['learned_ef']}/{len(r['seeds'])} |"
             )
     return lines
 
@@ -375,6 +531,12 @@ def plot(args: argparse.Namespace, rows: list[dict], path: Path) -> Path:
         axis.set_xscale("log", base=2)
         axis.set_xticks(frames, [str(f) for f in frames])
         axis.set_xlabel("frames per clip")
+        axis.set_ylabel("test EF MAE (%)")
+    elif args.experiment == "baselines":
+        errors = [0.0 if not math.isfinite(r["mae_std"]) else r["mae_std"] for r in rows]
+        colours = ["0.6" if not r["seeds"] else f"C{i}" for i, r in enumerate(rows)]
+        axis.bar(np.arange(len(rows)), [r["mae"] for r in rows], yerr=errors, capsize=3, color=colours)
+        axis.set_xticks(np.arange(len(rows)), [r["name"].replace(", ", "\n") for r in rows], fontsize=8)
         axis.set_ylabel("test EF MAE (%)")
     else:
         fractions = sorted({r["label_fraction"] for r in rows})
@@ -409,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     run = {"mask_ratio": experiment_mask_ratio, "num_frames": experiment_num_frames,
-           "pretraining": experiment_pretraining}[args.experiment]  # fmt: skip
+           "pretraining": experiment_pretraining, "baselines": experiment_baselines}[args.experiment]  # fmt: skip
     try:
         rows = run(args, corpus)
     finally:  # called in-process (tests, notebooks): leave the caller's thread count as it was
@@ -423,6 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
         "finetune_steps": args.finetune_steps, "per_device_train_batch_size": args.per_device_train_batch_size,
         "eval_num_clips": args.eval_num_clips, "recon_num_clips": args.recon_num_clips, "seed": args.seed,
         "num_seeds": args.num_seeds, "mask_ratio": args.mask_ratio, "pretrain_num_frames": args.pretrain_num_frames,
+        "time_budget_s": args.time_budget_s, "models": names(args.models), "baseline_overrides": args.baseline_overrides,
         "wall_seconds": round(seconds, 1), "command": " ".join(["python scripts/experiments.py", *(argv or [])]),
     }  # fmt: skip
     if args.experiment != "mask_ratio":
@@ -444,6 +607,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"Wall time {seconds:.0f} s for this call (runs found complete in the runs folder are reused, not rerun; each run's own time is in the table / JSON).",
         "",
     ]
+    if args.experiment == "baselines":
+        budget = f"{args.time_budget_s:g} s of training" if args.time_budget_s else "no time budget"
+        steps = "" if args.finetune_steps == BUDGET_STEP_CAP else f" or {args.finetune_steps} steps"
+        header += [
+            f"Every trained model: {budget}{steps}, whichever ran out first (evaluation not counted; the steps each "
+            f"model got depend on the machine and its load), on all {settings['videos']['train']} training videos. "
+            f"R(2+1)D overrides: `{args.baseline_overrides or 'none (the full R(2+1)D-18)'}`. "
+            "`learned EF`: seeds whose test predictions beat the mean predictor without collapsing to a constant.",
+            "",
+        ]
     if "mean_predictor_test_mae" in settings:
         header += [
             f"Reference: predicting the training mean EF for every test video gives MAE "

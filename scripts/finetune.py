@@ -7,11 +7,28 @@
     accelerate launch scripts/finetune.py --from_scratch --config_name small --data_dir EchoNet-Dynamic
     accelerate launch scripts/finetune.py --model_name_or_path outputs/pretrain --label_fraction 0.1   # 10 % labels
     accelerate launch scripts/finetune.py --model_name_or_path outputs/pretrain --num_labels 2 --class_boundaries 50
+    accelerate launch scripts/finetune.py --baseline r2plus1d_18 --max_train_seconds 600   # EchoNet's CNN
 
 Recipe (MAE / VideoMAE fine-tuning): AdamW (0.9, 0.999), weight decay 0.05, layer-wise learning-rate
-decay 0.75, stochastic depth 0.1, linear warm-up then cosine decay. The regression head learns a unit-scale
-target: `regression_target_mean/std` are set from the training split's EF, so `logits` -- and the saved
-model's predictions -- are EF in %.
+decay 0.75, stochastic depth 0.1, learning rate 5e-4, linear warm-up then cosine decay. The regression head learns
+a unit-scale target: `regression_target_mean/std` are set from the training split's EF, so `logits` -- and the
+saved model's predictions -- are EF in %.
+
+Baseline (`--baseline r2plus1d_18`): EchoNet-Dynamic's R(2+1)D-18 (`baselines_echoai.py`), randomly initialised,
+on the same clips, split, loop, loss and evaluation; only the model and its recipe differ. EchoNet-Dynamic
+fine-tuned Kinetics weights with SGD (lr 1e-4, momentum 0.9); from scratch this script uses AdamW (0.9, 0.999),
+learning rate 1e-3, weight decay 0.05 (none on BN and biases), no layer decay (the CNN has no transformer layers)
+and no stochastic depth, the same warm-up + cosine, clipping and batch. `--config_overrides` sets its fields
+(`num_frames`, `image_size`, `num_channels`, and `base_width` / `stem_width` / `blocks_per_stage` to shrink it). It
+saves `model.safetensors` + `baseline_config.json` (`baselines_echoai.load_baseline`), the processor and
+`all_results.json`; no model card (it is not an EchoAI model).
+
+Fail loudly: the kept model is checked on validation and test against the mean predictor (every video gets the
+training split's mean EF; `metrics_echoai.check_against_mean_predictor`). Predictions whose SD is below 0.1 x the
+label SD ("collapsed to a constant"), or an MAE not below the mean predictor's, are a failure: a WARNING in the
+log, `"learned_ef": false` and the reason in `all_results.json`, and a warning at the top of the model card.
+Best-by-validation selection can hide such a failure (a model at the mean wins early), so the last step's
+validation metrics are logged and stored (`last_step`) beside the kept model's.
 
 Evaluation: after every epoch on the validation split (one clip per video, or `--eval_num_clips K` evenly
 spaced clips averaged per video), gathered across processes. The best weights by validation MAE (accuracy for
@@ -38,9 +55,10 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
+from baselines_echoai import BASELINES, build_baseline, save_baseline
 from configuration_echoai import EchoAIConfig
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
-from metrics_echoai import compute_ef_metrics
+from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForVideoClassification
 from training_echoai import (
     BestModel,
@@ -66,6 +84,12 @@ from training_echoai import (
 
 logger = logging.getLogger("finetune")
 LABEL = "label"  # the column that holds class indices when --class_boundaries bins a continuous column
+# Learning rate, layer decay, drop path of each model when not given: EchoAI's MAE fine-tuning recipe, and a
+# from-scratch CNN recipe for the baseline (see the module docstring).
+RECIPES = {
+    "echoai": dict(learning_rate=5e-4, layer_decay=0.75, drop_path_rate=0.1),
+    "r2plus1d_18": dict(learning_rate=1e-3, layer_decay=None, drop_path_rate=None),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(parser)
     add = parser.add_argument
     add("--from_scratch", action="store_true", help="Start from a random --config_name model, not a checkpoint.")
+    add(
+        "--baseline", choices=sorted(BASELINES), default=None,
+        help="Train a baseline instead of EchoAI, from scratch: r2plus1d_18 is EchoNet-Dynamic's R(2+1)D-18 "
+        "(learning rate 1e-3, no layer decay; see the recipe above).",
+    )  # fmt: skip
     add("--num_labels", type=int, default=1, help="1: regression of --label_column; N > 1: N-class classification.")
     add("--label_column", default="EF", help="Target column of FileList.csv (EF, ESV, EDV, ...).")
     add(
@@ -82,13 +111,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(class 0 below 40). Without it the column must hold class indices.",
     )
     add("--regression_loss", choices=["mse", "l1", "huber"], default="mse")
-    add("--layer_decay", type=float, default=0.75, help="Layer-wise learning-rate decay (1 disables).")
-    add("--drop_path_rate", type=float, default=0.1, help="Stochastic depth of the last encoder layer.")
+    echoai = RECIPES["echoai"]
+    add(
+        "--layer_decay", type=float, default=None,
+        help=f"Layer-wise learning-rate decay (default {echoai['layer_decay']:g}; 1 disables).",
+    )  # fmt: skip
+    add(
+        "--drop_path_rate", type=float, default=None,
+        help=f"Stochastic depth of the last encoder layer (default {echoai['drop_path_rate']:g}).",
+    )  # fmt: skip
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
     add("--eval_num_clips", type=int, default=1, help="Evenly spaced clips averaged per video in evaluation.")
-    parser.set_defaults(output_dir="outputs/finetune", learning_rate=5e-4, adam_beta2=0.999, num_train_epochs=45)
+    parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=45)
     args = parser.parse_args(argv)
+    if args.baseline:
+        if args.model_name_or_path:
+            parser.error(f"--baseline {args.baseline} trains from a random initialisation; drop --model_name_or_path")
+        for flag in ("layer_decay", "drop_path_rate"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} is for EchoAI's transformer layers; --baseline {args.baseline} has none")
+        if args.num_labels != 1:
+            parser.error(f"--baseline {args.baseline} regresses one target; drop --num_labels {args.num_labels}")
+        if args.push_to_hub:
+            parser.error("--push_to_hub publishes EchoAI models; --baseline writes a state dict and results only")
+        args.from_scratch = True
+    for name, value in RECIPES[args.baseline or "echoai"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if bool(args.model_name_or_path) == args.from_scratch:
         parser.error("pass either --model_name_or_path (a pretraining output or Hub id) or --from_scratch")
     if not 0.0 < args.label_fraction <= 1.0:
@@ -126,9 +176,12 @@ def load_splits(args: argparse.Namespace, accelerator) -> tuple[Path, DatasetDic
     return data_dir, splits
 
 
-def build_model(args: argparse.Namespace, train: Dataset) -> EchoAIForVideoClassification:
-    """The classifier, from a checkpoint (its pretraining decoder is dropped quietly) or a preset."""
-    head = dict(num_labels=args.num_labels, drop_path_rate=args.drop_path_rate)
+def build_model(args: argparse.Namespace, train: Dataset) -> torch.nn.Module:
+    """The classifier, from a checkpoint (its pretraining decoder is dropped quietly) or a preset; or the baseline
+    (`--baseline`), randomly initialised, with the same EF scaling."""
+    head = dict(num_labels=args.num_labels)
+    if args.drop_path_rate is not None:
+        head.update(drop_path_rate=args.drop_path_rate)
     if args.num_labels == 1:
         # The head learns (EF - mean) / std; logits come back in EF %.
         target = np.asarray(train[args.label_column], dtype=np.float64)
@@ -140,18 +193,46 @@ def build_model(args: argparse.Namespace, train: Dataset) -> EchoAIForVideoClass
     else:
         head.update(problem_type="single_label_classification")
     overrides = {**head, **parse_config_overrides(args.config_overrides)}
+    if args.baseline:
+        return build_baseline(args.baseline, **overrides)
     if args.from_scratch:
         return EchoAIForVideoClassification(EchoAIConfig.from_preset(args.config_name, **overrides))
     return from_pretrained_with_geometry(EchoAIForVideoClassification, args.model_name_or_path, overrides)
 
 
-def split_metrics(predictions: np.ndarray, references: np.ndarray, regression: bool) -> dict[str, float]:
-    """EF metrics (MAE, RMSE, R², ... from `metrics_echoai`) or accuracy; NaN (undefined) becomes None for JSON."""
+def split_metrics(
+    predictions: np.ndarray, references: np.ndarray, regression: bool, train_mean: float | None = None
+) -> dict:
+    """EF metrics (MAE, RMSE, R², ... from `metrics_echoai`) with, on the same videos, the mean predictor's
+    (`mean_predictor`: {ef, mae, rmse, r2}) and the verdict of `check_against_mean_predictor` (`learned_ef`,
+    `failure`, `prediction_sd`, `label_sd`); or accuracy. NaN (undefined) becomes None for JSON."""
     if regression:
-        metrics = compute_ef_metrics(predictions, references)
+        check = check_against_mean_predictor(predictions, references, train_mean)
+        metrics = {
+            **compute_ef_metrics(predictions, references),
+            **{key: check[key] for key in ("mean_predictor", "prediction_sd", "label_sd", "learned_ef", "failure")},
+        }
     else:
         metrics = {"n": len(references), "accuracy": float((predictions.argmax(-1) == references).mean())}
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+
+
+def ef_verdict(metrics: dict[str, dict]) -> tuple[bool, str | None]:
+    """(learned EF, the reasons it did not) over the splits' `split_metrics`, e.g. validation and test."""
+    failures = [f"{split}: {values['failure']}" for split, values in metrics.items() if values.get("failure")]
+    return not failures, "; ".join(failures) or None
+
+
+def shown_metrics(metrics: dict, regression: bool) -> str:
+    """One line of a split's metrics for the log, the mean predictor beside the model's MAE."""
+    keys = ("mae", "rmse", "r2") if regression else ("accuracy",)
+    text = ", ".join(f"{k} {metrics[k]:.3f}" if metrics[k] is not None else f"{k} n/a" for k in keys)
+    if regression:
+        text += (
+            f" (mean predictor mae {metrics['mean_predictor']['mae']:.3f}; prediction sd {metrics['prediction_sd']:.2f}"
+            f", label sd {metrics['label_sd']:.2f})"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None):
@@ -182,7 +263,8 @@ def main(argv: list[str] | None = None):
         for name in ("validation", "test")
     ]
 
-    # Optimizer and schedule: AdamW with layer-wise learning-rate decay, warm-up and cosine decay (MAE fine-tuning).
+    # Optimizer and schedule: AdamW with layer-wise learning-rate decay, warm-up and cosine decay (MAE fine-tuning);
+    # the baseline: AdamW without layer decay, the same schedule.
     optimizer, scheduler = build_optimizer(model, args, accelerator, train_loader, layer_decay=args.layer_decay)
     model, optimizer, train_loader, scheduler, validation_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, scheduler, *eval_loaders
@@ -191,14 +273,20 @@ def main(argv: list[str] | None = None):
     accelerator.register_for_checkpointing(best)
 
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    recipe = (
+        f"learning rate {args.learning_rate:g}, no layer decay, no drop path" if args.baseline
+        else f"learning rate {args.learning_rate:g}, layer decay {args.layer_decay:g}, drop path {args.drop_path_rate:g}"
+    )  # fmt: skip
+    budget = f" or {args.max_train_seconds:g} s of training, whichever first" if args.max_train_seconds else ""
     logger.info(
-        "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps, effective batch %d, "
-        "learning rate %g, layer decay %g, drop path %g, precision %s",
-        args.model_name_or_path or f"{args.config_name} from scratch", count_parameters(model) / 1e6,
+        "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps%s, effective batch %d, "
+        "%s, precision %s",
+        f"baseline {args.baseline} from scratch" if args.baseline
+        else args.model_name_or_path or f"{args.config_name} from scratch", count_parameters(model) / 1e6,
         len(splits["train"]), data_dir, args.label_column,
         f"mean {config.regression_target_mean:.2f}, std {config.regression_target_std:.2f}" if regression
-        else f"{args.num_labels} classes", args.max_train_steps, effective_batch, args.learning_rate,
-        args.layer_decay, args.drop_path_rate, accelerator.mixed_precision,
+        else f"{args.num_labels} classes", args.max_train_steps, budget, effective_batch, recipe,
+        accelerator.mixed_precision,
     )  # fmt: skip
     if args.with_tracking:
         accelerator.init_trackers(
@@ -213,22 +301,24 @@ def main(argv: list[str] | None = None):
         outputs = model(pixel_values=batch["pixel_values"], labels=labels)
         return outputs.loss, outputs
 
-    def evaluate(loader) -> dict[str, float]:
+    def evaluate(loader) -> dict:
         _, predictions, references = predict_ef(model, loader, accelerator)
-        return split_metrics(predictions, references, regression)
+        return split_metrics(predictions, references, regression, train_mean=config.regression_target_mean)
+
+    last = {"step": None, "epoch": None, "validation": None}  # the latest validation: the last step's model at the end
 
     def validate(epoch: int, state) -> None:
         metrics = evaluate(validation_loader)
+        last.update(step=state.global_step, epoch=epoch, validation=metrics)
         score = metrics["mae"] if regression else -metrics["accuracy"]
         if best.improves(score):  # every process takes this branch: the metrics are gathered
             best.update(score, metrics, model_state_dict(accelerator, model), state.global_step, epoch)
             state.best_metric = best.score
-        shown = {k: metrics[k] for k in (("mae", "rmse", "r2") if regression else ("accuracy",))}
         accelerator.print(
-            f"epoch {epoch} step {state.global_step} validation "
-            + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in shown.items())
+            f"epoch {epoch} step {state.global_step} validation {shown_metrics(metrics, regression)}"
             + (" (best)" if best.step == state.global_step else "")
         )
+        shown = {k: metrics[k] for k in (("mae", "rmse", "r2") if regression else ("accuracy",))}
         accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
 
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, compute_loss, on_epoch_end=validate)
@@ -236,36 +326,64 @@ def main(argv: list[str] | None = None):
     if result.stopped_by_signal:
         accelerator.end_training()
         return result
-    if best.step != result.state.global_step and result.state.batches_in_epoch:  # ended mid-epoch: validate too
+    # The last step's model is validated too (a run ending mid-epoch, by steps or by time; or one that ran no
+    # step): best-by-validation can keep an early model at the mean EF and hide that training never learned.
+    if last["step"] != result.state.global_step:
         validate(result.state.epoch, result.state)
-    if best.weights is None:  # no step and no epoch ran (e.g. --max_train_steps 0): the starting weights
-        validate(result.state.epoch, result.state)
+    accelerator.print(
+        f"last step {last['step']}: validation {shown_metrics(last['validation'], regression)}; kept model: step "
+        f"{best.step} (best validation {'MAE' if regression else 'accuracy'})"
+    )
 
-    # The best model: test once, save with the processor, results and card.
+    # The best model: test once, check against the mean predictor, save with the processor, results and card.
     result.model.load_state_dict(best.weights)
     test_metrics = evaluate(test_loader)
-    accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {test_metrics}")
+    accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {shown_metrics(test_metrics, regression)}")
     clips = f"{args.eval_num_clips} evenly spaced clips averaged" if args.eval_num_clips > 1 else "one clip"
     eval_protocol = (
         f"{clips} per video ({config.num_frames} frames, every {processor.period}-th frame, no augmentation); "
         f"the model is the epoch with the best validation {'MAE' if regression else 'accuracy'} "
         f"(epoch {best.epoch}, step {best.step}), evaluated once on the test split."
     )
+    if last["step"] != best.step:
+        eval_protocol += f" The last step's model (step {last['step']}) scored validation " + (
+            f"MAE {last['validation']['mae']:.3f}."
+            if regression
+            else f"accuracy {last['validation']['accuracy']:.3f}."
+        )
     all_results = {
-        "validation": best.metrics, "test": test_metrics, "best_epoch": best.epoch, "best_step": best.step,
+        "model": args.baseline or "echoai", "parameters": count_parameters(result.model),
+        "validation": best.metrics, "test": test_metrics,
+        "best_epoch": best.epoch, "best_step": best.step, "last_step": last,
         "epochs": result.state.epoch, "steps": result.state.global_step, "seconds": round(result.seconds, 2),
-        "train_videos": len(splits["train"]), "label_fraction": args.label_fraction,
-        "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
+        "train_seconds": round(result.state.train_seconds, 2), "max_train_seconds": args.max_train_seconds,
+        "stopped_by_time": result.stopped_by_time, "train_videos": len(splits["train"]),
+        "label_fraction": args.label_fraction, "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
+        "learning_rate": args.learning_rate, "layer_decay": args.layer_decay, "drop_path_rate": args.drop_path_rate,
     }  # fmt: skip
-    save_model(accelerator, model, processor, args.output_dir)
+    failure = None
+    if regression:
+        all_results["learned_ef"], failure = ef_verdict({"validation": best.metrics, "test": test_metrics})
+        all_results["failure"] = failure
+        if failure:
+            logger.warning("The fine-tuned model did not learn EF -- %s", failure)
+    if args.baseline:
+        state_dict = model_state_dict(accelerator, model)  # on every process (gathered under FSDP)
+        if accelerator.is_main_process:
+            save_baseline(result.model, args.output_dir, state_dict)
+            processor.save_pretrained(args.output_dir)
+    else:
+        save_model(accelerator, model, processor, args.output_dir)
     if accelerator.is_main_process:
         (Path(args.output_dir) / "all_results.json").write_text(json.dumps(all_results, indent=2))
-        card = render_model_card(
-            result.model, args, task="regression" if regression else "classification", dataset_dir=data_dir,
-            num_videos=len(splits["train"]), train_result=result,
-            metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol,
-        )  # fmt: skip
-        card.save(Path(args.output_dir) / "README.md")
+        if not args.baseline:  # the card describes an EchoAI model
+            card = render_model_card(
+                result.model, args, task="regression" if regression else "classification", dataset_dir=data_dir,
+                num_videos=len(splits["train"]), train_result=result,
+                metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol,
+                failure=failure,
+            )  # fmt: skip
+            card.save(Path(args.output_dir) / "README.md")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
     accelerator.end_training()

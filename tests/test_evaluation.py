@@ -119,6 +119,10 @@ def test_evaluate_writes_predictions_metrics_strata_and_figures(
     assert metrics["n"] == len(split_rows) and metrics["bootstrap"] == 50
     errors = predictions["EF_predicted"] - predictions["EF"]
     assert metrics["mae"] == pytest.approx(errors.abs().mean(), rel=1e-6)
+    # The mean predictor on the same videos, at the model's training mean (55), and the verdict beside it.
+    assert metrics["mean_predictor"]["ef"] == 55
+    assert metrics["mean_predictor"]["mae"] == pytest.approx((predictions["EF"] - 55).abs().mean(), rel=1e-6)
+    assert metrics["learned_ef"] == (metrics["failure"] is None)
 
     strata = pd.read_csv(output / "strata.csv")
     assert set(strata["stratum"]) == {"EF range", "FPS tercile", "frames tercile"}

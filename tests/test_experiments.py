@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from data_fixtures import tiny_corpus
@@ -64,8 +65,36 @@ def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
         assert row["test_loss_own_ratio"] == pytest.approx(row["test_loss_common_ratio"])
     if name != "mask_ratio":
         assert results["mean_predictor_test_mae"] > 0  # the floor every EF row is read against
+        assert "| mean-predictor MAE | learned EF" in table[0]  # beside every model, from its own training mean
+        assert all(r["mean_predictor_mae"] > 0 for r in rows)
     if name == "pretraining":
         assert rows[0]["train_videos"] == 1 and rows[2]["train_videos"] == 8  # 10 % / 100 % of 8 videos
+
+
+def test_smoke_baselines_put_the_mean_predictor_the_cnn_and_echoai_in_one_table_with_seed_spread(
+    corpus, runs, tmp_path
+):
+    argv = ["--experiment", "baselines", "--smoke", "--data_dir", str(corpus), "--output_dir", str(tmp_path),
+            "--runs_dir", str(runs), "--num_seeds", "2", "--time_budget_s", "600"]  # fmt: skip
+    results = load_script("experiments").main(argv)
+    rows = results["rows"]
+    assert [r["model"] for r in rows] == ["mean", "r2plus1d_18", "echoai_scratch", "echoai_pretrained"]
+    mean, trained = rows[0], rows[1:]
+    assert mean["mae"] == pytest.approx(results["mean_predictor_test_mae"]) and mean["seeds"] == []
+    for row in trained:
+        assert [s["seed"] for s in row["seeds"]] == [0, 1]
+        assert math.isfinite(row["mae"]) and math.isfinite(row["mae_std"]) and row["mae_std"] >= 0
+        assert row["mae"] == pytest.approx(np.mean([s["mae"] for s in row["seeds"]]))
+        # The same split, labels and budget rule for every model: 2 smoke steps, well inside 600 s.
+        assert row["train_videos"] == 8 and row["steps"] == 2 and not any(s["stopped_by_time"] for s in row["seeds"])
+        assert row["mean_predictor_mae"] == pytest.approx(mean["mae"])  # evaluate.py's floor, the same training mean
+        assert 0 <= row["learned_ef"] <= 2
+    assert 0 < rows[1]["parameters"] < 20_000  # the smoke-scale R(2+1)D
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows) and table[1].startswith("| mean predictor | 0 |")
+    assert "mean ± SD over 2 seeds" in table[0] and "R(2+1)D-18, scratch" in table[2]
+    assert (tmp_path / "baselines.png").stat().st_size > 0
 
 
 def test_a_rerun_reuses_the_finished_runs(corpus, runs, tmp_path):

@@ -4,6 +4,7 @@ results and a model card; EF scaling, label fractions, from-scratch runs, exact 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,16 @@ def test_finetuning_from_a_pretraining_checkpoint_saves_a_loadable_ef_model_resu
         assert results[split]["mae"] >= 0 and results[split]["rmse"] >= results[split]["mae"]
     assert results["steps"] == 6 and results["train_videos"] == 8 and results["seconds"] > 0
     assert results["best_step"] in (4, 6) and "2 evenly spaced clips" in results["eval_protocol"]
+    # Beside the model, the mean predictor on the same videos, and whether the model beat it.
+    splits = load_echonet_dynamic(corpus)
+    for split in ("validation", "test"):
+        references = np.asarray(splits[split]["EF"], dtype=np.float64)
+        baseline = results[split]["mean_predictor"]
+        assert baseline["ef"] == pytest.approx(train_ef(corpus).mean())
+        assert baseline["mae"] == pytest.approx(np.abs(references - train_ef(corpus).mean()).mean())
+        assert baseline["rmse"] >= baseline["mae"] and results[split]["prediction_sd"] >= 0
+    assert isinstance(results["learned_ef"], bool) and results["learned_ef"] == (results["failure"] is None)
+    assert results["last_step"]["step"] == 6 and "mae" in results["last_step"]["validation"]  # not only the best
 
     card = ModelCard.load(output / "README.md")
     assert card.data.library_name == "transformers" and "not a medical device" in card.text
@@ -90,6 +101,67 @@ def test_finetuning_from_a_pretraining_checkpoint_saves_a_loadable_ef_model_resu
     test_mae = found[("test", "mae")]
     assert test_mae.task_type == "regression" and test_mae.dataset_name == "EchoAI synthetic echo phantom"
     assert test_mae.metric_value == pytest.approx(results["test"]["mae"])
+    assert "| split | metric | this model | mean predictor |" in card.text
+    assert (
+        f"| test | MAE | {results['test']['mae']:.3f} | {results['test']['mean_predictor']['mae']:.3f} |" in card.text
+    )
+    # Six steps of a tiny model learn no EF: said at the top of the card (and in the log, as a WARNING).
+    warning = "Warning: this model did not learn to estimate EF"
+    assert (warning in card.text.split("## ")[0]) == (not results["learned_ef"])
+
+
+def test_the_r2plus1d_baseline_trains_through_the_finetuning_script(corpus, tmp_path):
+    """`--baseline r2plus1d_18` goes through the same splits, clips, loop, loss and evaluation as EchoAI: a
+    two-step run moves the weights of a zero-step run with the same seed, and evaluation loads what it saved."""
+    from baselines_echoai import load_baseline
+    from inference_echoai import load_model_and_processor
+
+    finetune = load_script("finetune")
+    fields = "image_size=32,num_frames=4,base_width=2,stem_width=2,blocks_per_stage=1"
+    runs = {}
+    for steps in (0, 2):
+        runs[steps] = finetune.main(
+            finetune_argv(corpus, tmp_path / f"steps{steps}", "--baseline", "r2plus1d_18", "--config_overrides",
+                          fields, "--max_train_steps", str(steps))
+        )  # fmt: skip
+    trained = runs[2]
+    assert trained.state.global_step == 2 and len(trained.losses) == 2
+    assert all(math.isfinite(loss) for loss in trained.losses)
+    start, end = (
+        load_file(tmp_path / "steps0" / "model.safetensors"),
+        load_file(tmp_path / "steps2" / "model.safetensors"),
+    )
+    assert start.keys() == end.keys()
+    assert not torch.equal(start["head.weight"], end["head.weight"]) and not torch.equal(
+        start["stem.0.weight"], end["stem.0.weight"]
+    )
+
+    results = json.loads((tmp_path / "steps2" / "all_results.json").read_text())
+    assert results["model"] == "r2plus1d_18" and results["learning_rate"] == 1e-3 and results["layer_decay"] is None
+    assert results["parameters"] < 20_000 and results["steps"] == 2
+    assert "mean_predictor" in results["test"] and isinstance(results["learned_ef"], bool)
+    assert not (tmp_path / "steps2" / "README.md").exists()  # no EchoAI model card for the baseline
+    model = load_baseline(tmp_path / "steps2")
+    assert model.config.regression_target_mean == pytest.approx(train_ef(corpus).mean())
+    model, processor = load_model_and_processor(tmp_path / "steps2")  # evaluate.py and predict.py score it too
+    videos = sorted((corpus / "Videos").glob("*.avi"))[:2]
+    with torch.no_grad():
+        assert model(processor(videos)["pixel_values"]).logits.shape == (2, 1)
+
+    with pytest.raises(SystemExit):  # EchoAI's transformer knobs do not apply
+        finetune.parse_args(finetune_argv(corpus, tmp_path, "--baseline", "r2plus1d_18", "--layer_decay", "0.75"))
+
+
+def test_max_train_seconds_stops_after_the_step_that_spends_the_budget(corpus, tmp_path):
+    output = tmp_path / "run"
+    result = load_script("finetune").main(
+        finetune_argv(corpus, output, "--from_scratch", "--config_overrides", TINY_MODEL, "--max_train_steps", "6",
+                      "--max_train_seconds", "0.001")
+    )  # fmt: skip
+    assert result.stopped_by_time and result.state.global_step == 1
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["stopped_by_time"] and results["steps"] == 1 and results["max_train_seconds"] == 0.001
+    assert results["train_seconds"] >= 0.001 and results["last_step"]["step"] == 1  # validated where it stopped
 
 
 def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_keys(corpus, pretrained):

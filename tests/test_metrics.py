@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metrics_echoai import EFMetrics, compute_ef_metrics, load_ef_metric
+from metrics_echoai import EFMetrics, check_against_mean_predictor, compute_ef_metrics, load_ef_metric
 
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "ef_metrics"
@@ -153,6 +153,58 @@ def test_bootstrap_skips_resamples_without_both_classes():
     with pytest.warns(RuntimeWarning, match="auc_ef_below_35 is undefined in .* bootstrap resamples"):
         results = compute_ef_metrics(predictions, references, thresholds=[35], bootstrap=200)
     assert results["auc_ef_below_35_ci_low"] <= results["auc_ef_below_35"] <= results["auc_ef_below_35_ci_high"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The mean-predictor check: did an EF model learn anything?
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mean_predictor_check_fires_on_a_model_collapsed_to_a_constant():
+    _, references = _echo_like()
+    train_mean = 54.0
+    # A head stuck at the training mean, wobbling by a fraction of an EF point (the 0.1-0.3).
+    stuck = train_mean + np.random.default_rng(0).normal(0, 0.3, references.size)
+    check = check_against_mean_predictor(stuck, references, train_mean)
+    assert not check["learned_ef"] and check["collapsed"]
+    assert check["failure"].startswith("collapsed to a constant")
+    assert check["prediction_sd"] < 0.1 * check["label_sd"]
+    exact = check_against_mean_predictor(np.full_like(references, train_mean), references, train_mean)
+    assert exact["collapsed"] and not exact["beats_mean_predictor"]  # equal MAE is not "below"
+    assert "collapsed to a constant" in exact["failure"] and "does not beat the mean predictor" in exact["failure"]
+
+
+def test_mean_predictor_check_fires_on_a_spread_out_model_worse_than_the_mean():
+    predictions, references = _echo_like()
+    shuffled = np.random.default_rng(1).permutation(predictions)  # the right spread, no relation to the videos
+    check = check_against_mean_predictor(shuffled, references, references.mean())
+    assert not check["learned_ef"] and not check["collapsed"] and not check["beats_mean_predictor"]
+    assert check["failure"].startswith("does not beat the mean predictor")
+    assert check["mae"] > check["mean_predictor"]["mae"]
+
+
+def test_mean_predictor_check_is_silent_on_a_good_model_and_scores_the_mean_predictor():
+    predictions, references = _echo_like()
+    train_mean = 53.0
+    check = check_against_mean_predictor(predictions, references, train_mean, min_spread=0.1)
+    assert check["learned_ef"] and check["failure"] is None
+    assert check["beats_mean_predictor"] and not check["collapsed"]
+    baseline = check["mean_predictor"]
+    assert baseline["ef"] == train_mean
+    assert baseline["mae"] == pytest.approx(np.abs(references - train_mean).mean())
+    assert baseline["rmse"] == pytest.approx(np.sqrt(np.mean((references - train_mean) ** 2)))
+    with pytest.warns(RuntimeWarning, match="All predictions equal"):  # R² as compute_ef_metrics scores it
+        expected = compute_ef_metrics(np.full_like(references, train_mean), references, thresholds=())
+    assert baseline["r2"] == pytest.approx(expected["r2"]) and baseline["r2"] <= 0
+    assert check["mae"] == pytest.approx(compute_ef_metrics(predictions, references)["mae"])
+    assert json.loads(json.dumps(check)) == check  # goes into all_results.json and metrics.json as is
+
+
+def test_mean_predictor_check_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        check_against_mean_predictor([50, 60, 70], [50, 60], 55)
+    with pytest.raises(ValueError, match="train_mean"):
+        check_against_mean_predictor([50, 60], [50, 60], float("nan"))
 
 
 def test_constant_inputs():

@@ -299,6 +299,34 @@ def test_layer_decay_scales_learning_rate_by_depth():
     assert lr_of[id(named["echoai.embeddings.patch_embeddings.projection.weight"])] == 0.5**5
 
 
+def test_time_budget_schedule_is_the_cosine_schedule_until_the_time_budget_binds():
+    from transformers import get_cosine_schedule_with_warmup
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    reference_optimizer, budget_optimizer = optimizer(), optimizer()
+    reference = get_cosine_schedule_with_warmup(reference_optimizer, 3, 20)
+    budget = training_echoai.TimeBudgetSchedule(budget_optimizer, 3, 20, max_seconds=100.0)
+    for step in range(20):  # one second a step: the 20 steps run out long before the 100 s
+        assert budget.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], abs=1e-12), step
+        reference_optimizer.step(), budget_optimizer.step()
+        budget.seconds = step + 1.0
+        reference.step(), budget.step()
+
+    slow_optimizer = optimizer()
+    slow = training_echoai.TimeBudgetSchedule(slow_optimizer, 3, 20, max_seconds=10.0)
+    lrs = []
+    for step in range(4):  # three seconds a step: the time budget binds
+        slow_optimizer.step()
+        slow.seconds = 3.0 * (step + 1)
+        slow.step()
+        lrs.append(slow.get_last_lr()[0])
+    warmup = 3 / 20  # the warm-up's share of the progress, as with steps
+    assert lrs[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * (0.3 - warmup) / (1 - warmup))))
+    assert lrs[0] > lrs[1] > lrs[2] > 0 and lrs[3] == 0.0  # 12 s of a 10 s budget: decayed to 0
+
+
 def test_tracking_writes_tensorboard_events_and_epoch_checkpoints(corpus, tmp_path):
     output = tmp_path / "run"
     load_script("pretrain").main(
