@@ -21,8 +21,12 @@ from transformers import PreTrainedConfig
 # all presets; only widths and depths change. `small`/`base` follow ViT-S/ViT-B and VideoMAE's decoder
 # proportions (decoder half the encoder width, 4 layers).
 PRESETS: dict[str, dict] = {
-    # A few hundred thousand parameters: the CPU default for `scripts/pretrain.py` and the tests' base.
+    # About a million parameters: the CPU default of the training scripts. At this scale, on a few hundred
+    # labelled videos, the plain ViViT does not learn EF (it collapses to the mean or memorises the videos);
+    # a convolutional stem and pooling over the clip's extreme states do (docs/EXPERIMENTS.md).
     "tiny": dict(
+        stem_channels=[24, 48, 96],
+        pooling="mean_max_min",
         hidden_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
@@ -70,6 +74,10 @@ class EchoAIConfig(PreTrainedConfig):
         num_frames (`int`, defaults to 16): frames per clip the position embeddings are learned for.
             Other counts work with `interpolate_pos_encoding=True`.
         tubelet_size (`int`, defaults to 2): frames per tubelet (temporal side of the Conv3d patch).
+        stem_channels (`list[int]`, *optional*): a convolutional stem before the tubelet projection, one
+            Conv3d (3 x 3 x 3, spatial stride 2) + GroupNorm + ReLU block per entry with that many channels
+            (early convolutions, Xiao et al. 2021). `patch_size` must be divisible by 2 ** len(stem_channels);
+            the token grid is unchanged. None (the default) is the plain ViViT / VideoMAE linear projection.
 
     Encoder:
         hidden_size (`int`, defaults to 384): width D of the encoder.
@@ -97,8 +105,11 @@ class EchoAIConfig(PreTrainedConfig):
             neighbour); `"random"` hides tubelets independently.
 
     Heads:
-        use_mean_pooling (`bool`, defaults to `True`): pool the encoder output by averaging all tokens (then
-            LayerNorm) instead of using the first token.
+        use_mean_pooling (`bool`, defaults to `True`): a LayerNorm on the pooled vector (VideoMAE's `fc_norm`).
+        pooling (`str`, defaults to `"mean"`): how the head summarises the tokens. `"mean"`: the mean of all
+            tokens (VideoMAE). `"mean_max_min"`: each token slice's spatial mean, then the mean, maximum and
+            minimum of those over time (3 x hidden_size wide), so the head sees the clip's extreme states --
+            the largest and smallest ventricle EF compares -- wherever they fall in the clip.
         regression_loss (`str`, defaults to `"mse"`): `"mse"`, `"l1"` or `"huber"`, the loss of
             `EchoAIForVideoClassification` when `problem_type="regression"` (EF estimation).
         regression_target_mean (`float`, defaults to 0.0), regression_target_std (`float`, defaults to 1.0):
@@ -116,6 +127,7 @@ class EchoAIConfig(PreTrainedConfig):
     num_channels: int = 3
     num_frames: int = 16
     tubelet_size: int = 2
+    stem_channels: list[int] | None = None
     hidden_size: int = 384
     num_hidden_layers: int = 12
     num_attention_heads: int = 6
@@ -135,6 +147,7 @@ class EchoAIConfig(PreTrainedConfig):
     mask_ratio: float = 0.9
     mask_strategy: Literal["tube", "random"] = "tube"
     use_mean_pooling: bool = True
+    pooling: Literal["mean", "mean_max_min"] = "mean"
     regression_loss: Literal["mse", "l1", "huber"] = "mse"
     regression_target_mean: float = 0.0
     regression_target_std: float = 1.0
@@ -170,6 +183,19 @@ class EchoAIConfig(PreTrainedConfig):
         divides("num_attention_heads", "hidden_size")
         divides("decoder_num_attention_heads", "decoder_hidden_size")
 
+        if self.stem_channels is not None:
+            if not self.stem_channels or any(
+                isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in self.stem_channels
+            ):
+                raise ValueError(
+                    f"EchoAIConfig.stem_channels must be None or a non-empty list of positive integers, got "
+                    f"{self.stem_channels!r}."
+                )
+            if self.patch_size % 2 ** len(self.stem_channels):
+                raise ValueError(
+                    f"EchoAIConfig.patch_size={self.patch_size} must be divisible by 2 ** len(stem_channels) = "
+                    f"{2 ** len(self.stem_channels)}: each stem block halves the frame side."
+                )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"EchoAIConfig.mask_ratio must lie in (0, 1), got {self.mask_ratio!r}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
@@ -177,6 +203,8 @@ class EchoAIConfig(PreTrainedConfig):
                 raise ValueError(f"EchoAIConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}.")
         if self.mask_strategy not in ("tube", "random"):
             raise ValueError(f"EchoAIConfig.mask_strategy must be 'tube' or 'random', got {self.mask_strategy!r}.")
+        if self.pooling not in ("mean", "mean_max_min"):
+            raise ValueError(f"EchoAIConfig.pooling must be 'mean' or 'mean_max_min', got {self.pooling!r}.")
         if self.regression_loss not in ("mse", "l1", "huber"):
             raise ValueError(
                 f"EchoAIConfig.regression_loss must be 'mse', 'l1' or 'huber', got {self.regression_loss!r}."

@@ -211,6 +211,35 @@ class EchoAIPositionEmbeddings(nn.Module):
         return rearrange(temporal[:, None, :] + spatial[None, :, :], "T n d -> (T n) d")
 
 
+class EchoAIConvStem(nn.Module):
+    """Early convolutions before the tubelet projection ("Early Convolutions Help Transformers See Better",
+    Xiao et al. 2021): `len(stem_channels)` blocks of Conv3d (3 x 3 x 3, spatial stride 2) + GroupNorm (one
+    group per channel) + ReLU.
+
+    A plain patch projection must learn edges and textures from scratch in one linear map per tubelet; a few
+    strided convolutions give the encoder locality and some translation invariance first, which is what a
+    ViT lacks on a few hundred labelled videos. The frame count is kept, the frame side divided by
+    2 ** len(stem_channels); the projection that follows cuts the rest of the tubelet, so the token grid and
+    everything after it are the ViViT encoder's.
+    """
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__()
+        blocks, in_channels = [], config.num_channels
+        for channels in config.stem_channels:
+            blocks += [
+                nn.Conv3d(in_channels, channels, kernel_size=3, stride=(1, 2, 2), padding=1, bias=False),
+                # Per clip and channel: the same in training and inference, for any batch size (unlike BatchNorm).
+                nn.GroupNorm(channels, channels, eps=config.layer_norm_eps),
+                nn.ReLU(inplace=True),
+            ]
+            in_channels = channels
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.blocks(pixels)  # (B, C, T, H, W) -> (B, C_stem, T, H / 2^k, W / 2^k)
+
+
 class EchoAIPatchEmbeddings(nn.Module):
     """Tubelet embedding: each (t, p, p) tubelet's pixels mapped linearly to width D, stored as a Conv3d with
     kernel = stride = (t, p, p) (the layout of ViViT and VideoMAE checkpoints).
@@ -218,19 +247,27 @@ class EchoAIPatchEmbeddings(nn.Module):
     A whole clip goes through the convolution. Under a mask only the visible tubelets are embedded, as one
     matmul over their patchified pixels with the same weights: 10 % of the work at mask ratio 0.9. (The
     convolution is the faster of the two on a whole clip: it needs no patchify copy of the input.)
+
+    With `config.stem_channels` a convolutional stem (`EchoAIConvStem`) runs first and the projection's kernel
+    covers the rest of the tubelet (p / 2^k pixels). Under a mask the hidden tubelets' pixels are zeroed before
+    the stem, so no visible token sees a hidden neighbour through the convolutions' overlapping windows.
     """
 
     def __init__(self, config: EchoAIConfig):
         super().__init__()
         self.tubelet_size, self.patch_size = config.tubelet_size, config.patch_size
+        self.stem = EchoAIConvStem(config) if config.stem_channels else None
+        stride = config.patch_size // 2 ** len(config.stem_channels or [])
         self.projection = nn.Conv3d(
-            config.num_channels,
+            config.stem_channels[-1] if config.stem_channels else config.num_channels,
             config.hidden_size,
-            kernel_size=(config.tubelet_size, config.patch_size, config.patch_size),
-            stride=(config.tubelet_size, config.patch_size, config.patch_size),
+            kernel_size=(config.tubelet_size, stride, stride),
+            stride=(config.tubelet_size, stride, stride),
         )
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None) -> torch.Tensor:
+        if self.stem is not None:
+            return self.forward_stem(pixel_values, bool_masked_pos)
         if bool_masked_pos is None:
             x = self.projection(rearrange(pixel_values, "b T c H W -> b c T H W"))  # (B, D, T', h, w)
             # Contiguous: the view's strides (L*D, 1, L) would otherwise follow the residual stream through
@@ -249,6 +286,24 @@ class EchoAIPatchEmbeddings(nn.Module):
         # `patchify` orders a tubelet's pixels (t p q c); the convolution kernel is (c t p q).
         weight = rearrange(self.projection.weight, "d c t p q -> d (t p q c)")
         return F.linear(visible, weight, self.projection.bias)  # (B, V, D)
+
+    def forward_stem(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None) -> torch.Tensor:
+        x = rearrange(pixel_values, "b T c H W -> b c T H W")
+        if bool_masked_pos is not None:
+            x = self.zero_hidden_tubelets(x, bool_masked_pos)
+        x = rearrange(self.projection(self.stem(x)), "b d T h w -> b (T h w) d")  # (B, L, D)
+        if bool_masked_pos is None:
+            return x.contiguous()
+        return x[~bool_masked_pos].view(x.shape[0], -1, x.shape[-1])  # (B, V, D)
+
+    def zero_hidden_tubelets(self, x: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.Tensor:
+        """(B, C, T, H, W) pixels with every tubelet that `bool_masked_pos` (B, L) hides set to 0."""
+        t, p = self.tubelet_size, self.patch_size
+        pattern = "b c (T t) (h p) (w q) -> b c T t h p w q"
+        tubelets = rearrange(x, pattern, t=t, p=p, q=p)  # a view
+        T_, h, w = tubelets.shape[2], tubelets.shape[4], tubelets.shape[6]
+        keep = rearrange(~bool_masked_pos, "b (T h w) -> b 1 T 1 h 1 w 1", T=T_, h=h, w=w).to(x.dtype)
+        return rearrange(tubelets * keep, "b c T t h p w q -> b c (T t) (h p) (w q)")
 
 
 class EchoAIEmbeddings(nn.Module):
@@ -555,7 +610,7 @@ class EchoAIPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, EchoAIPositionEmbeddings):
@@ -746,8 +801,32 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         )
 
 
+def pool_tokens(last_hidden_state: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """(B, L, D) -> (B, D): the mean of all tokens (VideoMAE's pooling)."""
+    return last_hidden_state.mean(dim=1)
+
+
+def pool_tokens_mean_max_min(last_hidden_state: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """(B, L, D) -> (B, 3D): each token slice's spatial mean, then its mean, maximum and minimum over time.
+
+    EF compares the ventricle's largest and smallest states within a cycle, wherever they fall in the clip. A
+    mean over all tokens blurs the two together and leaves the encoder to line them up through attention; the
+    extremes of the per-slice summaries hand them to the head directly, for any clip length or start.
+    """
+    slices = rearrange(last_hidden_state, "b (T n) d -> b T n d", T=num_slices).mean(dim=2)  # (B, T', D)
+    return torch.cat([slices.mean(dim=1), slices.amax(dim=1), slices.amin(dim=1)], dim=-1)  # (B, 3D)
+
+
+POOLINGS: dict[str, tuple[Callable[[torch.Tensor, int], torch.Tensor], int]] = {
+    # name -> (pooling function, pooled width in multiples of D)
+    "mean": (pool_tokens, 1),
+    "mean_max_min": (pool_tokens_mean_max_min, 3),
+}
+
+
 class EchoAIForVideoClassification(EchoAIPreTrainedModel):
-    """EchoAI encoder + a head on the mean-pooled tokens.
+    """EchoAI encoder + a head on the pooled tokens (`config.pooling`: the mean of all tokens, or the mean,
+    maximum and minimum over time of each token slice's mean).
 
     `num_labels=1` (`problem_type="regression"`) estimates a continuous target such as ejection fraction: the
     head predicts `(y - regression_target_mean) / regression_target_std` and `logits` are mapped back to the
@@ -761,20 +840,21 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.echoai = EchoAIModel(config)
-        # There is no class token: the clip is summarised by the mean of its tokens. `use_mean_pooling`
-        # adds VideoMAE's extra LayerNorm on the pooled vector (`fc_norm`).
-        self.fc_norm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else nn.Identity()
-        )
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        # There is no class token: the clip is summarised by pooling its tokens. `use_mean_pooling` adds
+        # VideoMAE's extra LayerNorm on the pooled vector (`fc_norm`).
+        self.pool, multiple = POOLINGS[config.pooling]
+        width = multiple * config.hidden_size
+        self.fc_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if config.use_mean_pooling else nn.Identity()
+        self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
     def is_regression(self) -> bool:
         return self.config.problem_type == "regression" or (self.config.problem_type is None and self.num_labels == 1)
 
-    def forward_head(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) tokens -> (B, num_labels) head output (unit-scale for regression)."""
-        return self.classifier(self.fc_norm(last_hidden_state.mean(dim=1)))
+    def forward_head(self, last_hidden_state: torch.Tensor, num_slices: int) -> torch.Tensor:
+        """(B, L, D) tokens of `num_slices` token slices -> (B, num_labels) head output (unit-scale for
+        regression)."""
+        return self.classifier(self.fc_norm(self.pool(last_hidden_state, num_slices)))
 
     def regression_loss(self, head_output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         mean, std = self.config.regression_target_mean, self.config.regression_target_std
@@ -798,7 +878,8 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
             interpolate_pos_encoding (`bool`): accept another frame count / size than the config's.
         """
         outputs = self.echoai(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        head_output = self.forward_head(outputs.last_hidden_state)  # (B, num_labels)
+        num_slices = pixel_values.shape[1] // self.config.tubelet_size  # T'
+        head_output = self.forward_head(outputs.last_hidden_state, num_slices)  # (B, num_labels)
         loss = None
         if self.is_regression():
             mean, std = self.config.regression_target_mean, self.config.regression_target_std

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from einops import rearrange
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVideoClassification
 
 from configuration_echoai import PRESETS, EchoAIConfig
@@ -96,6 +97,10 @@ def test_preset_overrides_and_unknown_preset():
         (dict(drop_path_rate=1.5), r"drop_path_rate must lie in \[0, 1\)"),
         (dict(regression_loss="l3"), r"regression_loss must be 'mse', 'l1' or 'huber'"),
         (dict(regression_target_std=0.0), r"regression_target_std must be positive"),
+        (dict(stem_channels=[8, 8, 8, 8, 8]), r"patch_size=16 must be divisible by 2 \*\* len\(stem_channels\) = 32"),
+        (dict(stem_channels=[]), r"stem_channels must be None or a non-empty list of positive integers"),
+        (dict(stem_channels=[8, 0]), r"stem_channels must be None or a non-empty list of positive integers"),
+        (dict(pooling="max"), r"pooling must be 'mean' or 'mean_max_min', got 'max'"),
     ],
 )
 def test_invalid_config_names_field_and_value(fields, message):
@@ -418,7 +423,7 @@ def test_regression_head_predicts_in_target_units_and_trains_on_unit_scale():
     x, labels = clips(config), torch.tensor([40.0, 70.0])
     out = model(x, labels=labels)
     with torch.no_grad():
-        head = model.forward_head(model.echoai(x).last_hidden_state)
+        head = model.forward_head(model.echoai(x).last_hidden_state, num_slices=x.shape[1] // config.tubelet_size)
     torch.testing.assert_close(out.logits, head * 12.0 + 55.0)
     torch.testing.assert_close(out.loss, ((head.view(-1) - (labels - 55.0) / 12.0) ** 2).mean())
 
@@ -588,3 +593,76 @@ def test_masked_and_whole_clip_embedding_paths_agree():
         whole = embeddings(x)  # (B, L, D)
         visible = embeddings(x, bool_masked_pos=mask)  # (B, V, D)
     torch.testing.assert_close(visible, whole[~mask].view(2, -1, 32), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolutional stem and pooling over the clip's extreme states
+# --------------------------------------------------------------------------------------------------
+
+
+def stem_config(**overrides) -> EchoAIConfig:
+    return tiny_config(stem_channels=[4, 6], pooling="mean_max_min", num_labels=1, **overrides)
+
+
+def test_stem_keeps_the_token_grid_and_every_model_runs():
+    config = stem_config()
+    x = clips(config)
+    assert build(EchoAIModel, config)(x).last_hidden_state.shape == (2, 32, 32)
+    assert build(EchoAIForVideoClassification, config)(x).logits.shape == (2, 1)
+    mask = make_mask(2, (2, 4, 4), 0.75)
+    out = build(EchoAIForPreTraining, config)(x, bool_masked_pos=mask)
+    assert out.logits.shape == (2, 24, 2 * 8 * 8 * 3) and torch.isfinite(out.loss)
+
+
+def test_stem_hides_masked_pixels_from_the_visible_tokens():
+    """With overlapping convolutions a visible token could see into a hidden neighbour; the hidden tubelets are
+    zeroed first, so changing their pixels leaves every visible token's encoding as it was."""
+    config = stem_config()
+    model = build(EchoAIModel, config)
+    x = clips(config)
+    mask = make_mask(2, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(3))
+    hidden = rearrange(mask, "b (T h w) -> b T 1 1 h 1 w 1", T=2, h=4, w=4)
+    noise = rearrange(torch.randn_like(x), "b (T t) c (h p) (w q) -> b T t c h p w q", t=2, p=8, q=8)
+    changed = x + rearrange(noise * hidden, "b T t c h p w q -> b (T t) c (h p) (w q)")
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed, bool_masked_pos=mask)[0], model(x, bool_masked_pos=mask)[0])
+        # ... and the same pixels do change the encoding when nothing is hidden.
+        assert not torch.allclose(model(changed)[0], model(x)[0])
+
+
+def test_stem_model_equivalences_batch_attention_and_reload(tmp_path):
+    config = stem_config()
+    x = clips(config, batch_size=3)
+    model = build(EchoAIForVideoClassification, config)
+    with torch.no_grad():
+        whole = model(x).logits
+        torch.testing.assert_close(model(x[1:2]).logits, whole[1:2], atol=1e-5, rtol=1e-5)
+        config._attn_implementation = "eager"
+        eager = build(EchoAIForVideoClassification, config)
+        torch.testing.assert_close(eager(x).logits, whole, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = EchoAIForVideoClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.stem_channels == [4, 6] and reloaded.config.pooling == "mean_max_min"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_mean_max_min_pooling_is_the_slice_means_extremes():
+    config = stem_config()
+    model = build(EchoAIForVideoClassification, config)
+    tokens = torch.randn(2, 32, 32)  # (B, L = 2 slices x 16 patches, D)
+    slices = tokens.view(2, 2, 16, 32).mean(dim=2)  # (B, T', D)
+    expected = torch.cat([slices.mean(1), slices.max(1).values, slices.min(1).values], dim=-1)
+    torch.testing.assert_close(model.pool(tokens, 2), expected)
+    assert model.classifier.in_features == 3 * config.hidden_size
+    # Reversing the clip in time leaves the pooled extremes unchanged: they do not depend on where in the
+    # clip the largest and smallest states fall.
+    reversed_tokens = tokens.view(2, 2, 16, 32).flip(1).reshape(2, 32, 32)
+    torch.testing.assert_close(model.pool(reversed_tokens, 2), expected)
+
+
+def test_tiny_preset_is_the_recipe_that_reads_ef():
+    """The README and docs/EXPERIMENTS.md describe this recipe; the scripts build `tiny` from the preset."""
+    config = EchoAIConfig.from_preset("tiny")
+    assert config.stem_channels == [24, 48, 96] and config.pooling == "mean_max_min"
+    assert EchoAIConfig.from_preset("small").stem_channels is None  # plain ViViT until measured at that scale
