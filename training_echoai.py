@@ -92,13 +92,24 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     add("--model_name_or_path", type=str, default=None, help="Checkpoint folder or Hub id to start from.")
     add("--config_name", choices=sorted(PRESETS), default="tiny", help="Preset to build from scratch.")
-    add("--config_overrides", default=None, help="Config fields to override, e.g. 'mask_ratio=0.95,num_frames=8'.")
+    add(
+        "--config_overrides", default=None,
+        help="Config fields to override, e.g. 'mask_ratio=0.95,num_frames=8'; lists with '/': 'stem_channels=24/48/96', "
+        "'stem_channels=none' for the plain linear tubelet projection.",
+    )  # fmt: skip
     add(
         "--period",
         type=int,
-        default=2,
-        help="Take every N-th frame (EchoNet: 2); ignored when the processor is loaded.",
+        default=4,
+        help="Take every N-th frame; ignored when the processor is loaded. 16 frames x 4 span the 64 frames EchoNet-"
+        "Dynamic's 32 x 2 clips do (about 1.3 s at 50 fps: a whole beat above ~47 bpm), so a clip holds both the "
+        "largest and the smallest ventricle EF compares.",
     )
+    add(
+        "--processor_overrides", default=None,
+        help="Video-processor fields to override, e.g. 'brightness_jitter=0.1,augment_padding=12' for stronger "
+        "augmentation (also over a processor loaded with --model_name_or_path); saved with the model.",
+    )  # fmt: skip
     add("--output_dir", type=str, default=None, help="Where checkpoints, the final model and logs go.")
     add("--per_device_train_batch_size", type=int, default=8)
     add("--per_device_eval_batch_size", type=int, default=8)
@@ -202,13 +213,25 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
 
 
 def parse_config_overrides(text: str | None) -> dict:
-    """'mask_ratio=0.95,num_frames=8' -> {"mask_ratio": 0.95, "num_frames": 8} (as transformers' run_mlm.py)."""
+    """'mask_ratio=0.95,num_frames=8' -> {"mask_ratio": 0.95, "num_frames": 8} (as transformers' run_mlm.py).
+
+    Commas separate fields, so a list field takes slashes: 'stem_channels=24/48/96' -> [24, 48, 96];
+    'stem_channels=none' -> None."""
     overrides = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--config_overrides: {item!r} is not key=value (e.g. 'mask_ratio=0.95,num_frames=8')")
         value = value.strip()
+        if "/" in value:
+            try:
+                overrides[key.strip()] = [int(v) for v in value.split("/")]
+            except ValueError:
+                raise ValueError(f"--config_overrides: {item!r}: a list takes integers separated by '/'") from None
+            continue
+        if value.lower() == "none":
+            overrides[key.strip()] = None
+            continue
         for cast in (int, float):
             try:
                 value = cast(value)
@@ -398,10 +421,17 @@ def build_processor(
     table or a stream of rows (a prepared corpus: `corpus_echoai.read_row_frames`). A table is sampled at
     random; a stream gives its first rows, so pass it shuffled, with the same seed on every process.
     """
+    overrides = parse_config_overrides(getattr(args, "processor_overrides", None))
+    unknown = sorted(set(overrides) - set(EchoAIVideoProcessor._argument_names()))
+    if unknown:
+        raise ValueError(
+            f"--processor_overrides: {unknown} are not EchoAIVideoProcessor fields; choose from "
+            f"{EchoAIVideoProcessor._argument_names()}"
+        )
     if args.model_name_or_path:
         try:
             return EchoAIVideoProcessor.from_pretrained(
-                args.model_name_or_path, num_frames=config.num_frames, image_size=config.image_size
+                args.model_name_or_path, num_frames=config.num_frames, image_size=config.image_size, **overrides
             )
         except OSError:
             logger.info("%s has no video processor; computing one from the training videos", args.model_name_or_path)
@@ -410,10 +440,11 @@ def build_processor(
     mean, std = compute_mean_std(
         videos, num_videos=128, seed=args.seed, num_channels=config.num_channels, read_frames=read_frames
     )
-    return EchoAIVideoProcessor(
+    fields = dict(
         num_frames=config.num_frames, period=args.period, image_size=config.image_size,
         num_channels=config.num_channels, image_mean=mean, image_std=std,
     )  # fmt: skip
+    return EchoAIVideoProcessor(**{**fields, **overrides})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1074,14 +1105,17 @@ def render_model_card(
     for name in ("layer_decay", "drop_path_rate"):
         if getattr(args, name, None) is not None:
             hyperparameters[name.replace("_", " ")] = getattr(args, name)
+    start = "a randomly initialised encoder" if getattr(args, "from_scratch", False) else "a pretrained encoder"
+    pooling = {
+        "mean": "mean-pooled tokens",
+        "mean_max_min": "each token slice's mean, pooled by mean, maximum and minimum over time",
+    }[config.pooling]
     procedure = {
         "pretraining": "masked-autoencoder pretraining: tube masking, norm-pix MSE on the hidden tubelets",
-        "regression": "EF regression from a pretrained encoder (mean-pooled tokens, linear head), "
-        "layer-wise learning-rate decay",
-        "classification": "classification from a pretrained encoder (mean-pooled tokens, linear head), "
-        "layer-wise learning-rate decay",
+        "regression": f"EF regression from {start} ({pooling}, linear head)",
+        "classification": f"classification from {start} ({pooling}, linear head)",
     }[task]
-    period = getattr(args, "period", 2)
+    period = getattr(args, "period", 4)
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template()),
@@ -1098,6 +1132,12 @@ def render_model_card(
         num_channels=config.num_channels,
         tubelet_size=config.tubelet_size,
         patch_size=config.patch_size,
+        stem=(
+            f"{len(config.stem_channels)} strided 3-D convolutions ({'/'.join(map(str, config.stem_channels))} "
+            "channels) before the tubelet projection"
+            if config.stem_channels
+            else None
+        ),
         period=period,
         mask_percent=round(100 * config.mask_ratio),
         synthetic=synthetic,

@@ -392,11 +392,14 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         image_mean, image_std (`list[float]`, one per channel): normalisation in [0, 1] pixel units.
             The defaults map [0, 1] to [-1, 1]; use `compute_mean_std` on the training split.
         do_augment (`bool`, defaults to `False`): default for the training augmentation.
-        augment_padding (`int`, defaults to 12): zero padding (pixels) before the random crop.
-        brightness_jitter (`float`, defaults to 0.1): brightness offset drawn from U(-b, b), [0, 1] units.
-        contrast_jitter (`float`, defaults to 0.2): contrast factor drawn from U(1 - c, 1 + c).
-        gamma_jitter (`float`, defaults to 0.2): gamma drawn from exp(U(-g, g)).
+        augment_padding (`int`, defaults to 4): zero padding (pixels) before the random crop.
+        brightness_jitter (`float`, defaults to 0.02): brightness offset drawn from U(-b, b), [0, 1] units.
+        contrast_jitter (`float`, defaults to 0.1): contrast factor drawn from U(1 - c, 1 + c).
+        gamma_jitter (`float`, defaults to 0.1): gamma drawn from exp(U(-g, g)).
         horizontal_flip_probability (`float`, defaults to 0.0): probability of a left-right flip.
+            The intensity jitters are mild on purpose: a blood pool and the tissue around it differ by a few tens
+            of grey levels, and a stronger jitter (0.1 brightness is +-25 levels) drowns the contrast EF is read
+            from; with it a small model collapsed to predicting the mean EF (docs/EXPERIMENTS.md).
 
     Call: `processor(videos, clip_sampling=..., clip_start=..., num_clips=..., do_augment=...,
     generator=..., return_tensors="pt")`, where `videos` is a path, an array of frames (T, H, W) or
@@ -418,10 +421,10 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         image_mean: Sequence[float] | float = 0.5,
         image_std: Sequence[float] | float = 0.5,
         do_augment: bool = False,
-        augment_padding: int = 12,
-        brightness_jitter: float = 0.1,
-        contrast_jitter: float = 0.2,
-        gamma_jitter: float = 0.2,
+        augment_padding: int = 4,
+        brightness_jitter: float = 0.02,
+        contrast_jitter: float = 0.1,
+        gamma_jitter: float = 0.1,
         horizontal_flip_probability: float = 0.0,
         **kwargs,
     ):

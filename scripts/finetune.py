@@ -9,10 +9,14 @@
     accelerate launch scripts/finetune.py --model_name_or_path outputs/pretrain --num_labels 2 --class_boundaries 50
     accelerate launch scripts/finetune.py --baseline r2plus1d_18 --max_train_seconds 600   # EchoNet's CNN
 
-Recipe (MAE / VideoMAE fine-tuning): AdamW (0.9, 0.999), weight decay 0.05, layer-wise learning-rate
-decay 0.75, stochastic depth 0.1, learning rate 5e-4, linear warm-up then cosine decay. The regression head learns
-a unit-scale target: `regression_target_mean/std` are set from the training split's EF, so `logits` -- and the
-saved model's predictions -- are EF in %.
+Recipe from a checkpoint (MAE / VideoMAE fine-tuning): AdamW (0.9, 0.999), weight decay 0.05, layer-wise
+learning-rate decay 0.75, stochastic depth 0.1, learning rate 5e-4, linear warm-up then cosine decay. From scratch
+(`--from_scratch`): learning rate 1e-3, no layer decay, no stochastic depth. Clips are 16 frames taken every 4th
+(`--period 4`, EchoNet-Dynamic's 64-frame span) with mild augmentation (the processor's defaults), and the `tiny`
+preset has a convolutional stem and pools each clip's extreme states (`EchoAIConfig.stem_channels`, `pooling`):
+the recipe that reads EF from a few hundred videos (docs/EXPERIMENTS.md). The regression head learns a unit-scale
+target: `regression_target_mean/std` are set from the training split's EF, so `logits` -- and the saved model's
+predictions -- are EF in %.
 
 Baseline (`--baseline r2plus1d_18`): EchoNet-Dynamic's R(2+1)D-18 (`baselines_echoai.py`), randomly initialised,
 on the same clips, split, loop, loss and evaluation; only the model and its recipe differ. EchoNet-Dynamic
@@ -88,6 +92,9 @@ LABEL = "label"  # the column that holds class indices when --class_boundaries b
 # from-scratch CNN recipe for the baseline (see the module docstring).
 RECIPES = {
     "echoai": dict(learning_rate=5e-4, layer_decay=0.75, drop_path_rate=0.1),
+    # From scratch there is no pretrained early layer to protect, so no layer decay; stochastic depth off in a
+    # 4-layer model (docs/EXPERIMENTS.md).
+    "echoai_scratch": dict(learning_rate=1e-3, layer_decay=1.0, drop_path_rate=0.0),
     "r2plus1d_18": dict(learning_rate=1e-3, layer_decay=None, drop_path_rate=None),
 }
 
@@ -111,14 +118,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(class 0 below 40). Without it the column must hold class indices.",
     )
     add("--regression_loss", choices=["mse", "l1", "huber"], default="mse")
-    echoai = RECIPES["echoai"]
+    echoai, scratch = RECIPES["echoai"], RECIPES["echoai_scratch"]
     add(
         "--layer_decay", type=float, default=None,
-        help=f"Layer-wise learning-rate decay (default {echoai['layer_decay']:g}; 1 disables).",
+        help=f"Layer-wise learning-rate decay (default {echoai['layer_decay']:g} from a checkpoint, "
+        f"{scratch['layer_decay']:g} from scratch; 1 disables).",
     )  # fmt: skip
     add(
         "--drop_path_rate", type=float, default=None,
-        help=f"Stochastic depth of the last encoder layer (default {echoai['drop_path_rate']:g}).",
+        help=f"Stochastic depth of the last encoder layer (default {echoai['drop_path_rate']:g} from a checkpoint, "
+        f"{scratch['drop_path_rate']:g} from scratch).",
     )  # fmt: skip
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
@@ -136,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.push_to_hub:
             parser.error("--push_to_hub publishes EchoAI models; --baseline writes a state dict and results only")
         args.from_scratch = True
-    for name, value in RECIPES[args.baseline or "echoai"].items():
+    recipe = args.baseline or ("echoai_scratch" if args.from_scratch else "echoai")
+    for name, value in RECIPES[recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if bool(args.model_name_or_path) == args.from_scratch:

@@ -168,8 +168,10 @@ def test_compiled_prediction_compiles_once_and_equals_eager(model_dir, split_row
     graph, and the predictions are the eager ones (padding clips dropped)."""
     model, processor = load_model_and_processor(model_dir)
     paths = list(split_rows["video_path"][:2])
-    eager = predict_videos(model, processor, paths, batch_size=7, progress=False)
-    assert sum(r.num_clips for r in eager) % 7, "the test needs a partial last batch"
+    # A batch size that leaves a partial last batch, whatever the corpus's clip count.
+    num_clips = sum(r.num_clips for r in predict_videos(model, processor, paths, batch_size=64, progress=False))
+    batch_size = next(b for b in range(7, 64) if num_clips % b)
+    eager = predict_videos(model, processor, paths, batch_size=batch_size, progress=False)
     compilations = []
 
     def counting_backend(graph_module, example_inputs):
@@ -177,7 +179,9 @@ def test_compiled_prediction_compiles_once_and_equals_eager(model_dir, split_row
         return graph_module.forward
 
     torch._dynamo.reset()
-    compiled = predict_videos(model, processor, paths, batch_size=7, progress=False, compile_backend=counting_backend)
+    compiled = predict_videos(
+        model, processor, paths, batch_size=batch_size, progress=False, compile_backend=counting_backend
+    )
     assert len(compilations) == 1
     for fast, slow in zip(compiled, eager, strict=True):
         assert fast.num_clips == slow.num_clips

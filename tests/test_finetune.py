@@ -23,6 +23,7 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor  #
 import modeling_echoai
 from data_echoai import load_echonet_dynamic
 from modeling_echoai import EchoAIForVideoClassification
+from video_processing_echoai import EchoAIVideoProcessor
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,3 +258,20 @@ def test_accelerate_configs_load_with_accelerate(name, distributed_type, num_mac
         assert fsdp["fsdp_use_orig_params"], "parameter groups need the original parameters"
     if name == "multinode":
         assert config.machine_rank == 0 and config.main_process_ip and config.main_process_port
+
+
+def test_recipe_defaults_are_the_ones_the_readme_states():
+    """From scratch: lr 1e-3, no layer decay, no stochastic depth; from a checkpoint: the MAE recipe. Both: every
+    4th frame, mild augmentation (the processor's defaults), the `tiny` preset with stem and extreme-state pooling."""
+    finetune = load_script("finetune")
+    scratch = finetune.parse_args(["--from_scratch"])
+    assert (scratch.learning_rate, scratch.layer_decay, scratch.drop_path_rate) == (1e-3, 1.0, 0.0)
+    assert scratch.period == 4 and scratch.config_name == "tiny"
+    pretrained = finetune.parse_args(["--model_name_or_path", "outputs/pretrain"])
+    assert (pretrained.learning_rate, pretrained.layer_decay, pretrained.drop_path_rate) == (5e-4, 0.75, 0.1)
+    explicit = finetune.parse_args(["--from_scratch", "--learning_rate", "3e-4", "--layer_decay", "0.8"])
+    assert (explicit.learning_rate, explicit.layer_decay) == (3e-4, 0.8)
+    assert load_script("pretrain").parse_args([]).period == 4
+    processor = EchoAIVideoProcessor()
+    augmentation = (processor.augment_padding, processor.brightness_jitter, processor.contrast_jitter)
+    assert augmentation == (4, 0.02, 0.1) and processor.gamma_jitter == 0.1

@@ -3,6 +3,7 @@ checkpoint rotation, two processes, model card and Hub push (without network).""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -271,6 +272,22 @@ def test_config_overrides_parse_and_reject_malformed_items():
     }
     with pytest.raises(ValueError, match="'mask_ratio' is not key=value"):
         training_echoai.parse_config_overrides("mask_ratio")
+    lists = training_echoai.parse_config_overrides("stem_channels=24/48/96,pooling=mean")
+    assert lists == {"stem_channels": [24, 48, 96], "pooling": "mean"}
+    assert training_echoai.parse_config_overrides("stem_channels=none") == {"stem_channels": None}
+    with pytest.raises(ValueError, match="a list takes integers separated by '/'"):
+        training_echoai.parse_config_overrides("stem_channels=24/x")
+
+
+def test_processor_overrides_reach_the_saved_processor_and_unknown_fields_are_named(tmp_path_factory):
+    config = EchoAIForPreTraining.config_class.from_preset("tiny", image_size=32, patch_size=8, num_frames=4)
+    videos = {"video_path": [str(p) for p in sorted((tiny_corpus(tmp_path_factory) / "Videos").glob("*.avi"))[:2]]}
+    args = argparse.Namespace(model_name_or_path=None, seed=0, period=2, processor_overrides="brightness_jitter=0.1")
+    processor = training_echoai.build_processor(args, config, videos)
+    assert processor.brightness_jitter == 0.1 and processor.augment_padding == 4  # the rest keep their defaults
+    args.processor_overrides = "brightnes_jitter=0.1"
+    with pytest.raises(ValueError, match=r"\['brightnes_jitter'\] are not EchoAIVideoProcessor fields"):
+        training_echoai.build_processor(args, config, videos)
 
 
 def test_no_weight_decay_on_norms_biases_position_tables_and_mask_token():
