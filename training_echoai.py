@@ -1122,6 +1122,7 @@ def render_model_card(
         model_name=repo_id,
         repo_id=repo_id,
         task=task,
+        from_scratch=bool(getattr(args, "from_scratch", False)),
         architecture=type(model).__name__,
         num_parameters_m=f"{count_parameters(model) / 1e6:.2f}",
         hidden_size=config.hidden_size,

@@ -216,6 +216,12 @@ def test_from_scratch_with_half_the_labels_trains_and_scales_to_its_own_subset(c
     _, splits = finetune.load_splits(finetune.parse_args(finetune_argv(corpus, output, "--from_scratch",
                                                                        "--label_fraction", "0.5")), Accelerator(cpu=True))  # fmt: skip
     assert model.config.regression_target_mean == pytest.approx(np.mean(splits["train"]["EF"]))
+    # The card says what was trained: from scratch (no pretraining claimed), with the tiny preset's stem and pooling.
+    card = (output / "README.md").read_text()
+    assert "trained from a random initialisation, without masked-autoencoder pretraining" in card
+    assert "pretrained\nas a masked video autoencoder" not in card
+    assert "EF regression from a randomly initialised" in card
+    assert "| Stem | 3 strided 3-D convolutions (24/48/96 channels)" in card
 
 
 def test_resumed_finetuning_ends_with_the_weights_of_a_straight_run(corpus, pretrained, tmp_path):
