@@ -19,9 +19,8 @@ torchvision's model, so it is the network EchoNet-Dynamic trains, randomly initi
 
 31,300,638 parameters with one output: torchvision's 31,505,325 with its 400-class head, less 400 × 513, plus
 513. The baseline is the default, full width. `base_width` / `stem_width` / `blocks_per_stage` shrink it, for tests
-(2 / 2 / 1: 12.5 k parameters) or for CPU budgets: one training step at batch 8, 16 frames of 64², on one thread of
-the development machine (shared with another job) took 9.0 s at full width (30.6 s at 112²), 3.4 s at
-`base_width=32, stem_width=23` (7.8 M parameters) and 1.2 s at `base_width=16, stem_width=12` (2.0 M).
+(2 / 2 / 1: 12.5 k parameters) or for CPU budgets, where the full network gets few steps in a fixed time (step
+times: docs/EXPERIMENTS.md, section 2).
 
 Input and output follow `EchoAIForVideoClassification` with `num_labels=1`: `pixel_values` (B, T, C, H, W) from
 the same processor, `labels` EF in %, the head trained on the unit-scale target (EF - mean) / std with the training

@@ -233,10 +233,14 @@ def ef_verdict(metrics: dict[str, dict]) -> tuple[bool, str | None]:
     return not failures, "; ".join(failures) or None
 
 
+SHOWN_METRICS = {True: ("mae", "rmse", "r2"), False: ("accuracy",)}  # regression? -> the metrics logged per split
+
+
 def shown_metrics(metrics: dict, regression: bool) -> str:
     """One line of a split's metrics for the log, the mean predictor beside the model's MAE."""
-    keys = ("mae", "rmse", "r2") if regression else ("accuracy",)
-    text = ", ".join(f"{k} {metrics[k]:.3f}" if metrics[k] is not None else f"{k} n/a" for k in keys)
+    text = ", ".join(
+        f"{k} {metrics[k]:.3f}" if metrics[k] is not None else f"{k} n/a" for k in SHOWN_METRICS[regression]
+    )
     if regression:
         text += (
             f" (mean predictor mae {metrics['mean_predictor']['mae']:.3f}; prediction sd {metrics['prediction_sd']:.2f}"
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None):
             f"epoch {epoch} step {state.global_step} validation {shown_metrics(metrics, regression)}"
             + (" (best)" if best.step == state.global_step else "")
         )
-        shown = {k: metrics[k] for k in (("mae", "rmse", "r2") if regression else ("accuracy",))}
+        shown = {k: metrics[k] for k in SHOWN_METRICS[regression]}
         accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
 
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, compute_loss, on_epoch_end=validate)
