@@ -221,6 +221,12 @@ class EchoAIConvStem(nn.Module):
     ViT lacks on a few hundred labelled videos. The frame count is kept, the frame side divided by
     2 ** len(stem_channels); the projection that follows cuts the rest of the tubelet, so the token grid and
     everything after it are the ViViT encoder's.
+
+    Under a mask the stem works as a sparse convolution (as in SparK and ConvNeXt V2): `keep` marks the visible
+    pixels, each normalisation takes its statistics over the visible positions only, and the hidden positions are
+    set back to zero after every block. A plain GroupNorm would take them over an input that is 90 % zeros in
+    pretraining and over whole clips in fine-tuning, so every feature learned in pretraining would arrive
+    rescaled in fine-tuning.
     """
 
     def __init__(self, config: EchoAIConfig):
@@ -236,8 +242,26 @@ class EchoAIConvStem(nn.Module):
             in_channels = channels
         self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.blocks(pixels)  # (B, C, T, H, W) -> (B, C_stem, T, H / 2^k, W / 2^k)
+    def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C_stem, T, H / 2^k, W / 2^k); `keep` (B, 1, T, H, W), 1 where visible."""
+        if keep is None:
+            return self.blocks(pixels)
+        x, layers = pixels, list(self.blocks)
+        for conv, norm, activation in (layers[i : i + 3] for i in range(0, len(layers), 3)):
+            x = conv(x)
+            keep = keep[..., :: conv.stride[1], :: conv.stride[2]]  # tubelets are whole blocks of pixels
+            x = activation(masked_group_norm(x, keep, norm) * keep)
+        return x
+
+
+def masked_group_norm(x: torch.Tensor, keep: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """`norm` (one group per channel) with each clip's statistics taken where `keep` (B, 1, T, H, W) is 1."""
+    dims = (2, 3, 4)
+    count = keep.sum(dim=dims, keepdim=True).clamp_min(1.0)  # (B, 1, 1, 1, 1)
+    mean = (x * keep).sum(dim=dims, keepdim=True) / count
+    variance = ((x - mean).square() * keep).sum(dim=dims, keepdim=True) / count
+    x = (x - mean) * torch.rsqrt(variance + norm.eps)
+    return x * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
 
 
 class EchoAIPatchEmbeddings(nn.Module):
@@ -250,7 +274,8 @@ class EchoAIPatchEmbeddings(nn.Module):
 
     With `config.stem_channels` a convolutional stem (`EchoAIConvStem`) runs first and the projection's kernel
     covers the rest of the tubelet (p / 2^k pixels). Under a mask the hidden tubelets' pixels are zeroed before
-    the stem, so no visible token sees a hidden neighbour through the convolutions' overlapping windows.
+    the stem, and the stem then runs as a sparse convolution (`EchoAIConvStem`), so no visible token sees a hidden
+    neighbour through the convolutions' overlapping windows.
     """
 
     def __init__(self, config: EchoAIConfig):
@@ -289,21 +314,18 @@ class EchoAIPatchEmbeddings(nn.Module):
 
     def forward_stem(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None) -> torch.Tensor:
         x = rearrange(pixel_values, "b T c H W -> b c T H W")
-        if bool_masked_pos is not None:
-            x = self.zero_hidden_tubelets(x, bool_masked_pos)
-        x = rearrange(self.projection(self.stem(x)), "b d T h w -> b (T h w) d")  # (B, L, D)
         if bool_masked_pos is None:
-            return x.contiguous()
+            return rearrange(self.projection(self.stem(x)), "b d T h w -> b (T h w) d").contiguous()  # (B, L, D)
+        keep = self.visible_pixels(bool_masked_pos, x.shape).to(x.dtype)  # (B, 1, T, H, W)
+        x = rearrange(self.projection(self.stem(x * keep, keep)), "b d T h w -> b (T h w) d")  # (B, L, D)
         return x[~bool_masked_pos].view(x.shape[0], -1, x.shape[-1])  # (B, V, D)
 
-    def zero_hidden_tubelets(self, x: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.Tensor:
-        """(B, C, T, H, W) pixels with every tubelet that `bool_masked_pos` (B, L) hides set to 0."""
+    def visible_pixels(self, bool_masked_pos: torch.BoolTensor, shape: torch.Size) -> torch.BoolTensor:
+        """(B, 1, T, H, W): True at every pixel of a (B, C, T, H, W) clip whose tubelet `bool_masked_pos` keeps."""
         t, p = self.tubelet_size, self.patch_size
-        pattern = "b c (T t) (h p) (w q) -> b c T t h p w q"
-        tubelets = rearrange(x, pattern, t=t, p=p, q=p)  # a view
-        T_, h, w = tubelets.shape[2], tubelets.shape[4], tubelets.shape[6]
-        keep = rearrange(~bool_masked_pos, "b (T h w) -> b 1 T 1 h 1 w 1", T=T_, h=h, w=w).to(x.dtype)
-        return rearrange(tubelets * keep, "b c T t h p w q -> b c (T t) (h p) (w q)")
+        grid = dict(T=shape[2] // t, h=shape[3] // p, w=shape[4] // p)
+        keep = rearrange(~bool_masked_pos, "b (T h w) -> b 1 T h w", **grid)
+        return keep.repeat_interleave(t, dim=2).repeat_interleave(p, dim=3).repeat_interleave(p, dim=4)
 
 
 class EchoAIEmbeddings(nn.Module):

@@ -17,6 +17,7 @@ from modeling_echoai import (
     EchoAIForVideoClassification,
     EchoAIModel,
     make_mask,
+    masked_group_norm,
     patchify,
     unpatchify,
 )
@@ -628,6 +629,30 @@ def test_stem_hides_masked_pixels_from_the_visible_tokens():
         torch.testing.assert_close(model(changed, bool_masked_pos=mask)[0], model(x, bool_masked_pos=mask)[0])
         # ... and the same pixels do change the encoding when nothing is hidden.
         assert not torch.allclose(model(changed)[0], model(x)[0])
+
+
+def test_stem_under_an_empty_mask_is_the_unmasked_stem():
+    """The sparse (masked) stem path computes what the plain one does when nothing is hidden."""
+    config = stem_config()
+    model = build(EchoAIModel, config)
+    x = clips(config)
+    nothing_hidden = torch.zeros(2, 32, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, bool_masked_pos=nothing_hidden)[0], model(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_group_norm_takes_its_statistics_over_the_visible_positions_only():
+    """Under a mask each stem normalisation sees the visible positions alone: a clip whose hidden part is cut
+    away normalises its visible part exactly as the whole visible region would on its own."""
+    norm = torch.nn.GroupNorm(3, 3)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 3, 4, 6, 6) * 5 + 2
+    keep = torch.zeros(2, 1, 4, 6, 6)
+    keep[..., :, :3] = 1.0  # the left half visible
+    masked = masked_group_norm(x, keep, norm)
+    torch.testing.assert_close(masked[..., :3], norm(x[..., :3]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked_group_norm(x, torch.ones_like(keep), norm), norm(x), atol=1e-5, rtol=1e-5)
 
 
 def test_stem_model_equivalences_batch_attention_and_reload(tmp_path):
