@@ -5,6 +5,7 @@
     python scripts/experiments.py --experiment num_frames     # EF MAE with 4 / 8 / 16 frames, one 16-frame checkpoint
     python scripts/experiments.py --experiment pretraining    # EF MAE, pretrained vs from scratch, 10 % / 100 % labels
     python scripts/experiments.py --experiment baselines      # mean predictor, R(2+1)D-18, EchoAI: same time budget
+    python scripts/experiments.py --experiment linear_probe   # ridge regression of EF on frozen encoder features
     python scripts/experiments.py --experiment pretraining --data_dir EchoNet-Dynamic --config_overrides ''
     python scripts/experiments.py --experiment mask_ratio --smoke --output_dir /tmp/smoke   # seconds, for tests
 
@@ -34,6 +35,14 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
   depends on the machine and is reported) or `--finetune_steps`, whichever runs out first, for `--num_seeds` seeds.
   Pretraining is outside the budget (its time is reported). The R(2+1)D takes the clip geometry (`num_frames`,
   `image_size`, `num_channels`) of `--config_overrides` plus `--baseline_overrides`.
+* `linear_probe`: the pretrained encoder frozen, and a randomly initialised one of the same config beside it; each
+  video's feature is the classification head's input (`config.pooling` of the last hidden states, averaged over
+  `--eval_num_clips` evenly spaced clips, no augmentation); a ridge regression of EF on the training split's
+  features, its penalty chosen by validation MAE, scored on the test split. It asks whether pretraining put EF
+  into the features at all, apart from how fine-tuning moves them (the MAE paper's linear-probe protocol).
+
+`--checkpoint` names an existing pretraining output to use instead of pretraining here (e.g. one pretrained on a
+larger unlabeled corpus with `scripts/pretrain.py`).
 
 EF results are `scripts/evaluate.py` on the test split (`k_clips` with `--eval_num_clips` evenly spaced
 clips averaged per video, `one_clip` when 1) of the model `finetune.py` kept (best validation MAE, one clip).
@@ -60,8 +69,8 @@ import numpy as np
 import torch
 
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
-from metrics_echoai import check_against_mean_predictor
-from modeling_echoai import EchoAIForPreTraining, make_mask, token_grid
+from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
+from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask, token_grid
 from training_echoai import from_pretrained_with_geometry, parse_config_overrides, save_reconstruction
 from video_processing_echoai import EchoAIVideoProcessor
 
@@ -71,7 +80,7 @@ SCRIPTS = Path(__file__).resolve().parent
 
 logger = logging.getLogger("experiments")
 
-EXPERIMENTS = ("mask_ratio", "num_frames", "pretraining", "baselines")
+EXPERIMENTS = ("mask_ratio", "num_frames", "pretraining", "baselines", "linear_probe")
 # CPU scale: the tiny preset as it is (112 x 112, its convolutional stem and extreme-state pooling: the recipe
 # that reads EF, docs/EXPERIMENTS.md). Smoke: a few thousand parameters on 32 x 32 frames, as the tests' TINY_MODEL.
 DEFAULT_OVERRIDES = ""
@@ -115,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--config_name", default="tiny", help="Preset of every model.")
     add("--config_overrides", default=None, help=f"Config overrides of every model (default {DEFAULT_OVERRIDES!r}).")
     add("--seed", type=int, default=0, help="Seed of pretraining, masks, and the first fine-tuning seed.")
+    add(
+        "--checkpoint", default=None,
+        help="An existing pretraining output (scripts/pretrain.py) used as the pretrained model instead of "
+        "pretraining here; --pretrain_steps and --mask_ratio then do not apply to it.",
+    )  # fmt: skip
     add("--num_seeds", type=int, default=None, help="Fine-tuning seeds (seed, seed+1, ...); default 2 / 1.")
     add("--pretrain_steps", type=int, default=None, help="Pretraining steps (default 1000; smoke 2).")
     add("--finetune_steps", type=int, default=None, help="Fine-tuning steps, every setting (default 400; smoke 2).")
@@ -200,7 +214,12 @@ def overrides(args: argparse.Namespace, **fields) -> str:
 
 
 def pretrain(args: argparse.Namespace, corpus: Path, mask_ratio: float, num_frames: int) -> tuple[Path, float]:
-    """A masked-autoencoder pretraining on the training split only (the test split stays unseen)."""
+    """A masked-autoencoder pretraining on the training split only (the test split stays unseen), or the
+    `--checkpoint` given (0 seconds: it was not made here)."""
+    if args.checkpoint:
+        if num_frames != args.pretrain_num_frames or mask_ratio != args.mask_ratio:
+            raise ValueError(f"--checkpoint {args.checkpoint} is one pretraining; this experiment needs several")
+        return Path(args.checkpoint), 0.0
     output = args.runs_dir / f"pretrain_mask{mask_ratio:g}_T{num_frames}_steps{args.pretrain_steps}_seed{args.seed}"
     argv = [
         "--data_dir", str(corpus), "--splits", "train", "--config_name", args.config_name,
@@ -405,6 +424,58 @@ def model_argv(args: argparse.Namespace, corpus: Path, model: str) -> tuple[list
     raise ValueError(f"no finetune.py arguments for {model!r}; add them to model_argv")
 
 
+@torch.no_grad()
+def frozen_features(model: EchoAIForVideoClassification, processor, paths: list[str], num_clips: int) -> np.ndarray:
+    """(videos, width): the head's input (pooled last hidden states) averaged over evenly spaced clips."""
+    features = []
+    for path in paths:
+        clips = processor(path, clip_sampling="uniform", num_clips=num_clips, do_augment=False)["pixel_values"]
+        features.append(model(pixel_values=clips).logits.mean(dim=0).numpy())  # num_labels=0: no classifier
+    return np.stack(features)
+
+
+def ridge_probe(features: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict:
+    """Ridge regression of EF on standardised features: fit on train, penalty by validation MAE, test scores."""
+    mean, scale = features["train"].mean(0), features["train"].std(0) + 1e-6
+    x = {name: (f - mean) / scale for name, f in features.items()}
+    y_mean = targets["train"].mean()
+    gram, moment = x["train"].T @ x["train"], x["train"].T @ (targets["train"] - y_mean)
+    best = None
+    for alpha in np.logspace(-2, 4, 13) * len(x["train"]):
+        weights = np.linalg.solve(gram + alpha * np.eye(len(gram)), moment)
+        validation_mae = float(np.abs(x["validation"] @ weights + y_mean - targets["validation"]).mean())
+        if best is None or validation_mae < best[0]:
+            best = (validation_mae, alpha, weights)
+    validation_mae, alpha, weights = best
+    predictions = x["test"] @ weights + y_mean
+    scores = compute_ef_metrics(predictions, targets["test"])
+    verdict = check_against_mean_predictor(predictions, targets["test"], y_mean)
+    train_r2 = 1 - np.square(x["train"] @ weights + y_mean - targets["train"]).mean() / targets["train"].var()
+    return {**{k: float(scores[k]) for k in ("mae", "rmse", "r2")}, "learned_ef": verdict["learned_ef"],
+            "mean_predictor_mae": verdict["mean_predictor"]["mae"], "alpha": float(alpha),
+            "validation_mae": validation_mae, "train_r2": float(train_r2)}  # fmt: skip
+
+
+def experiment_linear_probe(args: argparse.Namespace, corpus: Path) -> list[dict]:
+    checkpoint, pretrain_seconds = pretrain(args, corpus, args.mask_ratio, args.pretrain_num_frames)
+    splits = load_echonet_dynamic(corpus)
+    targets = {name: np.asarray(split["EF"], float) for name, split in splits.items()}
+    processor = EchoAIVideoProcessor.from_pretrained(checkpoint)
+    pretrained = EchoAIForVideoClassification.from_pretrained(checkpoint, num_labels=0)
+    torch.manual_seed(args.seed)
+    random = EchoAIForVideoClassification(pretrained.config)
+    rows = []
+    for init, model in (("pretrained", pretrained), ("random", random)):
+        model.eval()
+        features = {
+            name: frozen_features(model, processor, split["video_path"], args.eval_num_clips)
+            for name, split in splits.items()
+        }
+        rows.append({"init": init, "width": features["train"].shape[1], **ridge_probe(features, targets),
+                     "pretrain_seconds": pretrain_seconds if init == "pretrained" else 0.0, "run": str(checkpoint)})  # fmt: skip
+    return rows
+
+
 def mean_predictor_row(corpus: Path) -> dict:
     """The trivial baseline: the training split's mean EF for every test video (no training, no seeds)."""
     splits = load_echonet_dynamic(corpus)
@@ -488,6 +559,18 @@ def table(args: argparse.Namespace, rows: list[dict]) -> list[str]:
                 f"| {fmt(r['rmse'], r['rmse_std'])} | {fmt(r['r2'], r['r2_std'])} | {per_seed} "
                 f"| {fmt(r['mean_predictor_mae'])} | {r['learned_ef']}/{len(r['seeds'])} |"
             )
+    elif args.experiment == "linear_probe":
+        lines = [
+            "| encoder | feature width | test MAE | test RMSE | test R² | train R² | ridge penalty "
+            "| mean-predictor MAE | learned EF |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['init']} | {r['width']} | {fmt(r['mae'])} | {fmt(r['rmse'])} | {fmt(r['r2'])} "
+                f"| {fmt(r['train_r2'])} | {r['alpha']:.3g} | {fmt(r['mean_predictor_mae'])} "
+                f"| {LEARNED[r['learned_ef']]} |"
+            )
     else:
         spread = f" (mean ± SD over {args.num_seeds} seeds)" if args.num_seeds > 1 else ""
         lines = [
@@ -532,6 +615,12 @@ def plot(args: argparse.Namespace, rows: list[dict], path: Path) -> Path:
         axis.set_xticks(frames, [str(f) for f in frames])
         axis.set_xlabel("frames per clip")
         axis.set_ylabel("test EF MAE (%)")
+    elif args.experiment == "linear_probe":
+        axis.bar(np.arange(len(rows)), [r["mae"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+        axis.axhline(rows[0]["mean_predictor_mae"], color="0.4", linestyle="--", label="mean predictor")
+        axis.set_xticks(np.arange(len(rows)), [f"{r['init']} encoder" for r in rows])
+        axis.set_ylabel("test EF MAE (%), linear probe")
+        axis.legend()
     elif args.experiment == "baselines":
         errors = [0.0 if not math.isfinite(r["mae_std"]) else r["mae_std"] for r in rows]
         colours = ["0.6" if not r["seeds"] else f"C{i}" for i, r in enumerate(rows)]
@@ -571,7 +660,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     run = {"mask_ratio": experiment_mask_ratio, "num_frames": experiment_num_frames,
-           "pretraining": experiment_pretraining, "baselines": experiment_baselines}[args.experiment]  # fmt: skip
+           "pretraining": experiment_pretraining, "baselines": experiment_baselines,
+           "linear_probe": experiment_linear_probe}[args.experiment]  # fmt: skip
     try:
         rows = run(args, corpus)
     finally:  # called in-process (tests, notebooks): leave the caller's thread count as it was
@@ -586,6 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_num_clips": args.eval_num_clips, "recon_num_clips": args.recon_num_clips, "seed": args.seed,
         "num_seeds": args.num_seeds, "mask_ratio": args.mask_ratio, "pretrain_num_frames": args.pretrain_num_frames,
         "time_budget_s": args.time_budget_s, "models": names(args.models), "baseline_overrides": args.baseline_overrides,
+        "checkpoint": args.checkpoint,
         "wall_seconds": round(seconds, 1), "command": " ".join(["python scripts/experiments.py", *(argv or [])]),
     }  # fmt: skip
     if args.experiment != "mask_ratio":

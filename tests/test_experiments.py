@@ -43,6 +43,7 @@ def run_experiment(corpus: Path, runs: Path, output: Path, name: str) -> dict:
         ("mask_ratio", [0.8, 0.9, 0.95], ("test_loss_own_ratio", "test_loss_common_ratio")),
         ("num_frames", [4, 8, 16], ("mae", "rmse")),
         ("pretraining", [(0.1, "pretrained"), (0.1, "scratch"), (1.0, "pretrained"), (1.0, "scratch")], ("mae",)),
+        ("linear_probe", ["pretrained", "random"], ("mae", "rmse", "validation_mae")),
     ],
 )
 def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
@@ -51,7 +52,7 @@ def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
     results = run_experiment(corpus, runs, tmp_path, name)
     rows = results["rows"]
     key = {"mask_ratio": lambda r: r["mask_ratio"], "num_frames": lambda r: r["num_frames"],
-           "pretraining": lambda r: (r["label_fraction"], r["init"])}[name]  # fmt: skip
+           "pretraining": lambda r: (r["label_fraction"], r["init"]), "linear_probe": lambda r: r["init"]}[name]  # fmt: skip
     assert [key(r) for r in rows] == settings
     assert all(math.isfinite(r[m]) and r[m] >= 0 for r in rows for m in metrics)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
@@ -125,3 +126,16 @@ def test_resampled_checkpoint_predicts_as_the_original_with_interpolated_positio
     with torch.no_grad():
         expected = original(clips, interpolate_pos_encoding=True).logits
         torch.testing.assert_close(resampled(clips).logits, expected)
+
+
+def test_ridge_probe_reads_a_linear_feature_and_not_noise():
+    """The linear probe's ridge regression recovers EF from features that hold it linearly (beside distractors)
+    and reports no learning from features that are pure noise."""
+    rng = np.random.default_rng(0)
+    targets = {name: rng.uniform(20, 80, size=n) for name, n in (("train", 120), ("validation", 30), ("test", 30))}
+    informative = {name: np.c_[3 * y - 5, rng.normal(size=(len(y), 7))] for name, y in targets.items()}
+    probe = load_script("experiments").ridge_probe(informative, targets)
+    assert probe["mae"] < 1.0 and probe["learned_ef"] is True and probe["r2"] > 0.99
+    noise = {name: rng.normal(size=(len(y), 8)) for name, y in targets.items()}
+    probe = load_script("experiments").ridge_probe(noise, targets)
+    assert probe["learned_ef"] is False and probe["r2"] < 0.2
