@@ -5,7 +5,7 @@ The two scripts differ only in their model, data and loss; everything else lives
 * `add_common_args` -- the flags of transformers' `examples/pytorch/*_no_trainer.py` scripts.
 * `build_accelerator` -- `Accelerator` with mixed precision, accumulation, trackers and torch.compile from the
   flags (or from `accelerate launch` / its config, which set the same through the environment); threads and
-  `keep_freed_memory` for the process.
+  `perf_echoai.keep_freed_memory` for the process.
 * `TrainingClips` + `collate` -- a map-style dataset whose every random choice (epoch order, clip start,
   augmentation) is drawn from a generator seeded by (seed, epoch, video), so a resumed run sees exactly
   the batches a straight run would, with or without DataLoader workers and across processes.
@@ -16,10 +16,13 @@ The two scripts differ only in their model, data and loss; everything else lives
   the steps or, with `--max_train_seconds`, over whichever of steps and seconds is further spent.
 * `Checkpoints` -- `accelerator.save_state` written to a temporary folder and renamed into place (a
   killed save never leaves a half checkpoint), rotated, and found again by `latest`.
-* `train` -- the loop: accumulation, clipping, skipping of non-finite losses, SIGTERM/SIGINT handling,
-  checkpoints, a time budget, progress bar and tracker logging.
-* `predict_ef`, `BestModel` -- batched, gathered evaluation (one or several clips per video) and the best
-  weights by a validation score, kept through checkpoints.
+* `train` -- the loop (`TrainingLoop`: setup, epoch, step, checkpointing): accumulation, clipping, skipping of
+  non-finite losses, SIGTERM/SIGINT handling, checkpoints, a time budget (`TrainingClock`), progress bar and
+  tracker logging. Its data comes through one small interface with two implementations, `MapSource` (a
+  map-style dataset behind a prepared loader) and `StreamSource` (a stream split per process).
+* `predict_split`, `BestModel` -- validation through `inference_echoai.predict_videos` (the predictor that
+  `scripts/evaluate.py` reports with), shared out over the processes and gathered; the best weights by a
+  validation score, kept through checkpoints.
 * `save_model`, `render_model_card`, `push_to_hub` -- the end of a run.
 """
 
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import logging
@@ -38,7 +40,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from accelerate.utils import (
     ProjectConfiguration,
     TorchDynamoPlugin,
     broadcast,
+    gather_object,
     is_compiled_module,
     send_to_device,
     set_seed,
@@ -60,6 +63,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator, read_video_file
+from inference_echoai import predict_videos
+from perf_echoai import keep_freed_memory
 from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std, read_video_frames
 
 
@@ -77,7 +82,14 @@ DATA_STATE_FILE = "data_state_{rank}.json"  # a stream's position, one per proce
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags both scripts share, named as in transformers' `*_no_trainer.py` examples."""
-    add = parser.add_argument
+    add_data_args(parser.add_argument)
+    add_optimization_args(parser.add_argument)
+    add_run_args(parser.add_argument)
+    return parser
+
+
+def add_data_args(add: Callable) -> None:
+    """Where the videos, the starting model and the outputs are, and how clips are taken."""
     add(
         "--data_dir",
         type=str,
@@ -111,6 +123,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "augmentation (also over a processor loaded with --model_name_or_path); saved with the model.",
     )  # fmt: skip
     add("--output_dir", type=str, default=None, help="Where checkpoints, the final model and logs go.")
+
+
+def add_optimization_args(add: Callable) -> None:
+    """Batch, optimizer, schedule and training length."""
     add("--per_device_train_batch_size", type=int, default=8)
     add("--per_device_eval_batch_size", type=int, default=8)
     add(
@@ -134,6 +150,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--num_warmup_steps", type=int, default=None, help="Linear warm-up steps (default: 5%% of training).")
+
+
+def add_run_args(add: Callable) -> None:
+    """Precision, data loading, checkpoints, logging, seeds, threads, compilation and the Hub."""
     add(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -157,38 +177,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add(
         "--num_threads", type=int, default=None,
         help="torch CPU threads per process (default: torch's choice). 1 avoids oversubscription when other "
-        "processes share the cores: two threads next to a busy process ran a step up to 25x slower.",
+        "processes share the cores: threads waiting on each other for a core stall every step.",
     )  # fmt: skip
     add(
         "--torch_compile", action="store_true",
-        help="Compile the model with torch.compile (through accelerate). The first steps pay the compilation (half "
-        "a minute to a minute for the small preset on CPU); then a bf16 CPU step of the small preset ran 1.06x faster.",
+        help="Compile the model with torch.compile (through accelerate). The first steps pay the compilation, so "
+        "it pays off over long runs only (docs/BENCHMARKS.md).",
     )  # fmt: skip
     add("--torch_compile_backend", default="inductor", help="torch.compile backend with --torch_compile.")
     add("--push_to_hub", action="store_true")
     add("--hub_model_id", type=str, default=None)
     add("--hub_token", type=str, default=None)
-    return parser
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS at once.
-
-    A training step allocates and frees tens of MB of activations. With glibc's defaults, blocks above 128 KiB
-    come from fresh mmaps (a threshold that only adapts after the first frees) and freed memory at the heap's top
-    is returned: every step faults the same pages in again. Raising both thresholds made a bf16 pretraining step
-    of the small preset on CPU 1.2-1.3x faster with the same peak RSS (docs/BENCHMARKS.md). Memory freed after
-    the peak stays with the process. Returns False (and changes nothing) where the C library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    # The mmap threshold first: setting either one freezes glibc's adaptive threshold at its current value.
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -499,8 +498,8 @@ def build_optimizer(
         param_groups(model, args.weight_decay, args.learning_rate, layer_decay),
         lr=args.learning_rate,
         betas=(0.9, args.adam_beta2),
-        # One kernel over all tensors (CPU and CUDA): a third of the foreach update's time for the small preset
-        # on CPU, the same update to float rounding; transformers' Trainer uses it by default too.
+        # One kernel over all tensors (CPU and CUDA), the same update to float rounding (docs/BENCHMARKS.md,
+        # "Where the speed comes from"); transformers' Trainer uses it by default too.
         fused=True,
     )
     streamed = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)  # no length: --max_train_steps
@@ -1041,46 +1040,42 @@ def schedule_steps(args: argparse.Namespace, dataloader_len: int | None) -> None
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def predict_ef(
-    model: torch.nn.Module, dataloader: torch.utils.data.DataLoader, accelerator: Accelerator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predict every video of an evaluation loader (`TrainingClips(training=False)`), gathered from all processes.
+def predict_split(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    processor: EchoAIVideoProcessor,
+    video_paths: Sequence[str],
+    num_clips: int,
+    clips_per_batch: int,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-video logits of a split by `inference_echoai.predict_videos`, the predictor `scripts/evaluate.py` reports
+    with, so the checkpoint chosen on validation is measured as the reported number is: `num_clips` evenly spaced
+    clips per video, no augmentation ("one_clip" / "k_clips"), logits averaged per video.
 
-    Returns `(indices, predictions, references)` sorted by dataset index, one row per readable video:
-    predictions are the model's `logits` averaged over the video's clips -- shape (N,) in the target's units
-    (EF %) for regression, (N, num_labels) for classification. Unreadable videos are left out (and logged by
-    the collator). Each process pads its batch back to its size before the collator dropped rows, so
-    `gather_for_metrics` drops exactly the samples `accelerate` repeated to even out the last batch.
+    Each process predicts a contiguous share of the videos, padded with the last video to one length so every
+    process runs as many forward passes (FSDP needs that), and the shares are gathered. Returns `(indices,
+    logits)`: the readable videos' positions in `video_paths`, sorted, and their logits (N, num_labels) -- EF
+    (%) for regression, class logits for classification. Unreadable videos are logged and left out.
     """
+    share = math.ceil(len(video_paths) / accelerator.num_processes)
+    first = accelerator.process_index * share
+    mine = [min(i, len(video_paths) - 1) for i in range(first, first + share)]
     was_training = model.training
     model.eval()
-    num_labels = unwrap(accelerator, model).config.num_labels
-    gathered: dict[str, list[torch.Tensor]] = {"index": [], "logits": [], "labels": []}
-    for batch in dataloader:
-        index, labels, pixel_values = batch["index"], batch["labels"].float(), batch["pixel_values"]
-        logits = torch.empty(0, num_labels, device=accelerator.device)
-        if len(index):
-            num_clips = pixel_values.shape[1] if pixel_values.ndim == 6 else 1  # (B, K, T, C, H, W) with K clips
-            clips = pixel_values.flatten(0, 1) if pixel_values.ndim == 6 else pixel_values  # (B·K, T, C, H, W)
-            logits = model(pixel_values=clips).logits.float()  # (B·K, num_labels)
-            logits = logits.view(len(index), num_clips, num_labels).mean(dim=1)  # (B, num_labels)
-        missing = int(batch["num_skipped"])
-        rows = {
-            "index": torch.cat([index, torch.full((missing,), -1, dtype=index.dtype, device=index.device)]),
-            "logits": torch.cat([logits, torch.full((missing, num_labels), math.nan, device=logits.device)]),
-            "labels": torch.cat([labels, torch.full((missing,), math.nan, device=labels.device)]),
-        }
-        rows = accelerator.gather_for_metrics({k: v.to(accelerator.device) for k, v in rows.items()})
-        for key, value in rows.items():
-            gathered[key].append(value.cpu())
+    protocol = "k_clips" if num_clips > 1 else "one_clip"
+    results = predict_videos(model, processor, [video_paths[i] for i in mine], protocol=protocol,
+                             num_clips=num_clips, batch_size=clips_per_batch, num_workers=num_workers, progress=False)  # fmt: skip
     model.train(was_training)
-    index = torch.cat(gathered["index"]).numpy()
-    logits, labels = torch.cat(gathered["logits"]).numpy(), torch.cat(gathered["labels"]).numpy()
-    index, first = np.unique(index, return_index=True)  # sorted; any repeat is the same video
-    keep = index >= 0
-    index, logits, labels = index[keep], logits[first[keep]], labels[first[keep]]
-    return index, (logits[:, 0] if num_labels == 1 else logits), labels
+    for result in results:
+        if result.error is not None:
+            logger.warning("Could not read %s: %s", result.path, result.error)
+    readable = [(i, r.logits) for i, r in zip(mine, results, strict=True) if r.error is None]
+    by_index = dict(gather_object(readable) if accelerator.num_processes > 1 else readable)
+    indices = np.array(sorted(by_index), dtype=np.int64)
+    num_labels = unwrap(accelerator, model).config.num_labels
+    logits = np.stack([by_index[i] for i in indices]) if len(indices) else np.empty((0, num_labels))
+    return indices, logits
 
 
 class BestModel:
@@ -1173,42 +1168,17 @@ def render_model_card(
     """Fill `model_card.md` from the run: architecture, size, data, hyper-parameters and, for a fine-tuned
     model, the metrics (also written as the card's `model-index`, task regression, metrics MAE/RMSE/R²).
 
-    `task` is "pretraining", "regression" or "classification"; `num_videos` None: a streamed corpus; `metrics` maps a split ("validation", "test") to
-    {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}), with the mean predictor's figures on the same
-    videos under "mean_predictor" (`metrics_echoai.check_against_mean_predictor`), shown beside the model's.
-    `failure`: why the model did not learn EF (the same check), stated at the top of the card.
+    `task` is "pretraining", "regression" or "classification"; `num_videos` None: a streamed corpus; `metrics` maps
+    a split ("validation", "test") to {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}), with the mean
+    predictor's figures on the same videos under "mean_predictor" (`metrics_echoai.check_against_mean_predictor`),
+    shown beside the model's. `failure`: why the model did not learn EF (the same check), stated at the top of the
+    card.
     """
     config = model.config
     synthetic = dataset_dir is not None and "synthetic_echonet" in str(dataset_dir)
-    dataset_name = dataset_name or (
-        "EchoAI synthetic echo phantom"
-        if synthetic
-        else "EchoNet-Dynamic"
-        if dataset_dir and (Path(dataset_dir) / "FileList.csv").is_file()
-        else "echo videos"
-    )
+    dataset_name = dataset_name or card_dataset_name(dataset_dir, synthetic)
     repo_id = args.hub_model_id or Path(args.output_dir).name
-    eval_results, eval_rows, mean_predictor_ef = [], [], None
-    names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²", "accuracy": "accuracy"}
-    task_type = "video-classification" if task == "classification" else "regression"
-    for split, values in (metrics or {}).items():
-        mean_predictor = values.get("mean_predictor") or {}
-        mean_predictor_ef = mean_predictor.get("ef", mean_predictor_ef)
-        for key, label in names.items():
-            if values.get(key) is not None:  # None: undefined on this split
-                baseline = mean_predictor.get(key)
-                eval_rows.append(
-                    {"split": split, "metric": label, "value": f"{values[key]:.3f}",
-                     "mean_predictor": f"{baseline:.3f}" if baseline is not None else "n/a"}
-                )  # fmt: skip
-                eval_results.append(
-                    EvalResult(
-                        task_type=task_type, dataset_type=dataset_name.lower().replace(" ", "-"),
-                        dataset_name=dataset_name, dataset_split=split, metric_type=key,
-                        metric_name=f"{label} (EF %)" if key in ("mae", "rmse") else label,
-                        metric_value=float(values[key]),
-                    )
-                )  # fmt: skip
+    eval_results, eval_rows, mean_predictor_ef = card_eval_results(metrics or {}, task, dataset_name)
     card_data = ModelCardData(
         library_name="transformers",
         license="apache-2.0",
@@ -1217,6 +1187,70 @@ def render_model_card(
         model_name=repo_id,
         eval_results=eval_results or None,
     )
+    training_data = (
+        f"{num_videos} videos of {dataset_name}" if num_videos is not None else f"{dataset_name}, streamed"
+    ) + ("" if synthetic else f" ({dataset_dir})" if dataset_dir else "")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(model_card_template()),
+        model_name=repo_id,
+        repo_id=repo_id,
+        task=task,
+        from_scratch=bool(getattr(args, "from_scratch", False)),
+        **card_architecture(model),
+        period=getattr(args, "period", 4),
+        mask_percent=round(100 * config.mask_ratio),
+        synthetic=synthetic,
+        training_data_short=dataset_name,
+        training_data=training_data,
+        procedure=card_procedure(args, config, task),
+        hyperparameters=card_hyperparameters(args, config, train_result),
+        eval_rows=eval_rows,
+        eval_protocol=eval_protocol,
+        mean_predictor_ef=f"{mean_predictor_ef:.1f}" if mean_predictor_ef is not None else None,
+        failure=failure,
+    )
+
+
+def card_dataset_name(dataset_dir: Path | str | None, synthetic: bool) -> str:
+    if synthetic:
+        return "EchoAI synthetic echo phantom"
+    if dataset_dir and (Path(dataset_dir) / "FileList.csv").is_file():
+        return "EchoNet-Dynamic"
+    return "echo videos"
+
+
+def card_eval_results(
+    metrics: dict[str, dict[str, float]], task: str, dataset_name: str
+) -> tuple[list[EvalResult], list[dict], float | None]:
+    """The card's `model-index` entries, its table rows (each beside the mean predictor's figure) and the mean
+    predictor's EF, from `render_model_card`'s `metrics`."""
+    eval_results, eval_rows, mean_predictor_ef = [], [], None
+    names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²", "accuracy": "accuracy"}
+    task_type = "video-classification" if task == "classification" else "regression"
+    for split, values in metrics.items():
+        mean_predictor = values.get("mean_predictor") or {}
+        mean_predictor_ef = mean_predictor.get("ef", mean_predictor_ef)
+        for key, label in names.items():
+            if values.get(key) is None:  # None: undefined on this split
+                continue
+            baseline = mean_predictor.get(key)
+            eval_rows.append(
+                {"split": split, "metric": label, "value": f"{values[key]:.3f}",
+                 "mean_predictor": f"{baseline:.3f}" if baseline is not None else "n/a"}
+            )  # fmt: skip
+            eval_results.append(
+                EvalResult(
+                    task_type=task_type, dataset_type=dataset_name.lower().replace(" ", "-"),
+                    dataset_name=dataset_name, dataset_split=split, metric_type=key,
+                    metric_name=f"{label} (EF %)" if key in ("mae", "rmse") else label,
+                    metric_value=float(values[key]),
+                )
+            )  # fmt: skip
+    return eval_results, eval_rows, mean_predictor_ef
+
+
+def card_hyperparameters(args: argparse.Namespace, config: EchoAIConfig, train_result: TrainResult) -> dict:
     hyperparameters = {
         "preset": getattr(args, "config_name", None) or args.model_name_or_path,
         "optimizer": f"AdamW (0.9, {args.adam_beta2}), weight decay {args.weight_decay}",
@@ -1231,55 +1265,36 @@ def render_model_card(
     for name in ("layer_decay", "drop_path_rate"):
         if getattr(args, name, None) is not None:
             hyperparameters[name.replace("_", " ")] = getattr(args, name)
+    return hyperparameters
+
+
+def card_procedure(args: argparse.Namespace, config: EchoAIConfig, task: str) -> str:
     start = "a randomly initialised encoder" if getattr(args, "from_scratch", False) else "a pretrained encoder"
     pooling = {
         "mean": "mean-pooled tokens",
         "mean_max_min": "each token slice's mean, pooled by mean, maximum and minimum over time",
     }[config.pooling]
-    procedure = {
+    return {
         "pretraining": "masked-autoencoder pretraining: tube masking, norm-pix MSE on the hidden tubelets",
         "regression": f"EF regression from {start} ({pooling}, linear head)",
         "classification": f"classification from {start} ({pooling}, linear head)",
     }[task]
-    period = getattr(args, "period", 4)
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(model_card_template()),
-        model_name=repo_id,
-        repo_id=repo_id,
-        task=task,
-        from_scratch=bool(getattr(args, "from_scratch", False)),
-        architecture=type(model).__name__,
-        num_parameters_m=f"{count_parameters(model) / 1e6:.2f}",
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_frames=config.num_frames,
-        image_size=config.image_size,
-        num_channels=config.num_channels,
-        tubelet_size=config.tubelet_size,
-        patch_size=config.patch_size,
-        stem=(
-            f"{len(config.stem_channels)} strided 3-D convolutions ({'/'.join(map(str, config.stem_channels))} "
-            "channels) before the tubelet projection"
-            if config.stem_channels
-            else None
-        ),
-        period=period,
-        mask_percent=round(100 * config.mask_ratio),
-        synthetic=synthetic,
-        training_data_short=dataset_name,
-        training_data=(
-            f"{num_videos} videos of {dataset_name}" if num_videos is not None else f"{dataset_name}, streamed"
-        )
-        + ("" if synthetic else f" ({dataset_dir})" if dataset_dir else ""),
-        procedure=procedure,
-        hyperparameters=hyperparameters,
-        eval_rows=eval_rows,
-        eval_protocol=eval_protocol,
-        mean_predictor_ef=f"{mean_predictor_ef:.1f}" if mean_predictor_ef is not None else None,
-        failure=failure,
+
+
+def card_architecture(model: torch.nn.Module) -> dict:
+    config = model.config
+    stem = (
+        f"{len(config.stem_channels)} strided 3-D convolutions ({'/'.join(map(str, config.stem_channels))} "
+        "channels) before the tubelet projection"
+        if config.stem_channels
+        else None
     )
+    return dict(
+        architecture=type(model).__name__, num_parameters_m=f"{count_parameters(model) / 1e6:.2f}",
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_frames=config.num_frames, image_size=config.image_size,
+        num_channels=config.num_channels, tubelet_size=config.tubelet_size, patch_size=config.patch_size, stem=stem,
+    )  # fmt: skip
 
 
 def push_to_hub(
