@@ -35,10 +35,11 @@ Best-by-validation selection can hide such a failure (a model at the mean wins e
 validation metrics are logged and stored (`last_step`) beside the kept model's.
 
 Evaluation: after every epoch on the validation split (one clip per video, or `--eval_num_clips K` evenly
-spaced clips averaged per video), gathered across processes. The best weights by validation MAE (accuracy for
-classification) are kept in memory and in every checkpoint; at the end they are evaluated once on the test
-split and saved into `--output_dir` with the processor, `all_results.json` and the model card, so
-`--output_dir` loads directly with `AutoModelForVideoClassification.from_pretrained`.
+spaced clips averaged per video), through `inference_echoai.predict_videos` -- the predictor `scripts/evaluate.py`
+reports with, so the kept model is chosen by the number evaluation measures -- gathered across processes. The
+best weights by validation MAE (accuracy for classification) are kept in memory and in every checkpoint; at the
+end they are evaluated once on the test split and saved into `--output_dir` with the processor, `all_results.json`
+and the model card, so `--output_dir` loads directly with `AutoModelForVideoClassification.from_pretrained`.
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
