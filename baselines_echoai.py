@@ -24,7 +24,7 @@ times: docs/EXPERIMENTS.md, section 2).
 
 Input and output follow `EchoAIForVideoClassification` with `num_labels=1`: `pixel_values` (B, T, C, H, W) from
 the same processor, `labels` EF in %, the head trained on the unit-scale target (EF - mean) / std with the training
-split's mean and std, `logits` (B, 1) in EF %. So `training_echoai.train` and `predict_ef` run it unchanged, on
+split's mean and std, `logits` (B, 1) in EF %. So `training_echoai.train` and `predict_split` run it unchanged, on
 the same loss (`scripts/finetune.py --baseline r2plus1d_18`).
 
 Shape letters: B batch, T frames, C channels, H × W pixels; T', H', W' after striding; D feature width.

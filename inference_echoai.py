@@ -9,9 +9,9 @@
 * `detect_beats` -- segmentation-free cardiac-cycle detection from the frames themselves; with
   `beat_by_beat=True` one clip is centred on every detected beat (EchoNet's beat-by-beat estimate,
   with cycles found from image periodicity instead of a segmentation network).
-* `predict_videos` -- every video decoded once (only the frames some clip needs), resized and
+* `predict_videos` -- the one per-video predictor (validation, evaluation, prediction): every video decoded once (only the frames some clip needs), resized and
   normalised once, its clips built by indexing those frames, and clips of consecutive videos packed
-  into model batches of a fixed size; predictions averaged per video. Decoding runs in DataLoader
+  into model batches of a fixed size; logits averaged per video. Decoding runs in DataLoader
   workers when `num_workers > 0`. An unreadable video becomes a result with its error, not a crash.
   With `compile_backend` the model runs under `torch.compile` (`compile_for_inference`).
 * `scatter_plot`, `bland_altman_plot` -- the two figures of an EF evaluation (matplotlib, Agg canvas).
@@ -373,11 +373,13 @@ def _single(item):
 
 @dataclass
 class VideoPrediction:
-    """EF of one video.
+    """The prediction for one video: EF, or class logits.
 
     Attributes:
         path, fps, num_video_frames: the video.
-        ef: mean EF (%) over the protocol's clips; NaN if the video could not be read.
+        logits: (num_labels,) the model's logits averaged over the protocol's clips: (EF %,) for a regression
+            model, class logits for a classifier; empty if the video could not be read.
+        ef: mean EF (%) over the protocol's clips; NaN if the video could not be read or the model classifies.
         clip_spread: standard deviation (ddof=0) of the clip predictions, 0 for one clip.
         num_clips: clips averaged.
         clip_predictions: (num_clips,) EF per clip, in clip order.
@@ -388,6 +390,7 @@ class VideoPrediction:
     """
 
     path: str
+    logits: np.ndarray = field(default_factory=lambda: np.empty(0))
     ef: float = math.nan
     clip_spread: float = math.nan
     num_clips: int = 0
@@ -451,9 +454,8 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     add("--bf16", action="store_true", help="bfloat16 autocast.")
     add(
         "--torch_compile", action="store_true",
-        help="Run the model under torch.compile with frozen weights. The first batch pays the compilation (about "
-        "half a minute for the small preset on CPU); then bf16 CPU inference of the small preset ran 1.15-1.2x "
-        "faster. Worth it for a test set, not for a few videos.",
+        help="Run the model under torch.compile with frozen weights (static shapes, one compilation per run). The "
+        "first batch pays the compilation, so it pays off over a test set, not a few videos (docs/BENCHMARKS.md).",
     )  # fmt: skip
     add("--torch_compile_backend", default="inductor", help="torch.compile backend with --torch_compile.")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -494,12 +496,14 @@ def predict_videos(
     progress: bool = True,
     compile_backend: str | Callable | None = None,
 ) -> list[VideoPrediction]:
-    """EF (%) per video: the mean of the model's predictions over the protocol's clips (see the module
-    docstring for how clips are built and batched). One result per path, in order; unreadable videos
-    come back with `error` set and NaN EF.
+    """The model's per-video prediction: its logits averaged over the protocol's clips (see the module docstring
+    for how clips are built and batched) -- EF (%) for a regression model. One result per path, in order;
+    unreadable videos come back with `error` set and NaN EF. Fine-tuning validation
+    (`training_echoai.predict_split`), `scripts/evaluate.py` and `scripts/predict.py` all predict through it.
 
     Args:
-        model: a regression `EchoAIForVideoClassification` (logits (B, 1) in EF %), in eval mode.
+        model: a regression `EchoAIForVideoClassification` (logits (B, 1) in EF %) or a classifier (logits
+            (B, num_labels), averaged into `VideoPrediction.logits` only), in eval mode.
         processor: the processor saved with the model.
         protocol: "one_clip", "all_clips" or "k_clips" (with `num_clips`).
         beat_by_beat: also detect cardiac cycles and score one clip centred on each (`ef_beat_by_beat`).
@@ -507,18 +511,11 @@ def predict_videos(
         num_workers: DataLoader processes decoding videos (0: in this process).
         bf16: run the model under bfloat16 autocast.
         compile_backend: run the model under `torch.compile` with this backend ("inductor"; see
-            `compile_for_inference`). The first batch pays the compilation (tens of seconds); the last batch is
-            padded to `batch_size` with copies of its last clip, whose predictions are discarded.
+            `compile_for_inference`). The first batch pays the compilation; the last batch is padded to
+            `batch_size` with copies of its last clip, whose predictions are discarded.
     """
-    device = next(model.parameters()).device
-    forward = compile_for_inference(model, compile_backend) if compile_backend else model
     dataset = VideoClips(paths, processor, protocol, num_clips, beat_by_beat)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_single,
-        prefetch_factor=2 if num_workers else None, persistent_workers=False,
-    )  # fmt: skip
     results = [VideoPrediction(path=p) for p in dataset.paths]
-    clip_predictions: dict[tuple[int, str], list[torch.Tensor]] = {}
     bar = tqdm(total=len(dataset), desc=f"EF ({protocol})", unit="video", disable=not progress)
 
     def on_video(video: DecodedVideo) -> None:
@@ -528,33 +525,60 @@ def predict_videos(
         )  # fmt: skip
         bar.update(1)
 
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_single,
+        prefetch_factor=2 if num_workers else None, persistent_workers=False,
+    )  # fmt: skip
+    clip_logits = _clip_logits(model, _clip_batches(iter(loader), batch_size, on_video), batch_size, bf16,
+                               compile_backend)  # fmt: skip
+    bar.close()
+    for i, result in enumerate(results):
+        if result.error is None:
+            _average_clips(result, clip_logits[(i, "protocol")], clip_logits.get((i, "beats")), beat_by_beat)
+    return results
+
+
+def _clip_logits(
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, list[tuple[int, str]]]],
+    batch_size: int,
+    bf16: bool,
+    compile_backend: str | Callable | None,
+) -> dict[tuple[int, str], np.ndarray]:
+    """Run the model over `_clip_batches`: (video index, clip set) -> (K, num_labels) float64 logits per clip."""
+    device = next(model.parameters()).device
+    forward = compile_for_inference(model, compile_backend) if compile_backend else model
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    for pixel_values, owners in _clip_batches(iter(loader), batch_size, on_video):
+    rows: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for pixel_values, owners in batches:
         if compile_backend and len(pixel_values) < batch_size:  # one static shape: no second compilation
             padding = pixel_values[-1:].expand(batch_size - len(pixel_values), *pixel_values.shape[1:])
             pixel_values = torch.cat([pixel_values, padding])
         with autocast:
-            logits = forward(pixel_values=pixel_values.to(device, non_blocking=True)).logits  # (B, 1) EF %
-        values = logits.float().view(-1)[: len(owners)].cpu()
-        for value, owner in zip(values, owners, strict=True):
-            clip_predictions.setdefault(owner, []).append(value)
-    bar.close()
+            logits = forward(pixel_values=pixel_values.to(device, non_blocking=True)).logits  # (B, num_labels)
+        logits = logits.float()[: len(owners)].cpu()
+        for row, owner in zip(logits, owners, strict=True):
+            rows.setdefault(owner, []).append(row)
+    return {owner: torch.stack(values).numpy().astype(np.float64) for owner, values in rows.items()}
 
-    for i, result in enumerate(results):
-        if result.error is not None:
-            continue
-        clips = torch.stack(clip_predictions[(i, "protocol")]).numpy().astype(np.float64)
-        result.clip_predictions, result.num_clips = clips, len(clips)
-        result.ef, result.clip_spread = float(clips.mean()), float(clips.std())
-        if beat_by_beat:
-            beat_clips = clip_predictions.get((i, "beats"))
-            if beat_clips:
-                values = torch.stack(beat_clips).numpy().astype(np.float64)
-                result.ef_beat_by_beat, result.beat_clip_spread = float(values.mean()), float(values.std())
-                result.num_beats = len(values)
-            else:  # no cycle found: fall back to the protocol's estimate
-                result.ef_beat_by_beat, result.beat_clip_spread = result.ef, result.clip_spread
-    return results
+
+def _average_clips(
+    result: VideoPrediction, clips: np.ndarray, beat_clips: np.ndarray | None, beat_by_beat: bool
+) -> None:
+    """Fill `result` from its clips' (K, num_labels) logits (and its beat-centred clips', with `beat_by_beat`)."""
+    result.logits, result.num_clips = clips.mean(axis=0), len(clips)
+    if clips.shape[1] != 1:  # class logits: no EF
+        return
+    values = np.ascontiguousarray(clips[:, 0])  # (K,) EF % per clip
+    result.clip_predictions, result.ef, result.clip_spread = values, float(values.mean()), float(values.std())
+    if not beat_by_beat:
+        return
+    if beat_clips is not None:
+        beats = np.ascontiguousarray(beat_clips[:, 0])
+        result.ef_beat_by_beat, result.beat_clip_spread = float(beats.mean()), float(beats.std())
+        result.num_beats = len(beats)
+    else:  # no cycle found: fall back to the protocol's estimate
+        result.ef_beat_by_beat, result.beat_clip_spread = result.ef, result.clip_spread
 
 
 # --------------------------------------------------------------------------------------------------

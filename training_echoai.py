@@ -5,7 +5,7 @@ The two scripts differ only in their model, data and loss; everything else lives
 * `add_common_args` -- the flags of transformers' `examples/pytorch/*_no_trainer.py` scripts.
 * `build_accelerator` -- `Accelerator` with mixed precision, accumulation, trackers and torch.compile from the
   flags (or from `accelerate launch` / its config, which set the same through the environment); threads and
-  `keep_freed_memory` for the process.
+  `perf_echoai.keep_freed_memory` for the process.
 * `TrainingClips` + `collate` -- a map-style dataset whose every random choice (epoch order, clip start,
   augmentation) is drawn from a generator seeded by (seed, epoch, video), so a resumed run sees exactly
   the batches a straight run would, with or without DataLoader workers and across processes.
@@ -16,10 +16,13 @@ The two scripts differ only in their model, data and loss; everything else lives
   the steps or, with `--max_train_seconds`, over whichever of steps and seconds is further spent.
 * `Checkpoints` -- `accelerator.save_state` written to a temporary folder and renamed into place (a
   killed save never leaves a half checkpoint), rotated, and found again by `latest`.
-* `train` -- the loop: accumulation, clipping, skipping of non-finite losses, SIGTERM/SIGINT handling,
-  checkpoints, a time budget, progress bar and tracker logging.
-* `predict_ef`, `BestModel` -- batched, gathered evaluation (one or several clips per video) and the best
-  weights by a validation score, kept through checkpoints.
+* `train` -- the loop (`TrainingLoop`: setup, epoch, step, checkpointing): accumulation, clipping, skipping of
+  non-finite losses, SIGTERM/SIGINT handling, checkpoints, a time budget (`TrainingClock`), progress bar and
+  tracker logging. Its data comes through one small interface with two implementations, `MapSource` (a
+  map-style dataset behind a prepared loader) and `StreamSource` (a stream split per process).
+* `predict_split`, `BestModel` -- validation through `inference_echoai.predict_videos` (the predictor that
+  `scripts/evaluate.py` reports with), shared out over the processes and gathered; the best weights by a
+  validation score, kept through checkpoints.
 * `save_model`, `render_model_card`, `push_to_hub` -- the end of a run.
 """
 
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import logging
@@ -38,7 +40,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from accelerate.utils import (
     ProjectConfiguration,
     TorchDynamoPlugin,
     broadcast,
+    gather_object,
     is_compiled_module,
     send_to_device,
     set_seed,
@@ -60,6 +63,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator, read_video_file
+from inference_echoai import predict_videos
+from perf_echoai import keep_freed_memory
 from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std, read_video_frames
 
 
@@ -77,7 +82,14 @@ DATA_STATE_FILE = "data_state_{rank}.json"  # a stream's position, one per proce
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags both scripts share, named as in transformers' `*_no_trainer.py` examples."""
-    add = parser.add_argument
+    add_data_args(parser.add_argument)
+    add_optimization_args(parser.add_argument)
+    add_run_args(parser.add_argument)
+    return parser
+
+
+def add_data_args(add: Callable) -> None:
+    """Where the videos, the starting model and the outputs are, and how clips are taken."""
     add(
         "--data_dir",
         type=str,
@@ -111,6 +123,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "augmentation (also over a processor loaded with --model_name_or_path); saved with the model.",
     )  # fmt: skip
     add("--output_dir", type=str, default=None, help="Where checkpoints, the final model and logs go.")
+
+
+def add_optimization_args(add: Callable) -> None:
+    """Batch, optimizer, schedule and training length."""
     add("--per_device_train_batch_size", type=int, default=8)
     add("--per_device_eval_batch_size", type=int, default=8)
     add(
@@ -134,6 +150,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--num_warmup_steps", type=int, default=None, help="Linear warm-up steps (default: 5%% of training).")
+
+
+def add_run_args(add: Callable) -> None:
+    """Precision, data loading, checkpoints, logging, seeds, threads, compilation and the Hub."""
     add(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -157,38 +177,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add(
         "--num_threads", type=int, default=None,
         help="torch CPU threads per process (default: torch's choice). 1 avoids oversubscription when other "
-        "processes share the cores: two threads next to a busy process ran a step up to 25x slower.",
+        "processes share the cores: threads waiting on each other for a core stall every step.",
     )  # fmt: skip
     add(
         "--torch_compile", action="store_true",
-        help="Compile the model with torch.compile (through accelerate). The first steps pay the compilation (half "
-        "a minute to a minute for the small preset on CPU); then a bf16 CPU step of the small preset ran 1.06x faster.",
+        help="Compile the model with torch.compile (through accelerate). The first steps pay the compilation, so "
+        "it pays off over long runs only (docs/BENCHMARKS.md).",
     )  # fmt: skip
     add("--torch_compile_backend", default="inductor", help="torch.compile backend with --torch_compile.")
     add("--push_to_hub", action="store_true")
     add("--hub_model_id", type=str, default=None)
     add("--hub_token", type=str, default=None)
-    return parser
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS at once.
-
-    A training step allocates and frees tens of MB of activations. With glibc's defaults, blocks above 128 KiB
-    come from fresh mmaps (a threshold that only adapts after the first frees) and freed memory at the heap's top
-    is returned: every step faults the same pages in again. Raising both thresholds made a bf16 pretraining step
-    of the small preset on CPU 1.2-1.3x faster with the same peak RSS (docs/BENCHMARKS.md). Memory freed after
-    the peak stays with the process. Returns False (and changes nothing) where the C library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    # The mmap threshold first: setting either one freezes glibc's adaptive threshold at its current value.
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -499,8 +498,8 @@ def build_optimizer(
         param_groups(model, args.weight_decay, args.learning_rate, layer_decay),
         lr=args.learning_rate,
         betas=(0.9, args.adam_beta2),
-        # One kernel over all tensors (CPU and CUDA): a third of the foreach update's time for the small preset
-        # on CPU, the same update to float rounding; transformers' Trainer uses it by default too.
+        # One kernel over all tensors (CPU and CUDA), the same update to float rounding (docs/BENCHMARKS.md,
+        # "Where the speed comes from"); transformers' Trainer uses it by default too.
         fused=True,
     )
     streamed = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)  # no length: --max_train_steps
@@ -521,7 +520,8 @@ class TimeBudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
     When the steps run out first this is exactly transformers' `get_cosine_schedule_with_warmup`; when the time
     budget (`--max_train_seconds`) runs out first the learning rate still reaches 0 as the run stops, instead of
     being cut at its peak. The warm-up takes the first `num_warmup_steps / num_training_steps` of the progress.
-    `train` sets `seconds` (seconds of training so far, the same on every process) before each `step()`.
+    The loop calls `spend(seconds)` (seconds of training so far, the same on every process) before each `step()`
+    and stops once it returns True.
     """
 
     def __init__(self, optimizer, num_warmup_steps: int, num_training_steps: int, max_seconds: float):
@@ -530,6 +530,11 @@ class TimeBudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
         self.warmup_fraction = num_warmup_steps / max(1, num_training_steps)
         self.num_training_steps, self.max_seconds, self.seconds = num_training_steps, float(max_seconds), 0.0
         super().__init__(optimizer)
+
+    def spend(self, seconds: float) -> bool:
+        """Training has run `seconds` so far: the next `step()` follows them. True once the budget is spent."""
+        self.seconds = seconds
+        return seconds >= self.max_seconds
 
     def progress(self) -> float:
         return min(1.0, max(self.last_epoch / max(1, self.num_training_steps), self.seconds / self.max_seconds))
@@ -669,6 +674,136 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class MapSource:
+    """Training data from a map-style dataset (`TrainingClips`) behind a loader prepared by `accelerate`.
+
+    An epoch is one pass over the loader, which has a length; a resumed epoch skips the batches already seen
+    (`accelerate.skip_first_batches`): the dataset draws every random choice from (seed, epoch, video), so the
+    batches after the skip are those a straight run would see. Nothing beyond `TrainingState` is saved.
+    """
+
+    def __init__(self, accelerator: Accelerator, loader: torch.utils.data.DataLoader):
+        self.accelerator, self.loader = accelerator, loader
+
+    def check(self, args: argparse.Namespace, state: TrainingState, checkpoint: Path | None) -> None:
+        pass  # any checkpoint of a map-style run resumes it
+
+    def epochs(self, first: int, args: argparse.Namespace) -> range:
+        steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
+        return range(first, math.ceil(args.max_train_steps / steps_per_epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        # Through the loader: accelerate's loaders call `dataset.set_epoch(loader.iteration)` when iterated,
+        # and `skip_first_batches` copies `iteration`, so the loader must carry the epoch too.
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        else:
+            self.loader.dataset.set_epoch(epoch)
+
+    def batches(self, state: TrainingState) -> Iterable[dict]:
+        if state.batches_in_epoch:
+            return self.accelerator.skip_first_batches(self.loader, state.batches_in_epoch)
+        return self.loader
+
+    def epoch_ended(self, state: TrainingState, exhausted: bool) -> bool:
+        return exhausted or state.batches_in_epoch >= len(self.loader)
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass  # the position is `TrainingState.batches_in_epoch`
+
+
+class StreamSource:
+    """Training data from a stream already split per process (`StreamingClips`), its loader left unprepared.
+
+    The stream has no length: an epoch runs until it ends, and the run until `--max_train_steps`. A checkpoint
+    saves this process's position in the stream (`state_dict`), and a resumed epoch restores it instead of
+    replaying the pass -- only without DataLoader workers, which hold the position out of this process's reach.
+    """
+
+    def __init__(self, accelerator: Accelerator, loader: torch.utils.data.DataLoader):
+        self.accelerator, self.loader, self.dataset = accelerator, loader, loader.dataset
+
+    def check(self, args: argparse.Namespace, state: TrainingState, checkpoint: Path | None) -> None:
+        if (args.resume_from_checkpoint or args.checkpointing_steps) and self.loader.num_workers:
+            raise ValueError(
+                "Checkpoints of a streamed corpus need --num_workers 0: DataLoader workers hold the stream's "
+                "position where the main process cannot save it."
+            )
+        if state.batches_in_epoch and state.data_state is None:
+            raise ValueError(
+                f"{checkpoint} has no saved stream position (data_state_<rank>.json) for process "
+                f"{self.accelerator.process_index}: it was written by a run with --num_workers > 0 or fewer processes."
+            )
+
+    def epochs(self, first: int, args: argparse.Namespace) -> Iterable[int]:
+        return itertools.count(first)  # passes over the stream until --max_train_steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def batches(self, state: TrainingState) -> Iterable[dict]:
+        if state.batches_in_epoch:
+            self.load_state_dict(state.data_state)
+        return self.loader
+
+    def epoch_ended(self, state: TrainingState, exhausted: bool) -> bool:
+        if exhausted and state.batches_in_epoch == 0:  # a whole pass gave nothing
+            raise ValueError(
+                f"The stream gave no full batch of {self.loader.batch_size} in epoch {state.epoch} on process "
+                f"{self.accelerator.process_index}: use a larger corpus or a smaller batch."
+            )
+        return exhausted
+
+    def state_dict(self) -> dict | None:
+        # With workers the position lives in them: saving the main process's would silently replay the pass.
+        return None if self.loader.num_workers else self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def data_source(accelerator: Accelerator, loader: torch.utils.data.DataLoader) -> MapSource | StreamSource:
+    """The loop's view of a training loader: `StreamSource` for an iterable dataset, else `MapSource`."""
+    streamed = isinstance(loader.dataset, torch.utils.data.IterableDataset)
+    return (StreamSource if streamed else MapSource)(accelerator, loader)
+
+
+class TrainingClock:
+    """Seconds of training so far, without evaluation, pictures and checkpoints (`paused`), continued from a
+    checkpoint's `train_seconds`. With `shared`, process 0's clock is every process's, so a time budget stops
+    them all at the same step."""
+
+    def __init__(self, accelerator: Accelerator, resumed_seconds: float, shared: bool):
+        self.accelerator, self.resumed_seconds, self.shared = accelerator, resumed_seconds, shared
+        self.start, self.paused_seconds = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - begin
+
+    def elapsed(self) -> float:
+        """Wall seconds since the loop started, pauses included."""
+        return time.perf_counter() - self.start
+
+    def seconds(self) -> float:
+        seconds = self.resumed_seconds + self.elapsed() - self.paused_seconds
+        if self.shared and self.accelerator.num_processes > 1:
+            seconds = float(broadcast(torch.tensor([seconds], device=self.accelerator.device), from_process=0)[0])
+        return seconds
+
+
+def never_spent(seconds: float) -> bool:
+    """The time budget of a schedule without one (`TimeBudgetSchedule.spend` for one with)."""
+    return False
+
+
 def train(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -680,7 +815,7 @@ def train(
     on_step: Callable[[int, dict, object], None] | None = None,
     on_epoch_end: Callable[[int, TrainingState], None] | None = None,
 ) -> TrainResult:
-    """Run the optimisation loop shared by pretraining and fine-tuning.
+    """Run the optimisation loop shared by pretraining and fine-tuning (`TrainingLoop`).
 
     `compute_loss(model, batch, global_step) -> (loss, outputs)`; `on_step(global_step, batch, outputs)`
     runs after each optimizer step (e.g. to save a reconstruction picture); `on_epoch_end(epoch, state)`
@@ -688,203 +823,193 @@ def train(
 
     `args.max_train_seconds` (optional) stops the loop after the step that spends it: seconds of training, counted
     in `state.train_seconds` (kept through checkpoints) without the callbacks and checkpoint saving, so models that
-    evaluate differently get the same training time. Process 0's clock decides for every process. A
-    `TimeBudgetSchedule` is told the seconds before each step, so its learning rate reaches 0 with the budget.
+    evaluate differently get the same training time. Process 0's clock decides for every process. The schedule
+    says when the budget is spent (`TimeBudgetSchedule.spend`), so its learning rate reaches 0 with it.
 
-    The loader is either prepared by `accelerate` over a map-style dataset (`TrainingClips`: a resumed epoch
-    skips the batches already seen) or, for a stream already split per process (`StreamingClips`), left
-    unprepared: it has no length, so epochs run until the stream ends, its batches are moved to the device here,
-    and a resumed epoch restores the stream's saved position (`num_workers=0` only) instead of replaying it.
+    The loader is either prepared by `accelerate` over a map-style dataset (`TrainingClips`, `MapSource`) or, for
+    a stream already split per process (`StreamingClips`, `StreamSource`), left unprepared.
     """
-    checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
-    state = TrainingState()
-    if args.resume_from_checkpoint:
-        path = checkpoints.resolve(args.resume_from_checkpoint)
-        state = Checkpoints.load(accelerator, path)
-        logger.info(
-            "Resumed from %s at step %d (epoch %d, batch %d)",
-            path,
-            state.global_step,
-            state.epoch,
-            state.batches_in_epoch,
-        )
-    dataset: TrainingClips | StreamingClips = dataloader.dataset
-    streamed = isinstance(dataset, torch.utils.data.IterableDataset)
-    if streamed and (args.resume_from_checkpoint or args.checkpointing_steps) and dataloader.num_workers:
-        raise ValueError(
-            "Checkpoints of a streamed corpus need --num_workers 0: DataLoader workers hold the stream's position "
-            "where the main process cannot save it."
-        )
-    if streamed and state.batches_in_epoch and state.data_state is None:
-        raise ValueError(
-            f"{path} has no saved stream position (data_state_<rank>.json) for process {accelerator.process_index}: "
-            "it was written by a run with --num_workers > 0 or fewer processes."
-        )
-    if streamed:
-        epochs = itertools.count(state.epoch)  # passes over the stream until --max_train_steps
-    else:
-        steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-        epochs = range(state.epoch, math.ceil(args.max_train_steps / steps_per_epoch))
-    checkpoint_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
-    result = TrainResult(state=state)
-    progress = tqdm(
-        total=args.max_train_steps, initial=state.global_step, desc="Training", unit="step",
-        disable=not accelerator.is_local_main_process,
-    )  # fmt: skip
-    consecutive_nonfinite, window_start, window_videos = 0, time.perf_counter(), 0
-    max_seconds = getattr(args, "max_train_seconds", None)
-    schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps a prepared scheduler
-    resumed_seconds, paused = state.train_seconds, 0.0
+    loop = TrainingLoop(accelerator, model, optimizer, scheduler, data_source(accelerator, dataloader), args)
+    return loop.run(compute_loss, on_step, on_epoch_end)
 
-    @contextlib.contextmanager
-    def not_training():
-        # Evaluation, pictures and checkpoints do not count as training time (nor against --max_train_seconds).
-        nonlocal paused
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            paused += time.perf_counter() - begin
 
-    def training_seconds() -> float:
-        seconds = resumed_seconds + time.perf_counter() - start - paused
-        if max_seconds and accelerator.num_processes > 1:  # one clock, so every process stops at the same step
-            seconds = float(broadcast(torch.tensor([seconds], device=accelerator.device), from_process=0)[0])
-        return seconds
+class TrainingLoop:
+    """Setup (resume), `run` (epochs), `run_epoch`, `train_step` (one batch), `after_update` (logging, callbacks,
+    checkpoints), as MAE's `engine_pretrain.train_one_epoch` and accelerate's examples split a loop."""
 
-    def save_checkpoint() -> Path:
-        # With workers the position lives in them: saving the main process's would silently replay the pass.
-        state.data_state = dataset.state_dict() if streamed and not dataloader.num_workers else None
-        with not_training():
-            return checkpoints.save(accelerator, state)
-
-    start = time.perf_counter()
-    model.train()
-    with StopRequest() as stop:
-        for epoch in epochs:
-            state.epoch = epoch
-            # Through the loader: accelerate's loaders call `dataset.set_epoch(loader.iteration)` when iterated,
-            # and `skip_first_batches` copies `iteration`, so the loader must carry the epoch too.
-            dataloader.set_epoch(epoch) if hasattr(dataloader, "set_epoch") else dataset.set_epoch(epoch)
-            loader = dataloader
-            if state.batches_in_epoch and streamed:
-                dataset.load_state_dict(state.data_state)
-            elif state.batches_in_epoch:
-                loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
-            exhausted = False
-            for batch in loader:
-                batch = send_to_device(batch, accelerator.device)  # a prepared loader's already are
-                state.batches_in_epoch += 1
-                skipped = batch.pop("num_skipped")
-                state.videos_skipped += (
-                    int(accelerator.reduce(skipped.to(accelerator.device), "sum"))
-                    if accelerator.num_processes > 1
-                    else int(skipped)
-                )
-                indices = batch.pop("index")
-                empty = batch["pixel_values"].numel() == 0
-                with accelerator.accumulate(model):
-                    loss, outputs = (None, None) if empty else compute_loss(model, batch, state.global_step)
-                    nonfinite = not empty and not bool(torch.isfinite(loss.detach()))
-                    # Every process must take the same branch, or the gradient all-reduce would wait forever.
-                    flags = torch.tensor([empty, nonfinite, stop.requested], dtype=torch.float32)
-                    if accelerator.num_processes > 1:
-                        flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
-                    any_empty, any_nonfinite, stop_now = (bool(f > 0) for f in flags)
-                    update = not (any_empty or any_nonfinite)
-                    if update:
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and args.max_grad_norm:
-                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        if accelerator.sync_gradients:
-                            state.train_seconds = training_seconds()
-                            if isinstance(schedule, TimeBudgetSchedule):
-                                schedule.seconds = state.train_seconds
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if any_nonfinite:
-                    consecutive_nonfinite += 1
-                    state.nonfinite_skipped += 1
-                    logger.warning(
-                        "Non-finite loss at step %d: update skipped (%d in a row, %d in total).",
-                        state.global_step, consecutive_nonfinite, state.nonfinite_skipped,
-                    )  # fmt: skip
-                    if consecutive_nonfinite >= args.max_consecutive_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{consecutive_nonfinite} non-finite losses in a row, the last at step {state.global_step}. "
-                            f"Last good checkpoint: {checkpoints.latest() or 'none saved'}. Lower --learning_rate, "
-                            "check the data, or use --mixed_precision bf16 instead of fp16."
-                        )
-                if update:
-                    consecutive_nonfinite = 0
-                    result.seen += indices.tolist()
-                    window_videos += len(indices) * accelerator.num_processes
-                if update and accelerator.sync_gradients:
-                    state.global_step += 1
-                    result.losses.append(float(loss.detach()))
-                    progress.update(1)
-                    if state.global_step % args.logging_steps == 0 or state.global_step == args.max_train_steps:
-                        elapsed = time.perf_counter() - window_start
-                        logs = {
-                            "loss": result.losses[-1],
-                            "lr": scheduler.get_last_lr()[0],
-                            "videos_per_s": window_videos / elapsed,
-                        }
-                        progress.set_postfix(
-                            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", videos_s=f"{logs['videos_per_s']:.1f}"
-                        )
-                        accelerator.log(logs, step=state.global_step)
-                        window_start, window_videos = time.perf_counter(), 0
-                    if on_step is not None:
-                        with not_training():
-                            on_step(state.global_step, batch, outputs)
-                    if checkpoint_every and state.global_step % checkpoint_every == 0:
-                        result.checkpoint = save_checkpoint()
-                if stop_now:
-                    result.checkpoint = save_checkpoint()
-                    result.stopped_by_signal = True
-                    accelerator.print(
-                        f"Stopped by signal at step {state.global_step}. Saved {result.checkpoint}; "
-                        f"continue with --resume_from_checkpoint {result.checkpoint}"
-                    )
-                    break
-                if state.global_step >= args.max_train_steps:
-                    break
-                if max_seconds and state.train_seconds >= max_seconds:
-                    result.stopped_by_time = True
-                    break
-            else:
-                exhausted = True
-            if result.stopped_by_signal:
-                break
-            if streamed and exhausted and state.batches_in_epoch == 0:  # a whole pass gave nothing
-                raise ValueError(
-                    f"The stream gave no full batch of {args.per_device_train_batch_size} in epoch {epoch} on "
-                    f"process {accelerator.process_index}: use a larger corpus or a smaller batch."
-                )
-            if exhausted or (not streamed and state.batches_in_epoch >= len(dataloader)):  # the epoch ran to its end
-                if on_epoch_end is not None:
-                    with not_training():
-                        on_epoch_end(epoch, state)
-                state.epoch, state.batches_in_epoch = epoch + 1, 0
-                if args.checkpointing_steps == "epoch":
-                    result.checkpoint = save_checkpoint()
-            if state.global_step >= args.max_train_steps or result.stopped_by_time:
-                break
-    progress.close()
-    result.seconds = time.perf_counter() - start
-    if result.stopped_by_time:
-        logger.info(
-            "Stopped by --max_train_seconds %g after %.1f s of training, at step %d of at most %d (the step count "
-            "depends on the machine and its load).", max_seconds, state.train_seconds, state.global_step,
-            args.max_train_steps,
+    def __init__(self, accelerator, model, optimizer, scheduler, source: MapSource | StreamSource, args):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.source, self.args = source, args
+        self.checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
+        self.state, path = TrainingState(), None
+        if args.resume_from_checkpoint:
+            path = self.checkpoints.resolve(args.resume_from_checkpoint)
+            self.state = Checkpoints.load(accelerator, path)
+            logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
+                        self.state.epoch, self.state.batches_in_epoch)  # fmt: skip
+        source.check(args, self.state, path)
+        self.checkpoint_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
+        self.result = TrainResult(state=self.state)
+        self.consecutive_nonfinite, self.window_videos = 0, 0
+        schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps a prepared scheduler
+        self.spend = getattr(schedule, "spend", never_spent)
+        self.budget_spent = self.spend(self.state.train_seconds)
+        self.progress = tqdm(
+            total=args.max_train_steps, initial=self.state.global_step, desc="Training", unit="step",
+            disable=not accelerator.is_local_main_process,
         )  # fmt: skip
-    if state.videos_skipped:
-        logger.warning(
-            "%d unreadable videos were skipped during training (see the warnings above).", state.videos_skipped
+        shared_clock = bool(getattr(args, "max_train_seconds", None))
+        self.clock = TrainingClock(accelerator, self.state.train_seconds, shared=shared_clock)
+        self.window_start = time.perf_counter()
+
+    def run(self, compute_loss, on_step=None, on_epoch_end=None) -> TrainResult:
+        self.compute_loss, self.on_step, self.on_epoch_end = compute_loss, on_step, on_epoch_end
+        self.model.train()
+        with StopRequest() as self.stop:
+            for epoch in self.source.epochs(self.state.epoch, self.args):
+                self.run_epoch(epoch)
+                if self.result.stopped_by_signal or self.finished():
+                    break
+        self.progress.close()
+        self.result.seconds = self.clock.elapsed()
+        self.log_end()
+        return self.result
+
+    def finished(self) -> bool:
+        return self.state.global_step >= self.args.max_train_steps or self.result.stopped_by_time
+
+    def run_epoch(self, epoch: int) -> None:
+        state, result = self.state, self.result
+        state.epoch = epoch
+        self.source.set_epoch(epoch)
+        exhausted = False
+        for batch in self.source.batches(state):
+            stop_now = self.train_step(batch)
+            if stop_now:
+                result.checkpoint = self.save_checkpoint()
+                result.stopped_by_signal = True
+                self.accelerator.print(
+                    f"Stopped by signal at step {state.global_step}. Saved {result.checkpoint}; "
+                    f"continue with --resume_from_checkpoint {result.checkpoint}"
+                )
+                return
+            if state.global_step >= self.args.max_train_steps:
+                break
+            if self.budget_spent:
+                result.stopped_by_time = True
+                break
+        else:
+            exhausted = True
+        if self.source.epoch_ended(state, exhausted):
+            if self.on_epoch_end is not None:
+                with self.clock.paused():
+                    self.on_epoch_end(epoch, state)
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if self.args.checkpointing_steps == "epoch":
+                result.checkpoint = self.save_checkpoint()
+
+    def train_step(self, batch: dict) -> bool:
+        """One batch: forward, and an update unless some process's batch was empty or its loss non-finite (every
+        process takes the same branch, or the gradient all-reduce would wait forever). Returns whether a stop
+        was requested (SIGTERM / SIGINT on any process)."""
+        accelerator, state, model = self.accelerator, self.state, self.model
+        batch = send_to_device(batch, accelerator.device)  # a prepared loader's already are
+        state.batches_in_epoch += 1
+        state.videos_skipped += self.sum_over_processes(batch.pop("num_skipped"))
+        indices = batch.pop("index")
+        empty = batch["pixel_values"].numel() == 0
+        with accelerator.accumulate(model):
+            loss, outputs = (None, None) if empty else self.compute_loss(model, batch, state.global_step)
+            nonfinite = not empty and not bool(torch.isfinite(loss.detach()))
+            flags = torch.tensor([empty, nonfinite, self.stop.requested], dtype=torch.float32)
+            if accelerator.num_processes > 1:
+                flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
+            any_empty, any_nonfinite, stop_now = (bool(f > 0) for f in flags)
+            update = not (any_empty or any_nonfinite)
+            if update:
+                self.update(loss)
+            self.optimizer.zero_grad(set_to_none=True)
+        if any_nonfinite:
+            self.count_nonfinite()
+        if update:
+            self.consecutive_nonfinite = 0
+            self.result.seen += indices.tolist()
+            self.window_videos += len(indices) * accelerator.num_processes
+        if update and accelerator.sync_gradients:
+            self.after_update(float(loss.detach()), batch, outputs)
+        return stop_now
+
+    def sum_over_processes(self, count: torch.Tensor) -> int:
+        if self.accelerator.num_processes > 1:
+            return int(self.accelerator.reduce(count.to(self.accelerator.device), "sum"))
+        return int(count)
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, clipping and the optimizer and schedule steps (accumulated until `sync_gradients`)."""
+        accelerator = self.accelerator
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and self.args.max_grad_norm:
+            accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        if accelerator.sync_gradients:
+            self.state.train_seconds = self.clock.seconds()
+            self.budget_spent = self.spend(self.state.train_seconds)
+        self.scheduler.step()
+
+    def count_nonfinite(self) -> None:
+        state = self.state
+        self.consecutive_nonfinite += 1
+        state.nonfinite_skipped += 1
+        logger.warning("Non-finite loss at step %d: update skipped (%d in a row, %d in total).", state.global_step,
+                       self.consecutive_nonfinite, state.nonfinite_skipped)  # fmt: skip
+        if self.consecutive_nonfinite >= self.args.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} non-finite losses in a row, the last at step {state.global_step}. "
+                f"Last good checkpoint: {self.checkpoints.latest() or 'none saved'}. Lower --learning_rate, "
+                "check the data, or use --mixed_precision bf16 instead of fp16."
+            )
+
+    def after_update(self, loss: float, batch: dict, outputs) -> None:
+        """An optimizer step was taken: count it, log, call `on_step`, checkpoint every `--checkpointing_steps`."""
+        state, args = self.state, self.args
+        state.global_step += 1
+        self.result.losses.append(loss)
+        self.progress.update(1)
+        if state.global_step % args.logging_steps == 0 or state.global_step == args.max_train_steps:
+            self.log_window(loss)
+        if self.on_step is not None:
+            with self.clock.paused():
+                self.on_step(state.global_step, batch, outputs)
+        if self.checkpoint_every and state.global_step % self.checkpoint_every == 0:
+            self.result.checkpoint = self.save_checkpoint()
+
+    def log_window(self, loss: float) -> None:
+        """Loss, learning rate and videos per second since the last log, to the progress bar and the trackers."""
+        elapsed = time.perf_counter() - self.window_start
+        logs = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "videos_per_s": self.window_videos / elapsed}
+        self.progress.set_postfix(
+            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", videos_s=f"{logs['videos_per_s']:.1f}"
         )
-    return result
+        self.accelerator.log(logs, step=self.state.global_step)
+        self.window_start, self.window_videos = time.perf_counter(), 0
+
+    def save_checkpoint(self) -> Path:
+        self.state.data_state = self.source.state_dict()
+        with self.clock.paused():
+            return self.checkpoints.save(self.accelerator, self.state)
+
+    def log_end(self) -> None:
+        state = self.state
+        if self.result.stopped_by_time:
+            logger.info(
+                "Stopped by --max_train_seconds %g after %.1f s of training, at step %d of at most %d (the step count "
+                "depends on the machine and its load).", self.args.max_train_seconds, state.train_seconds,
+                state.global_step, self.args.max_train_steps,
+            )  # fmt: skip
+        if state.videos_skipped:
+            logger.warning(
+                "%d unreadable videos were skipped during training (see the warnings above).", state.videos_skipped
+            )
 
 
 def schedule_steps(args: argparse.Namespace, dataloader_len: int | None) -> None:
@@ -915,46 +1040,42 @@ def schedule_steps(args: argparse.Namespace, dataloader_len: int | None) -> None
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def predict_ef(
-    model: torch.nn.Module, dataloader: torch.utils.data.DataLoader, accelerator: Accelerator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predict every video of an evaluation loader (`TrainingClips(training=False)`), gathered from all processes.
+def predict_split(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    processor: EchoAIVideoProcessor,
+    video_paths: Sequence[str],
+    num_clips: int,
+    clips_per_batch: int,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-video logits of a split by `inference_echoai.predict_videos`, the predictor `scripts/evaluate.py` reports
+    with, so the checkpoint chosen on validation is measured as the reported number is: `num_clips` evenly spaced
+    clips per video, no augmentation ("one_clip" / "k_clips"), logits averaged per video.
 
-    Returns `(indices, predictions, references)` sorted by dataset index, one row per readable video:
-    predictions are the model's `logits` averaged over the video's clips -- shape (N,) in the target's units
-    (EF %) for regression, (N, num_labels) for classification. Unreadable videos are left out (and logged by
-    the collator). Each process pads its batch back to its size before the collator dropped rows, so
-    `gather_for_metrics` drops exactly the samples `accelerate` repeated to even out the last batch.
+    Each process predicts a contiguous share of the videos, padded with the last video to one length so every
+    process runs as many forward passes (FSDP needs that), and the shares are gathered. Returns `(indices,
+    logits)`: the readable videos' positions in `video_paths`, sorted, and their logits (N, num_labels) -- EF
+    (%) for regression, class logits for classification. Unreadable videos are logged and left out.
     """
+    share = math.ceil(len(video_paths) / accelerator.num_processes)
+    first = accelerator.process_index * share
+    mine = [min(i, len(video_paths) - 1) for i in range(first, first + share)]
     was_training = model.training
     model.eval()
-    num_labels = unwrap(accelerator, model).config.num_labels
-    gathered: dict[str, list[torch.Tensor]] = {"index": [], "logits": [], "labels": []}
-    for batch in dataloader:
-        index, labels, pixel_values = batch["index"], batch["labels"].float(), batch["pixel_values"]
-        logits = torch.empty(0, num_labels, device=accelerator.device)
-        if len(index):
-            num_clips = pixel_values.shape[1] if pixel_values.ndim == 6 else 1  # (B, K, T, C, H, W) with K clips
-            clips = pixel_values.flatten(0, 1) if pixel_values.ndim == 6 else pixel_values  # (B·K, T, C, H, W)
-            logits = model(pixel_values=clips).logits.float()  # (B·K, num_labels)
-            logits = logits.view(len(index), num_clips, num_labels).mean(dim=1)  # (B, num_labels)
-        missing = int(batch["num_skipped"])
-        rows = {
-            "index": torch.cat([index, torch.full((missing,), -1, dtype=index.dtype, device=index.device)]),
-            "logits": torch.cat([logits, torch.full((missing, num_labels), math.nan, device=logits.device)]),
-            "labels": torch.cat([labels, torch.full((missing,), math.nan, device=labels.device)]),
-        }
-        rows = accelerator.gather_for_metrics({k: v.to(accelerator.device) for k, v in rows.items()})
-        for key, value in rows.items():
-            gathered[key].append(value.cpu())
+    protocol = "k_clips" if num_clips > 1 else "one_clip"
+    results = predict_videos(model, processor, [video_paths[i] for i in mine], protocol=protocol,
+                             num_clips=num_clips, batch_size=clips_per_batch, num_workers=num_workers, progress=False)  # fmt: skip
     model.train(was_training)
-    index = torch.cat(gathered["index"]).numpy()
-    logits, labels = torch.cat(gathered["logits"]).numpy(), torch.cat(gathered["labels"]).numpy()
-    index, first = np.unique(index, return_index=True)  # sorted; any repeat is the same video
-    keep = index >= 0
-    index, logits, labels = index[keep], logits[first[keep]], labels[first[keep]]
-    return index, (logits[:, 0] if num_labels == 1 else logits), labels
+    for result in results:
+        if result.error is not None:
+            logger.warning("Could not read %s: %s", result.path, result.error)
+    readable = [(i, r.logits) for i, r in zip(mine, results, strict=True) if r.error is None]
+    by_index = dict(gather_object(readable) if accelerator.num_processes > 1 else readable)
+    indices = np.array(sorted(by_index), dtype=np.int64)
+    num_labels = unwrap(accelerator, model).config.num_labels
+    logits = np.stack([by_index[i] for i in indices]) if len(indices) else np.empty((0, num_labels))
+    return indices, logits
 
 
 class BestModel:
@@ -1047,42 +1168,17 @@ def render_model_card(
     """Fill `model_card.md` from the run: architecture, size, data, hyper-parameters and, for a fine-tuned
     model, the metrics (also written as the card's `model-index`, task regression, metrics MAE/RMSE/R²).
 
-    `task` is "pretraining", "regression" or "classification"; `num_videos` None: a streamed corpus; `metrics` maps a split ("validation", "test") to
-    {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}), with the mean predictor's figures on the same
-    videos under "mean_predictor" (`metrics_echoai.check_against_mean_predictor`), shown beside the model's.
-    `failure`: why the model did not learn EF (the same check), stated at the top of the card.
+    `task` is "pretraining", "regression" or "classification"; `num_videos` None: a streamed corpus; `metrics` maps
+    a split ("validation", "test") to {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}), with the mean
+    predictor's figures on the same videos under "mean_predictor" (`metrics_echoai.check_against_mean_predictor`),
+    shown beside the model's. `failure`: why the model did not learn EF (the same check), stated at the top of the
+    card.
     """
     config = model.config
     synthetic = dataset_dir is not None and "synthetic_echonet" in str(dataset_dir)
-    dataset_name = dataset_name or (
-        "EchoAI synthetic echo phantom"
-        if synthetic
-        else "EchoNet-Dynamic"
-        if dataset_dir and (Path(dataset_dir) / "FileList.csv").is_file()
-        else "echo videos"
-    )
+    dataset_name = dataset_name or card_dataset_name(dataset_dir, synthetic)
     repo_id = args.hub_model_id or Path(args.output_dir).name
-    eval_results, eval_rows, mean_predictor_ef = [], [], None
-    names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²", "accuracy": "accuracy"}
-    task_type = "video-classification" if task == "classification" else "regression"
-    for split, values in (metrics or {}).items():
-        mean_predictor = values.get("mean_predictor") or {}
-        mean_predictor_ef = mean_predictor.get("ef", mean_predictor_ef)
-        for key, label in names.items():
-            if values.get(key) is not None:  # None: undefined on this split
-                baseline = mean_predictor.get(key)
-                eval_rows.append(
-                    {"split": split, "metric": label, "value": f"{values[key]:.3f}",
-                     "mean_predictor": f"{baseline:.3f}" if baseline is not None else "n/a"}
-                )  # fmt: skip
-                eval_results.append(
-                    EvalResult(
-                        task_type=task_type, dataset_type=dataset_name.lower().replace(" ", "-"),
-                        dataset_name=dataset_name, dataset_split=split, metric_type=key,
-                        metric_name=f"{label} (EF %)" if key in ("mae", "rmse") else label,
-                        metric_value=float(values[key]),
-                    )
-                )  # fmt: skip
+    eval_results, eval_rows, mean_predictor_ef = card_eval_results(metrics or {}, task, dataset_name)
     card_data = ModelCardData(
         library_name="transformers",
         license="apache-2.0",
@@ -1091,6 +1187,70 @@ def render_model_card(
         model_name=repo_id,
         eval_results=eval_results or None,
     )
+    training_data = (
+        f"{num_videos} videos of {dataset_name}" if num_videos is not None else f"{dataset_name}, streamed"
+    ) + ("" if synthetic else f" ({dataset_dir})" if dataset_dir else "")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(model_card_template()),
+        model_name=repo_id,
+        repo_id=repo_id,
+        task=task,
+        from_scratch=bool(getattr(args, "from_scratch", False)),
+        **card_architecture(model),
+        period=getattr(args, "period", 4),
+        mask_percent=round(100 * config.mask_ratio),
+        synthetic=synthetic,
+        training_data_short=dataset_name,
+        training_data=training_data,
+        procedure=card_procedure(args, config, task),
+        hyperparameters=card_hyperparameters(args, config, train_result),
+        eval_rows=eval_rows,
+        eval_protocol=eval_protocol,
+        mean_predictor_ef=f"{mean_predictor_ef:.1f}" if mean_predictor_ef is not None else None,
+        failure=failure,
+    )
+
+
+def card_dataset_name(dataset_dir: Path | str | None, synthetic: bool) -> str:
+    if synthetic:
+        return "EchoAI synthetic echo phantom"
+    if dataset_dir and (Path(dataset_dir) / "FileList.csv").is_file():
+        return "EchoNet-Dynamic"
+    return "echo videos"
+
+
+def card_eval_results(
+    metrics: dict[str, dict[str, float]], task: str, dataset_name: str
+) -> tuple[list[EvalResult], list[dict], float | None]:
+    """The card's `model-index` entries, its table rows (each beside the mean predictor's figure) and the mean
+    predictor's EF, from `render_model_card`'s `metrics`."""
+    eval_results, eval_rows, mean_predictor_ef = [], [], None
+    names = {"mae": "MAE", "rmse": "RMSE", "r2": "R²", "accuracy": "accuracy"}
+    task_type = "video-classification" if task == "classification" else "regression"
+    for split, values in metrics.items():
+        mean_predictor = values.get("mean_predictor") or {}
+        mean_predictor_ef = mean_predictor.get("ef", mean_predictor_ef)
+        for key, label in names.items():
+            if values.get(key) is None:  # None: undefined on this split
+                continue
+            baseline = mean_predictor.get(key)
+            eval_rows.append(
+                {"split": split, "metric": label, "value": f"{values[key]:.3f}",
+                 "mean_predictor": f"{baseline:.3f}" if baseline is not None else "n/a"}
+            )  # fmt: skip
+            eval_results.append(
+                EvalResult(
+                    task_type=task_type, dataset_type=dataset_name.lower().replace(" ", "-"),
+                    dataset_name=dataset_name, dataset_split=split, metric_type=key,
+                    metric_name=f"{label} (EF %)" if key in ("mae", "rmse") else label,
+                    metric_value=float(values[key]),
+                )
+            )  # fmt: skip
+    return eval_results, eval_rows, mean_predictor_ef
+
+
+def card_hyperparameters(args: argparse.Namespace, config: EchoAIConfig, train_result: TrainResult) -> dict:
     hyperparameters = {
         "preset": getattr(args, "config_name", None) or args.model_name_or_path,
         "optimizer": f"AdamW (0.9, {args.adam_beta2}), weight decay {args.weight_decay}",
@@ -1105,55 +1265,36 @@ def render_model_card(
     for name in ("layer_decay", "drop_path_rate"):
         if getattr(args, name, None) is not None:
             hyperparameters[name.replace("_", " ")] = getattr(args, name)
+    return hyperparameters
+
+
+def card_procedure(args: argparse.Namespace, config: EchoAIConfig, task: str) -> str:
     start = "a randomly initialised encoder" if getattr(args, "from_scratch", False) else "a pretrained encoder"
     pooling = {
         "mean": "mean-pooled tokens",
         "mean_max_min": "each token slice's mean, pooled by mean, maximum and minimum over time",
     }[config.pooling]
-    procedure = {
+    return {
         "pretraining": "masked-autoencoder pretraining: tube masking, norm-pix MSE on the hidden tubelets",
         "regression": f"EF regression from {start} ({pooling}, linear head)",
         "classification": f"classification from {start} ({pooling}, linear head)",
     }[task]
-    period = getattr(args, "period", 4)
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(model_card_template()),
-        model_name=repo_id,
-        repo_id=repo_id,
-        task=task,
-        from_scratch=bool(getattr(args, "from_scratch", False)),
-        architecture=type(model).__name__,
-        num_parameters_m=f"{count_parameters(model) / 1e6:.2f}",
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_frames=config.num_frames,
-        image_size=config.image_size,
-        num_channels=config.num_channels,
-        tubelet_size=config.tubelet_size,
-        patch_size=config.patch_size,
-        stem=(
-            f"{len(config.stem_channels)} strided 3-D convolutions ({'/'.join(map(str, config.stem_channels))} "
-            "channels) before the tubelet projection"
-            if config.stem_channels
-            else None
-        ),
-        period=period,
-        mask_percent=round(100 * config.mask_ratio),
-        synthetic=synthetic,
-        training_data_short=dataset_name,
-        training_data=(
-            f"{num_videos} videos of {dataset_name}" if num_videos is not None else f"{dataset_name}, streamed"
-        )
-        + ("" if synthetic else f" ({dataset_dir})" if dataset_dir else ""),
-        procedure=procedure,
-        hyperparameters=hyperparameters,
-        eval_rows=eval_rows,
-        eval_protocol=eval_protocol,
-        mean_predictor_ef=f"{mean_predictor_ef:.1f}" if mean_predictor_ef is not None else None,
-        failure=failure,
+
+
+def card_architecture(model: torch.nn.Module) -> dict:
+    config = model.config
+    stem = (
+        f"{len(config.stem_channels)} strided 3-D convolutions ({'/'.join(map(str, config.stem_channels))} "
+        "channels) before the tubelet projection"
+        if config.stem_channels
+        else None
     )
+    return dict(
+        architecture=type(model).__name__, num_parameters_m=f"{count_parameters(model) / 1e6:.2f}",
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_frames=config.num_frames, image_size=config.image_size,
+        num_channels=config.num_channels, tubelet_size=config.tubelet_size, patch_size=config.patch_size, stem=stem,
+    )  # fmt: skip
 
 
 def push_to_hub(

@@ -81,7 +81,7 @@ from common import (  # noqa: E402
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from inference_echoai import compile_for_inference, protocol_clip_indices  # noqa: E402
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask  # noqa: E402
-from training_echoai import keep_freed_memory  # noqa: E402
+from perf_echoai import keep_freed_memory  # noqa: E402
 from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
 
 

@@ -40,7 +40,7 @@ from common import machine_info, markdown_table, precision_context  # noqa: E402
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from data_echoai import synthetic_echonet_dir  # noqa: E402
 from modeling_echoai import EchoAIForPreTraining  # noqa: E402
-from training_echoai import keep_freed_memory  # noqa: E402
+from perf_echoai import keep_freed_memory  # noqa: E402
 
 
 def load_pretrain():

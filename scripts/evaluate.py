@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from datasets import Dataset
 
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from inference_echoai import (
@@ -46,7 +47,7 @@ from inference_echoai import (
     scatter_plot,
 )
 from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
-from training_echoai import keep_freed_memory
+from perf_echoai import keep_freed_memory
 
 
 logger = logging.getLogger("evaluate")
@@ -121,13 +122,8 @@ def beat_detection_summary(table: pd.DataFrame) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    # Data: one EchoNet split (unreadable videos are excluded and reported by the loader).
+def load_split(args: argparse.Namespace) -> tuple[Path, Dataset, pd.DataFrame]:
+    """One EchoNet split (unreadable videos are excluded and reported by the loader) and its FileList columns."""
     data_dir = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
     rows = load_echonet_dynamic(data_dir)[args.split]
     if args.max_eval_samples is not None:
@@ -135,53 +131,39 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) < 2:
         sys.exit(f"error: the {args.split} split of {data_dir} has {len(rows)} usable video(s); metrics need 2")
     table = rows.select_columns(["FileName", "EF", "FPS", "NumberOfFrames", "EDFrame", "ESFrame"]).to_pandas()
+    return data_dir, rows, table
 
-    # Model.
-    keep_freed_memory()
-    try:
-        model, processor = load_model_and_processor(args.model_name_or_path, args.device)
-    except ModelLoadingError as error:
-        sys.exit(f"error: {error}")
-    logger.info(
-        "Evaluating %s on %d %s videos of %s, protocol %s", args.model_name_or_path, len(rows), args.split,
-        data_dir, args.protocol,
-    )  # fmt: skip
 
-    # Predictions.
-    results = predict_videos(model, processor, rows["video_path"], beat_by_beat=args.beat_by_beat, **args.prediction)
+def add_predictions(table: pd.DataFrame, results: list, beat_by_beat: bool) -> None:
+    """The per-video predictions as columns of `table`; with `beat_by_beat`, the beat-centred EF, the heart rate
+    and how far the detected ED / ES frames lie from the traced ones."""
     table["EF_predicted"] = [r.ef for r in results]
     table["clip_spread"] = [r.clip_spread for r in results]
     table["num_clips"] = [r.num_clips for r in results]
-    if args.beat_by_beat:
-        table["EF_beat_by_beat"] = [r.ef_beat_by_beat for r in results]
-        table["beat_clip_spread"] = [r.beat_clip_spread for r in results]
-        table["num_beats"] = [r.num_beats for r in results]
-        table["heart_rate"] = [r.beats.heart_rate if r.beats else math.nan for r in results]
-        for phase, position in (("ED", 0), ("ES", 1)):
-            errors = [
-                nearest_frame_error([b[position] for b in r.beats.beats] if r.beats else [], int(traced))
-                for r, traced in zip(results, table[f"{phase}Frame"], strict=True)
-            ]
-            table[f"{phase}_error_frames"] = errors
-            table[f"{phase}_error_ms"] = np.asarray(errors) * 1000.0 / table["FPS"].to_numpy()
-    failed = [(r.path, r.error) for r in results if r.error is not None]
-    for path, reason in failed:
-        logger.warning("Could not read %s: %s", path, reason)
-    scored = table[table["EF_predicted"].notna()]
-    if len(scored) < 2:
-        sys.exit(f"error: only {len(scored)} video(s) could be scored; metrics need 2")
+    if not beat_by_beat:
+        return
+    table["EF_beat_by_beat"] = [r.ef_beat_by_beat for r in results]
+    table["beat_clip_spread"] = [r.beat_clip_spread for r in results]
+    table["num_beats"] = [r.num_beats for r in results]
+    table["heart_rate"] = [r.beats.heart_rate if r.beats else math.nan for r in results]
+    for phase, position in (("ED", 0), ("ES", 1)):
+        errors = [
+            nearest_frame_error([b[position] for b in r.beats.beats] if r.beats else [], int(traced))
+            for r, traced in zip(results, table[f"{phase}Frame"], strict=True)
+        ]
+        table[f"{phase}_error_frames"] = errors
+        table[f"{phase}_error_ms"] = np.asarray(errors) * 1000.0 / table["FPS"].to_numpy()
 
-    # Metrics, strata, figures.
+
+def evaluation_metrics(args: argparse.Namespace, model, scored: pd.DataFrame, data_dir: Path, num_unreadable: int):
+    """metrics.json's content (with bootstrap intervals), and the check against the mean predictor (None when
+    the model's config has no training mean to compare with)."""
+    bootstrap = dict(bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
     metrics = {
-        "protocol": args.protocol,
-        "split": args.split,
-        "data_dir": str(data_dir),
-        "model_name_or_path": str(args.model_name_or_path),
-        "num_unreadable": len(failed),
-        **compute_ef_metrics(
-            scored["EF_predicted"], scored["EF"], bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence
-        ),
-    }
+        "protocol": args.protocol, "split": args.split, "data_dir": str(data_dir),
+        "model_name_or_path": str(args.model_name_or_path), "num_unreadable": num_unreadable,
+        **compute_ef_metrics(scored["EF_predicted"], scored["EF"], **bootstrap),
+    }  # fmt: skip
     if args.protocol == "k_clips":
         metrics["num_clips"] = args.num_clips
     train_mean = getattr(model.config, "regression_target_mean", None)
@@ -194,13 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         if check["failure"]:
             logger.warning("%s did not learn EF -- %s", args.model_name_or_path, check["failure"])
     if args.beat_by_beat:
-        metrics["beat_by_beat"] = compute_ef_metrics(
-            scored["EF_beat_by_beat"], scored["EF"], bootstrap=args.bootstrap, seed=args.seed,
-            confidence=args.confidence,
-        )  # fmt: skip
+        metrics["beat_by_beat"] = compute_ef_metrics(scored["EF_beat_by_beat"], scored["EF"], **bootstrap)
         metrics["beat_detection"] = beat_detection_summary(scored)
-    strata = strata_table(scored)
+    return metrics, check
 
+
+def write_outputs(args, output_dir: Path, table: pd.DataFrame, scored: pd.DataFrame, metrics: dict, strata) -> None:
     table.drop(columns=["EDFrame", "ESFrame"]).to_csv(output_dir / "predictions.csv", index=False)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     strata.to_csv(output_dir / "strata.csv", index=False)
@@ -208,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     scatter_plot(scored["EF_predicted"], scored["EF"], metrics, output_dir / "scatter.png", title=title)
     bland_altman_plot(scored["EF_predicted"], scored["EF"], metrics, output_dir / "bland_altman.png", title=title)
 
+
+def print_summary(args, metrics: dict, check: dict | None, num_scored: int, strata: pd.DataFrame) -> None:
     ci = lambda k: f" [{metrics[k + '_ci_low']:.2f}, {metrics[k + '_ci_high']:.2f}]" if args.bootstrap else ""  # noqa: E731
-    print(f"\n{args.protocol} on {len(scored)} {args.split} videos:")
+    print(f"\n{args.protocol} on {num_scored} {args.split} videos:")
     for key in ("mae", "rmse", "r2", "bias"):
         print(f"  {key:5s} {metrics[key]:7.3f}{ci(key)}")
     if check is not None:
@@ -228,6 +211,41 @@ def main(argv: list[str] | None = None) -> int:
             f"|ES| {detection['es_error_frames_median']:.1f} frames ({detection['es_error_ms_median']:.0f} ms)"
         )
     print("\n" + strata.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data_dir, rows, table = load_split(args)
+
+    # Model.
+    keep_freed_memory()
+    try:
+        model, processor = load_model_and_processor(args.model_name_or_path, args.device)
+    except ModelLoadingError as error:
+        sys.exit(f"error: {error}")
+    logger.info(
+        "Evaluating %s on %d %s videos of %s, protocol %s", args.model_name_or_path, len(rows), args.split,
+        data_dir, args.protocol,
+    )  # fmt: skip
+
+    # Predictions.
+    results = predict_videos(model, processor, rows["video_path"], beat_by_beat=args.beat_by_beat, **args.prediction)
+    add_predictions(table, results, args.beat_by_beat)
+    failed = [(r.path, r.error) for r in results if r.error is not None]
+    for path, reason in failed:
+        logger.warning("Could not read %s: %s", path, reason)
+    scored = table[table["EF_predicted"].notna()]
+    if len(scored) < 2:
+        sys.exit(f"error: only {len(scored)} video(s) could be scored; metrics need 2")
+
+    # Metrics, strata, figures.
+    metrics, check = evaluation_metrics(args, model, scored, data_dir, len(failed))
+    strata = strata_table(scored)
+    write_outputs(args, output_dir, table, scored, metrics, strata)
+    print_summary(args, metrics, check, len(scored), strata)
     print(f"\nWrote {output_dir}/predictions.csv, metrics.json, strata.csv, scatter.png, bland_altman.png")
     return 0
 

@@ -35,10 +35,11 @@ Best-by-validation selection can hide such a failure (a model at the mean wins e
 validation metrics are logged and stored (`last_step`) beside the kept model's.
 
 Evaluation: after every epoch on the validation split (one clip per video, or `--eval_num_clips K` evenly
-spaced clips averaged per video), gathered across processes. The best weights by validation MAE (accuracy for
-classification) are kept in memory and in every checkpoint; at the end they are evaluated once on the test
-split and saved into `--output_dir` with the processor, `all_results.json` and the model card, so
-`--output_dir` loads directly with `AutoModelForVideoClassification.from_pretrained`.
+spaced clips averaged per video), through `inference_echoai.predict_videos` -- the predictor `scripts/evaluate.py`
+reports with, so the kept model is chosen by the number evaluation measures -- gathered across processes. The
+best weights by validation MAE (accuracy for classification) are kept in memory and in every checkpoint; at the
+end they are evaluated once on the test split and saved into `--output_dir` with the processor, `all_results.json`
+and the model card, so `--output_dir` loads directly with `AutoModelForVideoClassification.from_pretrained`.
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
@@ -77,7 +78,7 @@ from training_echoai import (
     make_dataloader,
     model_state_dict,
     parse_config_overrides,
-    predict_ef,
+    predict_split,
     push_to_hub,
     render_model_card,
     save_model,
@@ -249,43 +250,8 @@ def shown_metrics(metrics: dict, regression: bool) -> str:
     return text
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    accelerator = build_accelerator(args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    regression = args.num_labels == 1
-
-    # Data
-    data_dir, splits = load_splits(args, accelerator)
-    label_column = LABEL if args.class_boundaries else args.label_column
-    model = build_model(args, splits["train"])
-    config = model.config
-    with accelerator.main_process_first():
-        processor = build_processor(args, config, splits["train"])
-    train_loader = make_dataloader(
-        TrainingClips(splits["train"], processor, training=True, seed=args.seed, label_column=label_column),
-        args.per_device_train_batch_size, args.num_workers,
-    )  # fmt: skip
-    eval_loaders = [
-        make_dataloader(
-            TrainingClips(
-                splits[name], processor, training=False, label_column=label_column, num_clips=args.eval_num_clips
-            ),
-            args.per_device_eval_batch_size,
-            args.num_workers,
-        )  # fmt: skip
-        for name in ("validation", "test")
-    ]
-
-    # Optimizer and schedule: AdamW with layer-wise learning-rate decay, warm-up and cosine decay (MAE fine-tuning);
-    # the baseline: AdamW without layer decay, the same schedule.
-    optimizer, scheduler = build_optimizer(model, args, accelerator, train_loader, layer_decay=args.layer_decay)
-    model, optimizer, train_loader, scheduler, validation_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, scheduler, *eval_loaders
-    )
-    best = BestModel()  # in every checkpoint, so a resumed run restores the same best model
-    accelerator.register_for_checkpointing(best)
-
+def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_train: int, data_dir: Path) -> None:
+    config = unwrap(accelerator, model).config
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     recipe = (
         f"learning rate {args.learning_rate:g}, no layer decay, no drop path" if args.baseline
@@ -297,8 +263,8 @@ def main(argv: list[str] | None = None):
         "%s, precision %s",
         f"baseline {args.baseline} from scratch" if args.baseline
         else args.model_name_or_path or f"{args.config_name} from scratch", count_parameters(model) / 1e6,
-        len(splits["train"]), data_dir, args.label_column,
-        f"mean {config.regression_target_mean:.2f}, std {config.regression_target_std:.2f}" if regression
+        num_train, data_dir, args.label_column,
+        f"mean {config.regression_target_mean:.2f}, std {config.regression_target_std:.2f}" if args.num_labels == 1
         else f"{args.num_labels} classes", args.max_train_steps, budget, effective_batch, recipe,
         accelerator.mixed_precision,
     )  # fmt: skip
@@ -307,26 +273,36 @@ def main(argv: list[str] | None = None):
             "echoai-finetune", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
 
-    def compute_loss(model, batch, step):
-        # Stochastic depth draws from torch's global generator: seeding it by (seed, step, process) makes a
-        # resumed run drop the same paths as a straight one, whatever evaluation or loaders drew in between.
-        torch.manual_seed(derive_seed(args.seed, step, accelerator.process_index))
-        labels = batch["labels"] if regression else batch["labels"].long()
-        outputs = model(pixel_values=batch["pixel_values"], labels=labels)
-        return outputs.loss, outputs
 
-    def evaluate(loader) -> dict:
-        _, predictions, references = predict_ef(model, loader, accelerator)
-        return split_metrics(predictions, references, regression, train_mean=config.regression_target_mean)
+class Validation:
+    """Scores a split with `predict_split` (the predictor `scripts/evaluate.py` reports with); `validate` runs
+    after every epoch, keeps the best weights by validation MAE (accuracy for classification) in `best`, and
+    remembers the latest validation in `last`."""
 
-    last = {"step": None, "epoch": None, "validation": None}  # the latest validation: the last step's model at the end
+    def __init__(self, args, accelerator, model, processor, splits: DatasetDict, label_column: str, best: BestModel):
+        self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
+        self.splits, self.label_column, self.best = splits, label_column, best
+        self.regression = args.num_labels == 1
+        self.last = {"step": None, "epoch": None, "validation": None}  # the last step's model at the end
 
-    def validate(epoch: int, state) -> None:
-        metrics = evaluate(validation_loader)
-        last.update(step=state.global_step, epoch=epoch, validation=metrics)
+    def metrics(self, split: str) -> dict:
+        rows, args = self.splits[split], self.args
+        indices, logits = predict_split(
+            self.accelerator, self.model, self.processor, rows["video_path"], args.eval_num_clips,
+            clips_per_batch=args.per_device_eval_batch_size * args.eval_num_clips, num_workers=args.num_workers,
+        )  # fmt: skip
+        references = np.asarray(rows[self.label_column], dtype=np.float64)[indices]
+        predictions = logits[:, 0] if self.regression else logits
+        train_mean = unwrap(self.accelerator, self.model).config.regression_target_mean
+        return split_metrics(predictions, references, self.regression, train_mean=train_mean)
+
+    def validate(self, epoch: int, state) -> None:
+        accelerator, best, regression = self.accelerator, self.best, self.regression
+        metrics = self.metrics("validation")
+        self.last.update(step=state.global_step, epoch=epoch, validation=metrics)
         score = metrics["mae"] if regression else -metrics["accuracy"]
         if best.improves(score):  # every process takes this branch: the metrics are gathered
-            best.update(score, metrics, model_state_dict(accelerator, model), state.global_step, epoch)
+            best.update(score, metrics, model_state_dict(accelerator, self.model), state.global_step, epoch)
             state.best_metric = best.score
         accelerator.print(
             f"epoch {epoch} step {state.global_step} validation {shown_metrics(metrics, regression)}"
@@ -335,24 +311,22 @@ def main(argv: list[str] | None = None):
         shown = {k: metrics[k] for k in SHOWN_METRICS[regression]}
         accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
 
-    result = train(accelerator, model, optimizer, scheduler, train_loader, args, compute_loss, on_epoch_end=validate)
-    result.model = unwrap(accelerator, model)
-    if result.stopped_by_signal:
-        accelerator.end_training()
-        return result
-    # The last step's model is validated too (a run ending mid-epoch, by steps or by time; or one that ran no
-    # step): best-by-validation can keep an early model at the mean EF and hide that training never learned.
-    if last["step"] != result.state.global_step:
-        validate(result.state.epoch, result.state)
-    accelerator.print(
-        f"last step {last['step']}: validation {shown_metrics(last['validation'], regression)}; kept model: step "
-        f"{best.step} (best validation {'MAE' if regression else 'accuracy'})"
-    )
 
-    # The best model: test once, check against the mean predictor, save with the processor, results and card.
-    result.model.load_state_dict(best.weights)
-    test_metrics = evaluate(test_loader)
-    accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {shown_metrics(test_metrics, regression)}")
+def make_compute_loss(args: argparse.Namespace, accelerator):
+    def compute_loss(model, batch, step):
+        # Stochastic depth draws from torch's global generator: seeding it by (seed, step, process) makes a
+        # resumed run drop the same paths as a straight one, whatever evaluation or loaders drew in between.
+        torch.manual_seed(derive_seed(args.seed, step, accelerator.process_index))
+        labels = batch["labels"] if args.num_labels == 1 else batch["labels"].long()
+        outputs = model(pixel_values=batch["pixel_values"], labels=labels)
+        return outputs.loss, outputs
+
+    return compute_loss
+
+
+def describe_protocol(args: argparse.Namespace, config, processor, best: BestModel, last: dict) -> str:
+    """How the reported numbers were measured, for `all_results.json` and the model card."""
+    regression = args.num_labels == 1
     clips = f"{args.eval_num_clips} evenly spaced clips averaged" if args.eval_num_clips > 1 else "one clip"
     eval_protocol = (
         f"{clips} per video ({config.num_frames} frames, every {processor.period}-th frame, no augmentation); "
@@ -365,22 +339,33 @@ def main(argv: list[str] | None = None):
             if regression
             else f"accuracy {last['validation']['accuracy']:.3f}."
         )
+    return eval_protocol
+
+
+def collect_results(args, result, best: BestModel, last: dict, test_metrics: dict, num_train: int, eval_protocol: str):
+    """`all_results.json` and, for regression, why the model did not learn EF (None when it did)."""
     all_results = {
         "model": args.baseline or "echoai", "parameters": count_parameters(result.model),
         "validation": best.metrics, "test": test_metrics,
         "best_epoch": best.epoch, "best_step": best.step, "last_step": last,
         "epochs": result.state.epoch, "steps": result.state.global_step, "seconds": round(result.seconds, 2),
         "train_seconds": round(result.state.train_seconds, 2), "max_train_seconds": args.max_train_seconds,
-        "stopped_by_time": result.stopped_by_time, "train_videos": len(splits["train"]),
+        "stopped_by_time": result.stopped_by_time, "train_videos": num_train,
         "label_fraction": args.label_fraction, "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
         "learning_rate": args.learning_rate, "layer_decay": args.layer_decay, "drop_path_rate": args.drop_path_rate,
     }  # fmt: skip
     failure = None
-    if regression:
+    if args.num_labels == 1:
         all_results["learned_ef"], failure = ef_verdict({"validation": best.metrics, "test": test_metrics})
         all_results["failure"] = failure
         if failure:
             logger.warning("The fine-tuned model did not learn EF -- %s", failure)
+    return all_results, failure
+
+
+def save_outputs(args, accelerator, model, processor, result, all_results: dict, card: dict) -> None:
+    """The kept model (or the baseline's state dict), its processor, `all_results.json`, the model card (`card`:
+    `render_model_card`'s arguments) and the Hub upload."""
     if args.baseline:
         state_dict = model_state_dict(accelerator, model)  # on every process (gathered under FSDP)
         if accelerator.is_main_process:
@@ -388,18 +373,69 @@ def main(argv: list[str] | None = None):
             processor.save_pretrained(args.output_dir)
     else:
         save_model(accelerator, model, processor, args.output_dir)
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "all_results.json").write_text(json.dumps(all_results, indent=2))
-        if not args.baseline:  # the card describes an EchoAI model
-            card = render_model_card(
-                result.model, args, task="regression" if regression else "classification", dataset_dir=data_dir,
-                num_videos=len(splits["train"]), train_result=result,
-                metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol,
-                failure=failure,
-            )  # fmt: skip
-            card.save(Path(args.output_dir) / "README.md")
-        if args.push_to_hub:
-            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+    if not accelerator.is_main_process:
+        return
+    (Path(args.output_dir) / "all_results.json").write_text(json.dumps(all_results, indent=2))
+    if not args.baseline:  # the card describes an EchoAI model
+        render_model_card(result.model, args, train_result=result, **card).save(Path(args.output_dir) / "README.md")
+    if args.push_to_hub:
+        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    accelerator = build_accelerator(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    regression = args.num_labels == 1
+
+    # Data, model, processor
+    data_dir, splits = load_splits(args, accelerator)
+    label_column = LABEL if args.class_boundaries else args.label_column
+    model = build_model(args, splits["train"])
+    with accelerator.main_process_first():
+        processor = build_processor(args, model.config, splits["train"])
+    train_loader = make_dataloader(
+        TrainingClips(splits["train"], processor, training=True, seed=args.seed, label_column=label_column),
+        args.per_device_train_batch_size, args.num_workers,
+    )  # fmt: skip
+
+    # Optimizer and schedule: AdamW with layer-wise learning-rate decay, warm-up and cosine decay (MAE fine-tuning);
+    # the baseline: AdamW without layer decay, the same schedule.
+    optimizer, scheduler = build_optimizer(model, args, accelerator, train_loader, layer_decay=args.layer_decay)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    best = BestModel()  # in every checkpoint, so a resumed run restores the same best model
+    accelerator.register_for_checkpointing(best)
+    log_run(args, accelerator, model, len(splits["train"]), data_dir)
+
+    # The loop, validating after every epoch
+    validation = Validation(args, accelerator, model, processor, splits, label_column, best)
+    result = train(accelerator, model, optimizer, scheduler, train_loader, args, make_compute_loss(args, accelerator),
+                   on_epoch_end=validation.validate)  # fmt: skip
+    result.model = unwrap(accelerator, model)
+    if result.stopped_by_signal:
+        accelerator.end_training()
+        return result
+    # The last step's model is validated too (a run ending mid-epoch, by steps or by time; or one that ran no
+    # step): best-by-validation can keep an early model at the mean EF and hide that training never learned.
+    last = validation.last
+    if last["step"] != result.state.global_step:
+        validation.validate(result.state.epoch, result.state)
+    accelerator.print(
+        f"last step {last['step']}: validation {shown_metrics(last['validation'], regression)}; kept model: step "
+        f"{best.step} (best validation {'MAE' if regression else 'accuracy'})"
+    )
+
+    # The best model: test once, check against the mean predictor, save with the processor, results and card.
+    result.model.load_state_dict(best.weights)
+    test_metrics = validation.metrics("test")
+    accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {shown_metrics(test_metrics, regression)}")
+    eval_protocol = describe_protocol(args, result.model.config, processor, best, last)
+    all_results, failure = collect_results(args, result, best, last, test_metrics, len(splits["train"]), eval_protocol)
+    card = dict(
+        task="regression" if regression else "classification", dataset_dir=data_dir, num_videos=len(splits["train"]),
+        metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol, failure=failure,
+    )  # fmt: skip
+    save_outputs(args, accelerator, model, processor, result, all_results, card)
     accelerator.end_training()
     result.all_results = all_results
     return result

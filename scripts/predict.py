@@ -33,7 +33,7 @@ from inference_echoai import (
     predict_videos,
     prediction_options,
 )
-from training_echoai import keep_freed_memory
+from perf_echoai import keep_freed_memory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

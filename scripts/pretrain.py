@@ -129,15 +129,9 @@ def build_model(args: argparse.Namespace) -> EchoAIForPreTraining:
     return EchoAIForPreTraining(EchoAIConfig.from_preset(args.config_name, **overrides))
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    accelerator = build_accelerator(args)
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    # Data
-    data_dir, videos = load_videos(args, accelerator)
-    model = build_model(args)
-    config = model.config
+def build_data(args: argparse.Namespace, accelerator, config: EchoAIConfig, videos):
+    """The processor (from the starting checkpoint, else the videos' statistics) and the training clips: a stream
+    of this process's part of the corpus with `--streaming`, else a map-style table."""
     read_clips = row_to_pixel_values if args.dataset_path else read_video_file
     if args.streaming:  # the same seed on every process: one shard order, then each process takes its part
         videos = shuffle_corpus(videos, seed=args.seed, buffer_size=args.shuffle_buffer_size)
@@ -150,6 +144,32 @@ def main(argv: list[str] | None = None):
         )
     else:
         dataset = TrainingClips(videos, processor, training=True, seed=args.seed, read_clips=read_clips)
+    return processor, dataset
+
+
+def print_loss_trend(accelerator, result) -> None:
+    """The reconstruction loss at the start and the end of the run, each a mean over a window of steps: a single
+    step's loss depends on its batch and mask."""
+    if not result.losses:
+        return
+    window = max(1, min(20, len(result.losses) // 4))
+    first, last = (sum(part) / len(part) for part in (result.losses[:window], result.losses[-window:]))
+    accelerator.print(
+        f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f} "
+        f"({result.state.global_step} steps, {result.seconds:.0f} s)"
+    )
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    accelerator = build_accelerator(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # Data
+    data_dir, videos = load_videos(args, accelerator)
+    model = build_model(args)
+    config = model.config
+    processor, dataset = build_data(args, accelerator, config, videos)
     dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
 
     # Optimizer and schedule: AdamW (0.9, 0.95) with linear warm-up and cosine decay, as MAE.
@@ -190,14 +210,7 @@ def main(argv: list[str] | None = None):
     if result.stopped_by_signal:
         accelerator.end_training()
         return result
-    if result.losses:
-        # Means over a window: a single step's loss depends on its batch and mask.
-        window = max(1, min(20, len(result.losses) // 4))
-        first, last = (sum(part) / len(part) for part in (result.losses[:window], result.losses[-window:]))
-        accelerator.print(
-            f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f} "
-            f"({result.state.global_step} steps, {result.seconds:.0f} s)"
-        )
+    print_loss_trend(accelerator, result)
 
     # Save: model (safetensors + remote code), processor, model card.
     save_model(accelerator, model, processor, args.output_dir)

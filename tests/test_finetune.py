@@ -22,6 +22,7 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor  #
 
 import modeling_echoai
 from data_echoai import load_echonet_dynamic
+from inference_echoai import predict_videos
 from modeling_echoai import EchoAIForVideoClassification
 from video_processing_echoai import EchoAIVideoProcessor
 
@@ -163,6 +164,26 @@ def test_max_train_seconds_stops_after_the_step_that_spends_the_budget(corpus, t
     results = json.loads((output / "all_results.json").read_text())
     assert results["stopped_by_time"] and results["steps"] == 1 and results["max_train_seconds"] == 0.001
     assert results["train_seconds"] >= 0.001 and results["last_step"]["step"] == 1  # validated where it stopped
+
+
+def test_classification_validation_scores_the_per_video_class_logits_the_saved_model_predicts(corpus, tmp_path):
+    """Classification is validated through the same per-video predictor as EF: class logits averaged over the
+    evaluation clips; the kept model's validation accuracy is what those logits of the saved model give."""
+    output = tmp_path / "run"
+    load_script("finetune").main(
+        finetune_argv(corpus, output, "--from_scratch", "--config_overrides", TINY_MODEL, "--max_train_steps", "4",
+                      "--num_labels", "2", "--class_boundaries", "50", "--eval_num_clips", "2")
+    )  # fmt: skip
+    results = json.loads((output / "all_results.json").read_text())
+    model = EchoAIForVideoClassification.from_pretrained(output).eval()
+    processor = AutoVideoProcessor.from_pretrained(output)
+    validation = load_echonet_dynamic(corpus)["validation"]
+    predictions = predict_videos(model, processor, validation["video_path"], protocol="k_clips", num_clips=2,
+                                 progress=False)  # fmt: skip
+    assert all(p.logits.shape == (2,) and math.isnan(p.ef) for p in predictions)
+    classes = np.digitize(validation["EF"], [50.0])
+    accuracy = float(np.mean([p.logits.argmax() == c for p, c in zip(predictions, classes, strict=True)]))
+    assert results["validation"]["accuracy"] == accuracy and results["validation"]["n"] == len(validation)
 
 
 def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_keys(corpus, pretrained):
