@@ -71,12 +71,13 @@ fixed whatever their number)::
 
 Load map-style (an Arrow copy is cached once) or stream (reads the parquet shards in place)::
 
-    from corpus_echoai import load_corpus, row_to_pixel_values
+    from corpus_echoai import load_corpus
+    from data_echoai import row_pixel_values
     from training_echoai import TrainingClips
     dataset = load_corpus("/data/corpus")                       # datasets.Dataset
     stream = load_corpus("/data/corpus", streaming=True)        # datasets.IterableDataset
-    pixel_values = row_to_pixel_values(next(iter(stream)), processor, torch.Generator().manual_seed(0))
-    clips = TrainingClips(dataset, processor, training=True, seed=0, read_clips=row_to_pixel_values)
+    pixel_values = row_pixel_values(next(iter(stream)), processor, torch.Generator().manual_seed(0))
+    clips = TrainingClips(dataset, processor, training=True, seed=0)  # reads a row's `video` bytes
 
 `scripts/pretrain.py --dataset_path /data/corpus [--streaming]` does this (and the below) for you.
 
@@ -139,7 +140,18 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, _grey, clip_frame_indices
+from video_io_echoai import (
+    EMPTY,
+    NO_FRAMES,
+    NO_VIDEO_STREAM,
+    NOT_A_VIDEO,
+    NOT_FOUND,
+    VIDEO_EXTENSIONS,
+    VideoDecodingError,
+    VideoReader,
+    decode_video_frames,
+    grey_frame,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -148,7 +160,6 @@ SALT_ENV = "ECHOAI_CORPUS_SALT"
 DEFAULT_FRAME_RATE = 30.0  # fps assumed for a DICOM cine without any frame-timing tag
 MOTION_THRESHOLD = 12  # grey levels a pixel must span over time to count as moving (speckle)
 MIN_SECTOR_FRACTION = 0.02  # a sector smaller than this fraction of the frame is "not found"
-VIDEO_EXTENSIONS = (".avi", ".mp4")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 DATA_DIR, STATE_FILE, REPORT_FILE, PATH_MAP_FILE = (
     "data",
@@ -318,38 +329,6 @@ def encode_clip(frames: np.ndarray, frame_rate: float) -> bytes:
     return buffer.getvalue()
 
 
-def decode_clip(data: bytes, frame_indices: Sequence[int] | np.ndarray, name: str = "corpus clip") -> np.ndarray:
-    """Decode only the frames at `frame_indices` (any order, repeats allowed) of corpus bytes, as grey (N, H, W).
-
-    Corpus clips are MJPEG (every frame a key frame), so packets are demuxed without decoding and only
-    the wanted ones are decoded: the in-memory twin of `video_processing_echoai.decode_video_frames`.
-
-    Raises:
-        VideoDecodingError: the bytes are not a corpus clip or end before a wanted frame.
-    """
-    indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-    wanted, last = set(indices.tolist()), int(indices.max())
-    frames: dict[int, np.ndarray] = {}
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            if stream.codec_context.name != "mjpeg":
-                raise VideoDecodingError(name, f"codec {stream.codec_context.name}, not the corpus's MJPEG")
-            packets = (packet for packet in container.demux(stream) if packet.size)
-            for position, packet in enumerate(packets):
-                if position in wanted:
-                    (frame,) = stream.codec_context.decode(packet)
-                    frames[position] = _grey(frame)
-                if position >= last:
-                    break
-    except (av.FFmpegError, ValueError, IndexError) as error:
-        raise VideoDecodingError(name, f"corrupt clip bytes ({type(error).__name__})") from error
-    missing = sorted(wanted - frames.keys())
-    if missing:
-        raise VideoDecodingError(name, f"the clip ends before frame {missing[0]}")
-    return np.stack([frames[i] for i in indices.tolist()])
-
-
 # --------------------------------------------------------------------------------------------------
 # Sources -> rows
 # --------------------------------------------------------------------------------------------------
@@ -413,35 +392,40 @@ def _remux(container: av.container.InputContainer, stream: av.video.stream.Video
     return buffer.getvalue(), count
 
 
+# `VideoDecodingError.kind` -> the report's reason: fixed phrases, since FFmpeg's own messages may quote the path.
+_VIDEO_SKIP_REASONS = {
+    NOT_FOUND: "cannot read (FileNotFoundError)",
+    EMPTY: "empty file",
+    NOT_A_VIDEO: "unreadable video (FFmpeg cannot open it)",
+    NO_VIDEO_STREAM: "unreadable video (no video stream)",
+    NO_FRAMES: "unreadable video (no frames)",
+}
+_CORRUPT_VIDEO = "unreadable video (corrupt or truncated data)"
+
+
 def _prepare_video(path: str, image_size: int) -> tuple[bytes, int, float | None]:
     """AVI / MP4 -> (corpus bytes, frame count, frame rate or None)."""
-    if os.path.getsize(path) == 0:
-        raise _Skip("empty file")
     try:
-        container = av.open(path)
-    except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
-        raise _Skip("unreadable video (FFmpeg cannot open it)") from error
-    with container:
-        if not container.streams.video:
-            raise _Skip("unreadable video (no video stream)")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        frame_rate = float(rate) if rate else None
-        context = stream.codec_context
-        compliant = "avi" in container.format.name.split(",") and context.name == "mjpeg"
+        reader = VideoReader(path)
+    except VideoDecodingError as error:
+        raise _Skip(_VIDEO_SKIP_REASONS.get(error.kind, _CORRUPT_VIDEO)) from error
+    with reader:
+        stream, context = reader.stream, reader.stream.codec_context
+        frame_rate = float(reader.rate) if reader.rate else None
+        compliant = "avi" in reader.container.format.name.split(",") and context.name == "mjpeg"
         try:
             if compliant and context.width == context.height == image_size:
-                data, num_frames = _remux(container, stream)
+                data, num_frames = _remux(reader.container, stream)
                 if num_frames:  # decode the first and last frame: catches a corrupt or cut file cheaply
-                    decode_clip(data, [0, num_frames - 1])
+                    decode_video_frames(data, [0, num_frames - 1])
             else:
                 stream.thread_type = "AUTO"
-                frames = [_grey(frame) for frame in container.decode(stream)]
+                frames = [grey_frame(frame) for frame in reader.container.decode(stream)]
                 num_frames = len(frames)
                 if num_frames:
                     data = encode_clip(fit_to_square(np.stack(frames), image_size), frame_rate or DEFAULT_FRAME_RATE)
-        except (av.FFmpegError, VideoDecodingError, ValueError) as error:
-            raise _Skip("unreadable video (corrupt or truncated data)") from error
+        except (av.FFmpegError, VideoDecodingError, ValueError, IndexError) as error:
+            raise _Skip(_CORRUPT_VIDEO) from error
     if num_frames == 0:
         raise _Skip("unreadable video (no frames)")
     return data, num_frames, frame_rate
@@ -891,47 +875,12 @@ def shuffle_corpus(
     return dataset.shuffle(seed=seed)
 
 
-def row_to_pixel_values(
-    row: dict,
-    processor: EchoAIVideoProcessor,
-    generator: torch.Generator | None = None,
-    training: bool = True,
-    num_clips: int = 1,
-) -> torch.Tensor:
-    """A corpus row -> `pixel_values`: (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1.
-
-    Training: one clip at a random start, augmented, both drawn from `generator`. Evaluation
-    (`training=False`): `num_clips` evenly spaced clips, no augmentation. Decodes only the clip's frames.
-
-    Raises:
-        VideoDecodingError: the row's bytes cannot be decoded (named by `video_id`).
-    """
-    indices = clip_frame_indices(
-        int(row["num_frames"]),
-        processor.num_frames,
-        processor.period,
-        "random" if training else "uniform",
-        num_clips=1 if training else num_clips,
-        generator=generator,
-    )  # (K, T)
-    frames = decode_clip(row["video"], indices.reshape(-1), name=f"corpus clip {row.get('video_id', '?')}")
-    frames = frames.reshape(*indices.shape, *frames.shape[1:])  # (K, T, H, W)
-    clips = processor.frames_to_pixel_values(frames, do_augment=training, generator=generator)
-    return clips[0] if len(clips) == 1 else clips
-
-
-def read_row_frames(row: dict) -> np.ndarray:
-    """Every frame of a corpus row, grey (T, H, W) uint8: `compute_mean_std(rows, read_frames=read_row_frames)`."""
-    return decode_clip(row["video"], np.arange(int(row["num_frames"])), name=f"corpus clip {row.get('video_id', '?')}")
-
-
 __all__ = [
     "CORPUS_SCHEMA",
     "PrepareReport",
     "Source",
     "corpus_data_files",
     "crop_to_mask",
-    "decode_clip",
     "dicom_frame_rate",
     "encode_clip",
     "fit_to_square",
@@ -939,9 +888,7 @@ __all__ = [
     "load_corpus",
     "prepare_corpus",
     "prepare_source",
-    "read_row_frames",
     "resolve_salt",
-    "row_to_pixel_values",
     "salted_hash",
     "sector_mask",
     "shuffle_corpus",

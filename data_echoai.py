@@ -52,7 +52,15 @@ from datasets import Dataset, DatasetDict, Features, Value
 from tqdm.auto import tqdm
 
 from synthetic_echonet import PHANTOM_VERSION, make_synthetic_echonet
-from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, probe_video
+from video_io_echoai import (
+    EMPTY,
+    VIDEO_EXTENSIONS,
+    VideoDecodingError,
+    VideoReader,
+    decode_all_frames,
+    probe_video,
+)
+from video_processing_echoai import EchoAIVideoProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -84,7 +92,6 @@ VIDEO_FOLDER_FEATURES = Features(
         "NumberOfFrames": Value("int32"),
     }
 )
-VIDEO_EXTENSIONS = (".avi", ".mp4")
 _REPORT_NAMES = 5  # file names shown per reason in log messages
 
 
@@ -138,7 +145,7 @@ def _strip_avi(names: pd.Series) -> pd.Series:
     return names.where(~names.str.lower().str.endswith(".avi"), names.str[:-4])
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _csv_table(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     frame.columns = [str(column).strip() for column in frame.columns]
     index_columns = [c for c in frame.columns if c == "" or c.startswith("Unnamed:") or c.lower() == "index"]
@@ -194,7 +201,7 @@ def load_echonet_dynamic(
     if missing:
         raise FileNotFoundError(f"{data_dir}: {', '.join(missing)} not found: {expected}")
 
-    file_list = _read_csv(data_dir / "FileList.csv")
+    file_list = _csv_table(data_dir / "FileList.csv")
     _require_columns(file_list, data_dir / "FileList.csv", ["FileName", "EF", "Split"])
     report = LoadReport(num_listed=len(file_list))
     table = pd.DataFrame({"FileName": _strip_avi(file_list["FileName"])})
@@ -228,7 +235,7 @@ def load_echonet_dynamic(
             if check_videos:
                 probe_video(path, check_last_frame=True)
             elif path.stat().st_size == 0:
-                raise VideoDecodingError(path, "empty file (0 bytes)")
+                raise VideoDecodingError(path, f"{EMPTY} (0 bytes)", kind=EMPTY)
             usable.append(True)
         except VideoDecodingError as error:
             report.exclude(f"unreadable video ({error.reason})", [name])
@@ -236,7 +243,7 @@ def load_echonet_dynamic(
     usable = np.array(usable, dtype=bool)
     table = table[usable].assign(video_path=[str(p) for p in paths[usable]])
 
-    tracings = _read_csv(data_dir / "VolumeTracings.csv")
+    tracings = _csv_table(data_dir / "VolumeTracings.csv")
     _require_columns(tracings, data_dir / "VolumeTracings.csv", ["FileName", "X1", "Y1", "X2", "Y2", "Frame"])
     table = table.join(_ed_es_frames(tracings), on="FileName")
     report.without_tracings = table.loc[table["EDFrame"].isna(), "FileName"].tolist()
@@ -347,24 +354,46 @@ def synthetic_echonet_dir(
 # --------------------------------------------------------------------------------------------------
 
 
-def read_video_file(
-    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator | None, training: bool, num_clips: int
-) -> torch.Tensor:
-    """One row's clips: the video file at `row["video_path"]`, decoded through the processor.
+def row_video(row: dict) -> tuple[str | bytes, str | None]:
+    """A row's video and the name its errors carry: a prepared corpus's bytes (`video`), named by `video_id`
+    since a corpus holds no source paths, else the file at `video_path` (EchoNet-Dynamic, video folders),
+    named by its path."""
+    if row.get("video") is not None:
+        return row["video"], f"corpus clip {row.get('video_id', '?')}"
+    return row["video_path"], None
 
-    Returns `pixel_values` (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1 (evaluation). Training:
-    one clip at a random start, augmented, both drawn from `generator`; evaluation: `num_clips` evenly spaced
-    clips, no augmentation. `corpus_echoai.row_to_pixel_values` is the same for a prepared corpus's rows. Used by `EchoNetTransform`
-    and, as the default `read_clips`, by `training_echoai.TrainingClips`.
+
+def row_pixel_values(
+    row: dict,
+    processor: EchoAIVideoProcessor,
+    generator: torch.Generator | None = None,
+    training: bool = True,
+    num_clips: int = 1,
+) -> torch.Tensor:
+    """One row's clips as `pixel_values`: (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1.
+
+    The row's video is a file (`video_path`) or a prepared corpus's bytes (`video`); either way only the
+    clips' frames are decoded. Training: one clip at a random start, augmented, both drawn from `generator`;
+    evaluation (`training=False`): `num_clips` evenly spaced clips, no augmentation. Used by `EchoNetTransform`
+    and by `training_echoai.TrainingClips` / `StreamingClips`.
+
+    Raises:
+        VideoDecodingError: the video cannot be decoded (named by its path, or a corpus row's `video_id`).
     """
-    clips = processor(
-        row["video_path"],
-        clip_sampling="random" if training else "uniform",
-        num_clips=1 if training else num_clips,
-        do_augment=training,
-        generator=generator,
-    )["pixel_values"]  # (K, T, C, H, W)
+    with VideoReader(*row_video(row)) as reader:
+        clips = processor(
+            reader,
+            clip_sampling="random" if training else "uniform",
+            num_clips=1 if training else num_clips,
+            do_augment=training,
+            generator=generator,
+        )["pixel_values"]  # (K, T, C, H, W)
     return clips[0] if len(clips) == 1 else clips
+
+
+def row_frames(row: dict) -> np.ndarray:
+    """Every frame of a row's video, grey (T, H, W) uint8: `compute_mean_std(rows, read_frames=row_frames)`."""
+    return decode_all_frames(*row_video(row))
 
 
 @dataclass
@@ -397,7 +426,7 @@ class EchoNetTransform:
         for path in paths:
             try:
                 row = {"video_path": path}
-                pixel_values.append(read_video_file(row, self.processor, None, self.training, self.num_clips))
+                pixel_values.append(row_pixel_values(row, self.processor, None, self.training, self.num_clips))
                 errors.append(None)
             except VideoDecodingError as error:
                 pixel_values.append(None)
@@ -440,6 +469,8 @@ __all__ = [
     "default_cache_dir",
     "load_echonet_dynamic",
     "load_video_folder",
-    "read_video_file",
+    "row_frames",
+    "row_pixel_values",
+    "row_video",
     "synthetic_echonet_dir",
 ]

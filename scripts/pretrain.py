@@ -37,8 +37,8 @@ import torch
 from datasets import Dataset
 
 from configuration_echoai import EchoAIConfig
-from corpus_echoai import load_corpus, read_row_frames, row_to_pixel_values, shuffle_corpus, split_corpus_by_node
-from data_echoai import load_echonet_dynamic, load_video_folder, read_video_file, synthetic_echonet_dir
+from corpus_echoai import load_corpus, shuffle_corpus, split_corpus_by_node
+from data_echoai import load_echonet_dynamic, load_video_folder, row_frames, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
 from training_echoai import (
     StreamingClips,
@@ -138,18 +138,15 @@ def main(argv: list[str] | None = None):
     data_dir, videos = load_videos(args, accelerator)
     model = build_model(args)
     config = model.config
-    read_clips = row_to_pixel_values if args.dataset_path else read_video_file
     if args.streaming:  # the same seed on every process: one shard order, then each process takes its part
         videos = shuffle_corpus(videos, seed=args.seed, buffer_size=args.shuffle_buffer_size)
     with accelerator.main_process_first():
-        processor = build_processor(args, config, videos, read_frames=read_row_frames if args.dataset_path else None)
+        processor = build_processor(args, config, videos, read_frames=row_frames if args.dataset_path else None)
     if args.streaming:
         rows = split_corpus_by_node(videos, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        dataset = StreamingClips(
-            rows, processor, seed=args.seed, rank=accelerator.process_index, read_clips=read_clips
-        )
+        dataset = StreamingClips(rows, processor, seed=args.seed, rank=accelerator.process_index)
     else:
-        dataset = TrainingClips(videos, processor, training=True, seed=args.seed, read_clips=read_clips)
+        dataset = TrainingClips(videos, processor, training=True, seed=args.seed)
     dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
 
     # Optimizer and schedule: AdamW (0.9, 0.95) with linear warm-up and cosine decay, as MAE.
