@@ -667,6 +667,124 @@ def _write_shard(path: Path, rows: list[dict]) -> int:
     return path.stat().st_size
 
 
+def _prepare_settings(salt: str, sources: list[Source], image_size: int, shard_size_mb: float, dedupe: bool) -> dict:
+    """What a resumed preparation must share with the run it resumes."""
+    return {
+        "image_size": image_size,
+        "shard_size_mb": shard_size_mb,
+        "dedupe": dedupe,
+        # Salted digests only: the state file must not reveal the salt or the paths either.
+        "salt_check": salted_hash(salt, "salt-check"),
+        "sources_digest": salted_hash(salt, "\n".join(s.key for s in sources)),
+        "num_sources": len(sources),
+    }
+
+
+class _CorpusWriter:
+    """A preparation in progress: the state file (the shards written and how many sources they cover), the rows of
+    the shard being filled, the content hashes seen (for `dedupe`) and the report.
+
+    The state file is rewritten atomically after every shard, so an interrupted run resumes after the last shard
+    on disk; `open` deletes any shard written after it.
+    """
+
+    def __init__(self, output_dir: Path, state: dict, report: PrepareReport, start_time: float, options: dict):
+        self.output_dir, self.data_dir, self.state_path = output_dir, output_dir / DATA_DIR, output_dir / STATE_FILE
+        self.state, self.report, self.clock = state, report, start_time
+        self.write_path_map: bool = options["write_path_map"]
+        self.on_shard_written: Callable[[int], None] | None = options["on_shard_written"]
+        self.target_bytes = state["settings"]["shard_size_mb"] * 2**20
+        self.seen_hashes: set[str] = set()
+        self.rows: list[dict] = []
+        self.path_lines: list[str] = []  # path_map.jsonl lines of `rows`
+        self.row_bytes = 0
+
+    @classmethod
+    def open(cls, output_dir: Path, settings: dict, ignored: int, start_time: float, **options) -> _CorpusWriter:
+        """Resume the preparation in `output_dir` (refused if its settings differ), or start one. `options`:
+        `write_path_map` and `on_shard_written`, as `prepare_corpus`'s."""
+        state_path = output_dir / STATE_FILE
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            if changed:
+                raise ValueError(
+                    f"{output_dir} holds a corpus prepared with different {', '.join(changed)}: use the same "
+                    "inputs, salt and options to resume, or a new --output_dir"
+                )
+            report = PrepareReport(**state["report"])
+        else:
+            state = {
+                "version": _STATE_VERSION,
+                "settings": settings,
+                "next_source": 0,
+                "shards": [],
+                "complete": False,
+            }
+            report = PrepareReport(files_found=settings["num_sources"], ignored_files=ignored)
+        writer = cls(output_dir, state, report, start_time, options)
+        listed = {shard["file"] for shard in state["shards"]}
+        for path in writer.data_dir.iterdir():  # shards written after the last saved state are redone
+            if path.name not in listed:
+                path.unlink()
+        if writer.write_path_map and state["next_source"] == 0 and (output_dir / PATH_MAP_FILE).exists():
+            (output_dir / PATH_MAP_FILE).unlink()
+        if settings["dedupe"]:
+            for shard in state["shards"]:
+                column = pq.read_table(writer.data_dir / shard["file"], columns=["content_hash"])[0]
+                writer.seen_hashes.update(column.to_pylist())
+        return writer
+
+    @property
+    def next_source(self) -> int:
+        return self.state["next_source"]
+
+    def add(self, result: dict, source: Source) -> bool:
+        """Count one source's result (`prepare_source`) and keep its row; True when the shard is full."""
+        report, row = self.report, result.get("row")
+        if row is None:
+            report.skipped[result["reason"]] = report.skipped.get(result["reason"], 0) + 1
+            logger.debug("Skipped %s: %s", result["video_id"], result["reason"])
+            return False
+        if self.state["settings"]["dedupe"] and row["content_hash"] in self.seen_hashes:
+            report.duplicates_dropped += 1
+            return False
+        self.seen_hashes.add(row["content_hash"])
+        self.rows.append(row)
+        self.row_bytes += len(row["video"])
+        if self.write_path_map:
+            self.path_lines.append(json.dumps({"video_id": row["video_id"], "path": source.path}) + "\n")
+        report.videos_written += 1
+        fmt = row["source_format"]
+        report.written_by_format[fmt] = report.written_by_format.get(fmt, 0) + 1
+        report.frame_rate_defaulted += bool(result["frame_rate_defaulted"])
+        report.hours_of_video += row["num_frames"] / row["frame_rate"] / 3600
+        return self.row_bytes >= self.target_bytes
+
+    def write_shard(self, next_source: int) -> None:
+        """Write the rows kept so far as the next shard, then the state (`next_source`: the sources it covers)."""
+        index = len(self.state["shards"])
+        size = _write_shard(self.data_dir / _shard_name(index), self.rows)
+        self.state["shards"].append({"file": _shard_name(index), "num_rows": len(self.rows), "num_bytes": size})
+        if self.path_lines:
+            with open(self.output_dir / PATH_MAP_FILE, "a") as f:
+                f.write("".join(self.path_lines))
+                f.flush()
+                os.fsync(f.fileno())
+        self.report.num_shards, self.report.bytes_written = len(self.state["shards"]), self.report.bytes_written + size
+        self.save_state(next_source)
+        self.rows, self.path_lines, self.row_bytes = [], [], 0
+        if self.on_shard_written is not None:
+            self.on_shard_written(index)
+
+    def save_state(self, next_source: int, complete: bool = False) -> None:
+        now = time.perf_counter()
+        self.report.seconds += now - self.clock
+        self.clock = now
+        self.state.update(next_source=next_source, report=asdict(self.report), complete=complete)
+        _write_json_atomic(self.state_path, self.state)
+
+
 def prepare_corpus(
     inputs: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
@@ -700,108 +818,30 @@ def prepare_corpus(
         raise ValueError(f"image_size and shard_size_mb must be positive, got {image_size} and {shard_size_mb}")
     start_time = time.perf_counter()
     output_dir = Path(output_dir)
-    data_dir = output_dir / DATA_DIR
-    data_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
     sources, ignored = list_sources(inputs)
-    settings = {
-        "image_size": image_size,
-        "shard_size_mb": shard_size_mb,
-        "dedupe": dedupe,
-        # Salted digests only: the state file must not reveal the salt or the paths either.
-        "salt_check": salted_hash(salt, "salt-check"),
-        "sources_digest": salted_hash(salt, "\n".join(s.key for s in sources)),
-        "num_sources": len(sources),
-    }
-
-    state_path = output_dir / STATE_FILE
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        if changed:
-            raise ValueError(
-                f"{output_dir} holds a corpus prepared with different {', '.join(changed)}: use the same "
-                "inputs, salt and options to resume, or a new --output_dir"
-            )
-        report = PrepareReport(**state["report"])
-    else:
-        state = {"version": _STATE_VERSION, "settings": settings, "next_source": 0, "shards": [], "complete": False}
-        report = PrepareReport(files_found=len(sources), ignored_files=ignored)
-    # Shards written after the last saved state (an interrupted run) are redone.
-    listed = {shard["file"] for shard in state["shards"]}
-    for path in data_dir.iterdir():
-        if path.name not in listed:
-            path.unlink()
-    seen_hashes: set[str] = set()
-    if dedupe:
-        for shard in state["shards"]:
-            seen_hashes.update(pq.read_table(data_dir / shard["file"], columns=["content_hash"])[0].to_pylist())
-
-    target_bytes = shard_size_mb * 2**20
-    pending: list[dict] = []
-    pending_paths: list[str] = []
-    pending_bytes = 0
-
-    def save_state(next_source: int, complete: bool = False) -> None:
-        report.seconds += time.perf_counter() - save_state.clock
-        save_state.clock = time.perf_counter()
-        state.update(next_source=next_source, report=asdict(report), complete=complete)
-        _write_json_atomic(state_path, state)
-
-    save_state.clock = start_time
-
-    def flush(next_source: int) -> None:
-        nonlocal pending, pending_paths, pending_bytes
-        index = len(state["shards"])
-        size = _write_shard(data_dir / _shard_name(index), pending)
-        state["shards"].append({"file": _shard_name(index), "num_rows": len(pending), "num_bytes": size})
-        if write_path_map and pending_paths:
-            with open(output_dir / PATH_MAP_FILE, "a") as f:
-                f.write("".join(pending_paths))
-                f.flush()
-                os.fsync(f.fileno())
-        report.num_shards, report.bytes_written = len(state["shards"]), report.bytes_written + size
-        save_state(next_source)
-        pending, pending_paths, pending_bytes = [], [], 0
-        if on_shard_written is not None:
-            on_shard_written(index)
-
-    first = state["next_source"]
+    settings = _prepare_settings(salt, sources, image_size, shard_size_mb, dedupe)
+    writer = _CorpusWriter.open(
+        output_dir, settings, ignored, start_time, write_path_map=write_path_map, on_shard_written=on_shard_written
+    )
+    first = writer.next_source
     if first > 0:
-        logger.info("Resuming after %d of %d files (%d shards kept)", first, len(sources), len(state["shards"]))
-    if write_path_map and first == 0 and (output_dir / PATH_MAP_FILE).exists():
-        (output_dir / PATH_MAP_FILE).unlink()
+        logger.info("Resuming after %d of %d files (%d shards kept)", first, len(sources), len(writer.state["shards"]))
     bar = tqdm(total=len(sources), initial=first, unit="file", desc="Preparing corpus", disable=not progress)
     tasks = ((source, image_size, salt) for source in sources[first:])
     for index, result in enumerate(_ordered_map(prepare_source, tasks, num_workers), start=first):
         bar.update()
-        row = result.get("row")
-        if row is None:
-            report.skipped[result["reason"]] = report.skipped.get(result["reason"], 0) + 1
-            logger.debug("Skipped %s: %s", result["video_id"], result["reason"])
-        elif dedupe and row["content_hash"] in seen_hashes:
-            report.duplicates_dropped += 1
-        else:
-            seen_hashes.add(row["content_hash"])
-            pending.append(row)
-            pending_bytes += len(row["video"])
-            if write_path_map:
-                pending_paths.append(json.dumps({"video_id": row["video_id"], "path": sources[index].path}) + "\n")
-            report.videos_written += 1
-            fmt = row["source_format"]
-            report.written_by_format[fmt] = report.written_by_format.get(fmt, 0) + 1
-            report.frame_rate_defaulted += bool(result["frame_rate_defaulted"])
-            report.hours_of_video += row["num_frames"] / row["frame_rate"] / 3600
-            if pending_bytes >= target_bytes:
-                flush(index + 1)
-        bar.set_postfix(written=report.videos_written, skipped=report.num_skipped, refresh=False)
+        if writer.add(result, sources[index]):
+            writer.write_shard(index + 1)
+        bar.set_postfix(written=writer.report.videos_written, skipped=writer.report.num_skipped, refresh=False)
     bar.close()
-    if pending:
-        flush(len(sources))
-    save_state(len(sources), complete=True)
-    _write_json_atomic(output_dir / REPORT_FILE, asdict(report))
-    if report.num_skipped:
-        logger.warning("Corpus at %s: %s", output_dir, report.summary())
-    return report
+    if writer.rows:
+        writer.write_shard(len(sources))
+    writer.save_state(len(sources), complete=True)
+    _write_json_atomic(output_dir / REPORT_FILE, asdict(writer.report))
+    if writer.report.num_skipped:
+        logger.warning("Corpus at %s: %s", output_dir, writer.report.summary())
+    return writer.report
 
 
 # --------------------------------------------------------------------------------------------------
