@@ -53,9 +53,9 @@ from tqdm.auto import tqdm
 
 from synthetic_echonet import PHANTOM_VERSION, make_synthetic_echonet
 from video_io_echoai import (
-    EMPTY,
     VIDEO_EXTENSIONS,
     VideoDecodingError,
+    VideoInfo,
     VideoReader,
     decode_all_frames,
     probe_video,
@@ -177,6 +177,54 @@ def _ed_es_frames(tracings: pd.DataFrame) -> pd.DataFrame:
     return frames[per_video.size() >= 2]  # one traced frame cannot tell ED from ES
 
 
+def _listed_rows(file_list: pd.DataFrame, report: LoadReport) -> pd.DataFrame:
+    """FileList.csv's rows, typed, less those its metadata alone rules out (excluded in `report`)."""
+    table = pd.DataFrame({"FileName": _strip_avi(file_list["FileName"])})
+    for column in ("EF", "ESV", "EDV", "FPS", "FrameHeight", "FrameWidth", "NumberOfFrames"):
+        values = file_list[column] if column in file_list else pd.Series("", index=file_list.index)
+        table[column] = pd.to_numeric(values.str.strip(), errors="coerce")
+    table["Split"] = file_list["Split"].astype(str).str.strip().str.upper()
+    duplicated = table["FileName"].duplicated()
+    report.exclude("FileName listed more than once", table.loc[duplicated, "FileName"].tolist())
+    unknown_split = ~table["Split"].isin(list(SPLITS)) & ~duplicated
+    report.exclude("Split not TRAIN/VAL/TEST", table.loc[unknown_split, "FileName"].tolist())
+    keep = ~duplicated & ~unknown_split
+    no_ef = table["EF"].isna() & keep
+    report.exclude("EF missing or not a number", table.loc[no_ef, "FileName"].tolist())
+    bad_ef = ~table["EF"].between(0, 100) & keep & ~no_ef
+    report.exclude("EF outside [0, 100]", table.loc[bad_ef, "FileName"].tolist())
+    return table[keep & ~no_ef & ~bad_ef]
+
+
+def _checked_video(path: Path, name: str, report: LoadReport) -> VideoInfo | None:
+    """The video's header facts once its last frame decodes, else None (excluded in `report` with the reason)."""
+    try:
+        return probe_video(path, check_last_frame=True)
+    except VideoDecodingError as error:
+        report.exclude(f"unreadable video ({error.reason})", [name])
+        return None
+
+
+def _with_videos(table: pd.DataFrame, videos_dir: Path, report: LoadReport, check_videos: bool) -> pd.DataFrame:
+    """`table`'s rows whose video is in `videos_dir` (matched case-insensitively) and readable, with their
+    `video_path`; the others are excluded in `report`."""
+    on_disk = {p.stem.lower(): p for p in videos_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS}
+    paths = table["FileName"].str.lower().map(lambda stem: on_disk.get(stem))
+    report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
+    table, paths = table[paths.notna()], paths[paths.notna()]
+    rows = tqdm(
+        zip(table["FileName"], paths, strict=True), total=len(table), desc="Checking videos", disable=not check_videos
+    )
+
+    def is_usable(name: str, path: Path) -> bool:
+        if not check_videos and path.stat().st_size > 0:  # present and not empty is all that is checked
+            return True
+        return _checked_video(path, name, report) is not None
+
+    usable = np.array([is_usable(name, path) for name, path in rows], dtype=bool)
+    return table[usable].assign(video_path=[str(p) for p in paths[usable]])
+
+
 def load_echonet_dynamic(
     data_dir: str | os.PathLike, strict: bool = False, check_videos: bool = True, return_report: bool = False
 ) -> DatasetDict | tuple[DatasetDict, LoadReport]:
@@ -204,44 +252,7 @@ def load_echonet_dynamic(
     file_list = _csv_table(data_dir / "FileList.csv")
     _require_columns(file_list, data_dir / "FileList.csv", ["FileName", "EF", "Split"])
     report = LoadReport(num_listed=len(file_list))
-    table = pd.DataFrame({"FileName": _strip_avi(file_list["FileName"])})
-    for column in ("EF", "ESV", "EDV", "FPS", "FrameHeight", "FrameWidth", "NumberOfFrames"):
-        values = file_list[column] if column in file_list else pd.Series("", index=file_list.index)
-        table[column] = pd.to_numeric(values.str.strip(), errors="coerce")
-    table["Split"] = file_list["Split"].astype(str).str.strip().str.upper()
-
-    # Rows the metadata alone rules out.
-    duplicated = table["FileName"].duplicated()
-    report.exclude("FileName listed more than once", table.loc[duplicated, "FileName"].tolist())
-    unknown_split = ~table["Split"].isin(list(SPLITS)) & ~duplicated
-    report.exclude("Split not TRAIN/VAL/TEST", table.loc[unknown_split, "FileName"].tolist())
-    keep = ~duplicated & ~unknown_split
-    no_ef = table["EF"].isna() & keep
-    report.exclude("EF missing or not a number", table.loc[no_ef, "FileName"].tolist())
-    bad_ef = ~table["EF"].between(0, 100) & keep & ~no_ef
-    report.exclude("EF outside [0, 100]", table.loc[bad_ef, "FileName"].tolist())
-    table = table[keep & ~no_ef & ~bad_ef]
-
-    # Rows whose video is missing or unreadable. Names are matched case-insensitively.
-    on_disk = {p.stem.lower(): p for p in (data_dir / "Videos").iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS}
-    paths = table["FileName"].str.lower().map(lambda stem: on_disk.get(stem))
-    report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
-    table, paths = table[paths.notna()], paths[paths.notna()]
-    usable = []
-    for name, path in tqdm(
-        zip(table["FileName"], paths, strict=True), total=len(table), desc="Checking videos", disable=not check_videos
-    ):
-        try:
-            if check_videos:
-                probe_video(path, check_last_frame=True)
-            elif path.stat().st_size == 0:
-                raise VideoDecodingError(path, f"{EMPTY} (0 bytes)", kind=EMPTY)
-            usable.append(True)
-        except VideoDecodingError as error:
-            report.exclude(f"unreadable video ({error.reason})", [name])
-            usable.append(False)
-    usable = np.array(usable, dtype=bool)
-    table = table[usable].assign(video_path=[str(p) for p in paths[usable]])
+    table = _with_videos(_listed_rows(file_list, report), data_dir / "Videos", report, check_videos)
 
     tracings = _csv_table(data_dir / "VolumeTracings.csv")
     _require_columns(tracings, data_dir / "VolumeTracings.csv", ["FileName", "X1", "Y1", "X2", "Y2", "Frame"])
@@ -291,10 +302,8 @@ def load_video_folder(
     report, rows = LoadReport(num_listed=len(files)), []
     for path in tqdm(files, desc="Checking videos"):
         name = path.relative_to(data_dir).with_suffix("").as_posix()
-        try:
-            info = probe_video(path, check_last_frame=True)
-        except VideoDecodingError as error:
-            report.exclude(f"unreadable video ({error.reason})", [name])
+        info = _checked_video(path, name, report)
+        if info is None:
             continue
         rows.append([name, str(path), info.height, info.width, info.fps, info.num_frames])
     report.num_loaded = len(rows)
