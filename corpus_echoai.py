@@ -71,12 +71,13 @@ fixed whatever their number)::
 
 Load map-style (an Arrow copy is cached once) or stream (reads the parquet shards in place)::
 
-    from corpus_echoai import load_corpus, row_to_pixel_values
+    from corpus_echoai import load_corpus
+    from data_echoai import row_pixel_values
     from training_echoai import TrainingClips
     dataset = load_corpus("/data/corpus")                       # datasets.Dataset
     stream = load_corpus("/data/corpus", streaming=True)        # datasets.IterableDataset
-    pixel_values = row_to_pixel_values(next(iter(stream)), processor, torch.Generator().manual_seed(0))
-    clips = TrainingClips(dataset, processor, training=True, seed=0, read_clips=row_to_pixel_values)
+    pixel_values = row_pixel_values(next(iter(stream)), processor, torch.Generator().manual_seed(0))
+    clips = TrainingClips(dataset, processor, training=True, seed=0)  # reads a row's `video` bytes
 
 `scripts/pretrain.py --dataset_path /data/corpus [--streaming]` does this (and the below) for you.
 
@@ -139,7 +140,18 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, _grey, clip_frame_indices
+from video_io_echoai import (
+    EMPTY,
+    NO_FRAMES,
+    NO_VIDEO_STREAM,
+    NOT_A_VIDEO,
+    NOT_FOUND,
+    VIDEO_EXTENSIONS,
+    VideoDecodingError,
+    VideoReader,
+    decode_video_frames,
+    grey_frame,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -148,7 +160,6 @@ SALT_ENV = "ECHOAI_CORPUS_SALT"
 DEFAULT_FRAME_RATE = 30.0  # fps assumed for a DICOM cine without any frame-timing tag
 MOTION_THRESHOLD = 12  # grey levels a pixel must span over time to count as moving (speckle)
 MIN_SECTOR_FRACTION = 0.02  # a sector smaller than this fraction of the frame is "not found"
-VIDEO_EXTENSIONS = (".avi", ".mp4")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 DATA_DIR, STATE_FILE, REPORT_FILE, PATH_MAP_FILE = (
     "data",
@@ -318,38 +329,6 @@ def encode_clip(frames: np.ndarray, frame_rate: float) -> bytes:
     return buffer.getvalue()
 
 
-def decode_clip(data: bytes, frame_indices: Sequence[int] | np.ndarray, name: str = "corpus clip") -> np.ndarray:
-    """Decode only the frames at `frame_indices` (any order, repeats allowed) of corpus bytes, as grey (N, H, W).
-
-    Corpus clips are MJPEG (every frame a key frame), so packets are demuxed without decoding and only
-    the wanted ones are decoded: the in-memory twin of `video_processing_echoai.decode_video_frames`.
-
-    Raises:
-        VideoDecodingError: the bytes are not a corpus clip or end before a wanted frame.
-    """
-    indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-    wanted, last = set(indices.tolist()), int(indices.max())
-    frames: dict[int, np.ndarray] = {}
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            if stream.codec_context.name != "mjpeg":
-                raise VideoDecodingError(name, f"codec {stream.codec_context.name}, not the corpus's MJPEG")
-            packets = (packet for packet in container.demux(stream) if packet.size)
-            for position, packet in enumerate(packets):
-                if position in wanted:
-                    (frame,) = stream.codec_context.decode(packet)
-                    frames[position] = _grey(frame)
-                if position >= last:
-                    break
-    except (av.FFmpegError, ValueError, IndexError) as error:
-        raise VideoDecodingError(name, f"corrupt clip bytes ({type(error).__name__})") from error
-    missing = sorted(wanted - frames.keys())
-    if missing:
-        raise VideoDecodingError(name, f"the clip ends before frame {missing[0]}")
-    return np.stack([frames[i] for i in indices.tolist()])
-
-
 # --------------------------------------------------------------------------------------------------
 # Sources -> rows
 # --------------------------------------------------------------------------------------------------
@@ -413,35 +392,40 @@ def _remux(container: av.container.InputContainer, stream: av.video.stream.Video
     return buffer.getvalue(), count
 
 
+# `VideoDecodingError.kind` -> the report's reason: fixed phrases, since FFmpeg's own messages may quote the path.
+_VIDEO_SKIP_REASONS = {
+    NOT_FOUND: "cannot read (FileNotFoundError)",
+    EMPTY: "empty file",
+    NOT_A_VIDEO: "unreadable video (FFmpeg cannot open it)",
+    NO_VIDEO_STREAM: "unreadable video (no video stream)",
+    NO_FRAMES: "unreadable video (no frames)",
+}
+_CORRUPT_VIDEO = "unreadable video (corrupt or truncated data)"
+
+
 def _prepare_video(path: str, image_size: int) -> tuple[bytes, int, float | None]:
     """AVI / MP4 -> (corpus bytes, frame count, frame rate or None)."""
-    if os.path.getsize(path) == 0:
-        raise _Skip("empty file")
     try:
-        container = av.open(path)
-    except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
-        raise _Skip("unreadable video (FFmpeg cannot open it)") from error
-    with container:
-        if not container.streams.video:
-            raise _Skip("unreadable video (no video stream)")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        frame_rate = float(rate) if rate else None
-        context = stream.codec_context
-        compliant = "avi" in container.format.name.split(",") and context.name == "mjpeg"
+        reader = VideoReader(path)
+    except VideoDecodingError as error:
+        raise _Skip(_VIDEO_SKIP_REASONS.get(error.kind, _CORRUPT_VIDEO)) from error
+    with reader:
+        stream, context = reader.stream, reader.stream.codec_context
+        frame_rate = float(reader.rate) if reader.rate else None
+        compliant = "avi" in reader.container.format.name.split(",") and context.name == "mjpeg"
         try:
             if compliant and context.width == context.height == image_size:
-                data, num_frames = _remux(container, stream)
+                data, num_frames = _remux(reader.container, stream)
                 if num_frames:  # decode the first and last frame: catches a corrupt or cut file cheaply
-                    decode_clip(data, [0, num_frames - 1])
+                    decode_video_frames(data, [0, num_frames - 1])
             else:
                 stream.thread_type = "AUTO"
-                frames = [_grey(frame) for frame in container.decode(stream)]
+                frames = [grey_frame(frame) for frame in reader.container.decode(stream)]
                 num_frames = len(frames)
                 if num_frames:
                     data = encode_clip(fit_to_square(np.stack(frames), image_size), frame_rate or DEFAULT_FRAME_RATE)
-        except (av.FFmpegError, VideoDecodingError, ValueError) as error:
-            raise _Skip("unreadable video (corrupt or truncated data)") from error
+        except (av.FFmpegError, VideoDecodingError, ValueError, IndexError) as error:
+            raise _Skip(_CORRUPT_VIDEO) from error
     if num_frames == 0:
         raise _Skip("unreadable video (no frames)")
     return data, num_frames, frame_rate
@@ -683,6 +667,124 @@ def _write_shard(path: Path, rows: list[dict]) -> int:
     return path.stat().st_size
 
 
+def _prepare_settings(salt: str, sources: list[Source], image_size: int, shard_size_mb: float, dedupe: bool) -> dict:
+    """What a resumed preparation must share with the run it resumes."""
+    return {
+        "image_size": image_size,
+        "shard_size_mb": shard_size_mb,
+        "dedupe": dedupe,
+        # Salted digests only: the state file must not reveal the salt or the paths either.
+        "salt_check": salted_hash(salt, "salt-check"),
+        "sources_digest": salted_hash(salt, "\n".join(s.key for s in sources)),
+        "num_sources": len(sources),
+    }
+
+
+class _CorpusWriter:
+    """A preparation in progress: the state file (the shards written and how many sources they cover), the rows of
+    the shard being filled, the content hashes seen (for `dedupe`) and the report.
+
+    The state file is rewritten atomically after every shard, so an interrupted run resumes after the last shard
+    on disk; `open` deletes any shard written after it.
+    """
+
+    def __init__(self, output_dir: Path, state: dict, report: PrepareReport, start_time: float, options: dict):
+        self.output_dir, self.data_dir, self.state_path = output_dir, output_dir / DATA_DIR, output_dir / STATE_FILE
+        self.state, self.report, self.clock = state, report, start_time
+        self.write_path_map: bool = options["write_path_map"]
+        self.on_shard_written: Callable[[int], None] | None = options["on_shard_written"]
+        self.target_bytes = state["settings"]["shard_size_mb"] * 2**20
+        self.seen_hashes: set[str] = set()
+        self.rows: list[dict] = []
+        self.path_lines: list[str] = []  # path_map.jsonl lines of `rows`
+        self.row_bytes = 0
+
+    @classmethod
+    def open(cls, output_dir: Path, settings: dict, ignored: int, start_time: float, **options) -> _CorpusWriter:
+        """Resume the preparation in `output_dir` (refused if its settings differ), or start one. `options`:
+        `write_path_map` and `on_shard_written`, as `prepare_corpus`'s."""
+        state_path = output_dir / STATE_FILE
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            if changed:
+                raise ValueError(
+                    f"{output_dir} holds a corpus prepared with different {', '.join(changed)}: use the same "
+                    "inputs, salt and options to resume, or a new --output_dir"
+                )
+            report = PrepareReport(**state["report"])
+        else:
+            state = {
+                "version": _STATE_VERSION,
+                "settings": settings,
+                "next_source": 0,
+                "shards": [],
+                "complete": False,
+            }
+            report = PrepareReport(files_found=settings["num_sources"], ignored_files=ignored)
+        writer = cls(output_dir, state, report, start_time, options)
+        listed = {shard["file"] for shard in state["shards"]}
+        for path in writer.data_dir.iterdir():  # shards written after the last saved state are redone
+            if path.name not in listed:
+                path.unlink()
+        if writer.write_path_map and state["next_source"] == 0 and (output_dir / PATH_MAP_FILE).exists():
+            (output_dir / PATH_MAP_FILE).unlink()
+        if settings["dedupe"]:
+            for shard in state["shards"]:
+                column = pq.read_table(writer.data_dir / shard["file"], columns=["content_hash"])[0]
+                writer.seen_hashes.update(column.to_pylist())
+        return writer
+
+    @property
+    def next_source(self) -> int:
+        return self.state["next_source"]
+
+    def add(self, result: dict, source: Source) -> bool:
+        """Count one source's result (`prepare_source`) and keep its row; True when the shard is full."""
+        report, row = self.report, result.get("row")
+        if row is None:
+            report.skipped[result["reason"]] = report.skipped.get(result["reason"], 0) + 1
+            logger.debug("Skipped %s: %s", result["video_id"], result["reason"])
+            return False
+        if self.state["settings"]["dedupe"] and row["content_hash"] in self.seen_hashes:
+            report.duplicates_dropped += 1
+            return False
+        self.seen_hashes.add(row["content_hash"])
+        self.rows.append(row)
+        self.row_bytes += len(row["video"])
+        if self.write_path_map:
+            self.path_lines.append(json.dumps({"video_id": row["video_id"], "path": source.path}) + "\n")
+        report.videos_written += 1
+        fmt = row["source_format"]
+        report.written_by_format[fmt] = report.written_by_format.get(fmt, 0) + 1
+        report.frame_rate_defaulted += bool(result["frame_rate_defaulted"])
+        report.hours_of_video += row["num_frames"] / row["frame_rate"] / 3600
+        return self.row_bytes >= self.target_bytes
+
+    def write_shard(self, next_source: int) -> None:
+        """Write the rows kept so far as the next shard, then the state (`next_source`: the sources it covers)."""
+        index = len(self.state["shards"])
+        size = _write_shard(self.data_dir / _shard_name(index), self.rows)
+        self.state["shards"].append({"file": _shard_name(index), "num_rows": len(self.rows), "num_bytes": size})
+        if self.path_lines:
+            with open(self.output_dir / PATH_MAP_FILE, "a") as f:
+                f.write("".join(self.path_lines))
+                f.flush()
+                os.fsync(f.fileno())
+        self.report.num_shards, self.report.bytes_written = len(self.state["shards"]), self.report.bytes_written + size
+        self.save_state(next_source)
+        self.rows, self.path_lines, self.row_bytes = [], [], 0
+        if self.on_shard_written is not None:
+            self.on_shard_written(index)
+
+    def save_state(self, next_source: int, complete: bool = False) -> None:
+        now = time.perf_counter()
+        self.report.seconds += now - self.clock
+        self.clock = now
+        self.state.update(next_source=next_source, report=asdict(self.report), complete=complete)
+        _write_json_atomic(self.state_path, self.state)
+
+
 def prepare_corpus(
     inputs: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
@@ -716,108 +818,30 @@ def prepare_corpus(
         raise ValueError(f"image_size and shard_size_mb must be positive, got {image_size} and {shard_size_mb}")
     start_time = time.perf_counter()
     output_dir = Path(output_dir)
-    data_dir = output_dir / DATA_DIR
-    data_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
     sources, ignored = list_sources(inputs)
-    settings = {
-        "image_size": image_size,
-        "shard_size_mb": shard_size_mb,
-        "dedupe": dedupe,
-        # Salted digests only: the state file must not reveal the salt or the paths either.
-        "salt_check": salted_hash(salt, "salt-check"),
-        "sources_digest": salted_hash(salt, "\n".join(s.key for s in sources)),
-        "num_sources": len(sources),
-    }
-
-    state_path = output_dir / STATE_FILE
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        if changed:
-            raise ValueError(
-                f"{output_dir} holds a corpus prepared with different {', '.join(changed)}: use the same "
-                "inputs, salt and options to resume, or a new --output_dir"
-            )
-        report = PrepareReport(**state["report"])
-    else:
-        state = {"version": _STATE_VERSION, "settings": settings, "next_source": 0, "shards": [], "complete": False}
-        report = PrepareReport(files_found=len(sources), ignored_files=ignored)
-    # Shards written after the last saved state (an interrupted run) are redone.
-    listed = {shard["file"] for shard in state["shards"]}
-    for path in data_dir.iterdir():
-        if path.name not in listed:
-            path.unlink()
-    seen_hashes: set[str] = set()
-    if dedupe:
-        for shard in state["shards"]:
-            seen_hashes.update(pq.read_table(data_dir / shard["file"], columns=["content_hash"])[0].to_pylist())
-
-    target_bytes = shard_size_mb * 2**20
-    pending: list[dict] = []
-    pending_paths: list[str] = []
-    pending_bytes = 0
-
-    def save_state(next_source: int, complete: bool = False) -> None:
-        report.seconds += time.perf_counter() - save_state.clock
-        save_state.clock = time.perf_counter()
-        state.update(next_source=next_source, report=asdict(report), complete=complete)
-        _write_json_atomic(state_path, state)
-
-    save_state.clock = start_time
-
-    def flush(next_source: int) -> None:
-        nonlocal pending, pending_paths, pending_bytes
-        index = len(state["shards"])
-        size = _write_shard(data_dir / _shard_name(index), pending)
-        state["shards"].append({"file": _shard_name(index), "num_rows": len(pending), "num_bytes": size})
-        if write_path_map and pending_paths:
-            with open(output_dir / PATH_MAP_FILE, "a") as f:
-                f.write("".join(pending_paths))
-                f.flush()
-                os.fsync(f.fileno())
-        report.num_shards, report.bytes_written = len(state["shards"]), report.bytes_written + size
-        save_state(next_source)
-        pending, pending_paths, pending_bytes = [], [], 0
-        if on_shard_written is not None:
-            on_shard_written(index)
-
-    first = state["next_source"]
+    settings = _prepare_settings(salt, sources, image_size, shard_size_mb, dedupe)
+    writer = _CorpusWriter.open(
+        output_dir, settings, ignored, start_time, write_path_map=write_path_map, on_shard_written=on_shard_written
+    )
+    first = writer.next_source
     if first > 0:
-        logger.info("Resuming after %d of %d files (%d shards kept)", first, len(sources), len(state["shards"]))
-    if write_path_map and first == 0 and (output_dir / PATH_MAP_FILE).exists():
-        (output_dir / PATH_MAP_FILE).unlink()
+        logger.info("Resuming after %d of %d files (%d shards kept)", first, len(sources), len(writer.state["shards"]))
     bar = tqdm(total=len(sources), initial=first, unit="file", desc="Preparing corpus", disable=not progress)
     tasks = ((source, image_size, salt) for source in sources[first:])
     for index, result in enumerate(_ordered_map(prepare_source, tasks, num_workers), start=first):
         bar.update()
-        row = result.get("row")
-        if row is None:
-            report.skipped[result["reason"]] = report.skipped.get(result["reason"], 0) + 1
-            logger.debug("Skipped %s: %s", result["video_id"], result["reason"])
-        elif dedupe and row["content_hash"] in seen_hashes:
-            report.duplicates_dropped += 1
-        else:
-            seen_hashes.add(row["content_hash"])
-            pending.append(row)
-            pending_bytes += len(row["video"])
-            if write_path_map:
-                pending_paths.append(json.dumps({"video_id": row["video_id"], "path": sources[index].path}) + "\n")
-            report.videos_written += 1
-            fmt = row["source_format"]
-            report.written_by_format[fmt] = report.written_by_format.get(fmt, 0) + 1
-            report.frame_rate_defaulted += bool(result["frame_rate_defaulted"])
-            report.hours_of_video += row["num_frames"] / row["frame_rate"] / 3600
-            if pending_bytes >= target_bytes:
-                flush(index + 1)
-        bar.set_postfix(written=report.videos_written, skipped=report.num_skipped, refresh=False)
+        if writer.add(result, sources[index]):
+            writer.write_shard(index + 1)
+        bar.set_postfix(written=writer.report.videos_written, skipped=writer.report.num_skipped, refresh=False)
     bar.close()
-    if pending:
-        flush(len(sources))
-    save_state(len(sources), complete=True)
-    _write_json_atomic(output_dir / REPORT_FILE, asdict(report))
-    if report.num_skipped:
-        logger.warning("Corpus at %s: %s", output_dir, report.summary())
-    return report
+    if writer.rows:
+        writer.write_shard(len(sources))
+    writer.save_state(len(sources), complete=True)
+    _write_json_atomic(output_dir / REPORT_FILE, asdict(writer.report))
+    if writer.report.num_skipped:
+        logger.warning("Corpus at %s: %s", output_dir, writer.report.summary())
+    return writer.report
 
 
 # --------------------------------------------------------------------------------------------------
@@ -891,47 +915,12 @@ def shuffle_corpus(
     return dataset.shuffle(seed=seed)
 
 
-def row_to_pixel_values(
-    row: dict,
-    processor: EchoAIVideoProcessor,
-    generator: torch.Generator | None = None,
-    training: bool = True,
-    num_clips: int = 1,
-) -> torch.Tensor:
-    """A corpus row -> `pixel_values`: (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1.
-
-    Training: one clip at a random start, augmented, both drawn from `generator`. Evaluation
-    (`training=False`): `num_clips` evenly spaced clips, no augmentation. Decodes only the clip's frames.
-
-    Raises:
-        VideoDecodingError: the row's bytes cannot be decoded (named by `video_id`).
-    """
-    indices = clip_frame_indices(
-        int(row["num_frames"]),
-        processor.num_frames,
-        processor.period,
-        "random" if training else "uniform",
-        num_clips=1 if training else num_clips,
-        generator=generator,
-    )  # (K, T)
-    frames = decode_clip(row["video"], indices.reshape(-1), name=f"corpus clip {row.get('video_id', '?')}")
-    frames = frames.reshape(*indices.shape, *frames.shape[1:])  # (K, T, H, W)
-    clips = processor.frames_to_pixel_values(frames, do_augment=training, generator=generator)
-    return clips[0] if len(clips) == 1 else clips
-
-
-def read_row_frames(row: dict) -> np.ndarray:
-    """Every frame of a corpus row, grey (T, H, W) uint8: `compute_mean_std(rows, read_frames=read_row_frames)`."""
-    return decode_clip(row["video"], np.arange(int(row["num_frames"])), name=f"corpus clip {row.get('video_id', '?')}")
-
-
 __all__ = [
     "CORPUS_SCHEMA",
     "PrepareReport",
     "Source",
     "corpus_data_files",
     "crop_to_mask",
-    "decode_clip",
     "dicom_frame_rate",
     "encode_clip",
     "fit_to_square",
@@ -939,9 +928,7 @@ __all__ = [
     "load_corpus",
     "prepare_corpus",
     "prepare_source",
-    "read_row_frames",
     "resolve_salt",
-    "row_to_pixel_values",
     "salted_hash",
     "sector_mask",
     "shuffle_corpus",

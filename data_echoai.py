@@ -52,7 +52,15 @@ from datasets import Dataset, DatasetDict, Features, Value
 from tqdm.auto import tqdm
 
 from synthetic_echonet import PHANTOM_VERSION, make_synthetic_echonet
-from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, probe_video
+from video_io_echoai import (
+    VIDEO_EXTENSIONS,
+    VideoDecodingError,
+    VideoInfo,
+    VideoReader,
+    decode_all_frames,
+    probe_video,
+)
+from video_processing_echoai import EchoAIVideoProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -84,7 +92,6 @@ VIDEO_FOLDER_FEATURES = Features(
         "NumberOfFrames": Value("int32"),
     }
 )
-VIDEO_EXTENSIONS = (".avi", ".mp4")
 _REPORT_NAMES = 5  # file names shown per reason in log messages
 
 
@@ -138,7 +145,7 @@ def _strip_avi(names: pd.Series) -> pd.Series:
     return names.where(~names.str.lower().str.endswith(".avi"), names.str[:-4])
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _csv_table(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     frame.columns = [str(column).strip() for column in frame.columns]
     index_columns = [c for c in frame.columns if c == "" or c.startswith("Unnamed:") or c.lower() == "index"]
@@ -170,6 +177,54 @@ def _ed_es_frames(tracings: pd.DataFrame) -> pd.DataFrame:
     return frames[per_video.size() >= 2]  # one traced frame cannot tell ED from ES
 
 
+def _listed_rows(file_list: pd.DataFrame, report: LoadReport) -> pd.DataFrame:
+    """FileList.csv's rows, typed, less those its metadata alone rules out (excluded in `report`)."""
+    table = pd.DataFrame({"FileName": _strip_avi(file_list["FileName"])})
+    for column in ("EF", "ESV", "EDV", "FPS", "FrameHeight", "FrameWidth", "NumberOfFrames"):
+        values = file_list[column] if column in file_list else pd.Series("", index=file_list.index)
+        table[column] = pd.to_numeric(values.str.strip(), errors="coerce")
+    table["Split"] = file_list["Split"].astype(str).str.strip().str.upper()
+    duplicated = table["FileName"].duplicated()
+    report.exclude("FileName listed more than once", table.loc[duplicated, "FileName"].tolist())
+    unknown_split = ~table["Split"].isin(list(SPLITS)) & ~duplicated
+    report.exclude("Split not TRAIN/VAL/TEST", table.loc[unknown_split, "FileName"].tolist())
+    keep = ~duplicated & ~unknown_split
+    no_ef = table["EF"].isna() & keep
+    report.exclude("EF missing or not a number", table.loc[no_ef, "FileName"].tolist())
+    bad_ef = ~table["EF"].between(0, 100) & keep & ~no_ef
+    report.exclude("EF outside [0, 100]", table.loc[bad_ef, "FileName"].tolist())
+    return table[keep & ~no_ef & ~bad_ef]
+
+
+def _checked_video(path: Path, name: str, report: LoadReport) -> VideoInfo | None:
+    """The video's header facts once its last frame decodes, else None (excluded in `report` with the reason)."""
+    try:
+        return probe_video(path, check_last_frame=True)
+    except VideoDecodingError as error:
+        report.exclude(f"unreadable video ({error.reason})", [name])
+        return None
+
+
+def _with_videos(table: pd.DataFrame, videos_dir: Path, report: LoadReport, check_videos: bool) -> pd.DataFrame:
+    """`table`'s rows whose video is in `videos_dir` (matched case-insensitively) and readable, with their
+    `video_path`; the others are excluded in `report`."""
+    on_disk = {p.stem.lower(): p for p in videos_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS}
+    paths = table["FileName"].str.lower().map(lambda stem: on_disk.get(stem))
+    report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
+    table, paths = table[paths.notna()], paths[paths.notna()]
+    rows = tqdm(
+        zip(table["FileName"], paths, strict=True), total=len(table), desc="Checking videos", disable=not check_videos
+    )
+
+    def is_usable(name: str, path: Path) -> bool:
+        if not check_videos and path.stat().st_size > 0:  # present and not empty is all that is checked
+            return True
+        return _checked_video(path, name, report) is not None
+
+    usable = np.array([is_usable(name, path) for name, path in rows], dtype=bool)
+    return table[usable].assign(video_path=[str(p) for p in paths[usable]])
+
+
 def load_echonet_dynamic(
     data_dir: str | os.PathLike, strict: bool = False, check_videos: bool = True, return_report: bool = False
 ) -> DatasetDict | tuple[DatasetDict, LoadReport]:
@@ -194,49 +249,12 @@ def load_echonet_dynamic(
     if missing:
         raise FileNotFoundError(f"{data_dir}: {', '.join(missing)} not found: {expected}")
 
-    file_list = _read_csv(data_dir / "FileList.csv")
+    file_list = _csv_table(data_dir / "FileList.csv")
     _require_columns(file_list, data_dir / "FileList.csv", ["FileName", "EF", "Split"])
     report = LoadReport(num_listed=len(file_list))
-    table = pd.DataFrame({"FileName": _strip_avi(file_list["FileName"])})
-    for column in ("EF", "ESV", "EDV", "FPS", "FrameHeight", "FrameWidth", "NumberOfFrames"):
-        values = file_list[column] if column in file_list else pd.Series("", index=file_list.index)
-        table[column] = pd.to_numeric(values.str.strip(), errors="coerce")
-    table["Split"] = file_list["Split"].astype(str).str.strip().str.upper()
+    table = _with_videos(_listed_rows(file_list, report), data_dir / "Videos", report, check_videos)
 
-    # Rows the metadata alone rules out.
-    duplicated = table["FileName"].duplicated()
-    report.exclude("FileName listed more than once", table.loc[duplicated, "FileName"].tolist())
-    unknown_split = ~table["Split"].isin(list(SPLITS)) & ~duplicated
-    report.exclude("Split not TRAIN/VAL/TEST", table.loc[unknown_split, "FileName"].tolist())
-    keep = ~duplicated & ~unknown_split
-    no_ef = table["EF"].isna() & keep
-    report.exclude("EF missing or not a number", table.loc[no_ef, "FileName"].tolist())
-    bad_ef = ~table["EF"].between(0, 100) & keep & ~no_ef
-    report.exclude("EF outside [0, 100]", table.loc[bad_ef, "FileName"].tolist())
-    table = table[keep & ~no_ef & ~bad_ef]
-
-    # Rows whose video is missing or unreadable. Names are matched case-insensitively.
-    on_disk = {p.stem.lower(): p for p in (data_dir / "Videos").iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS}
-    paths = table["FileName"].str.lower().map(lambda stem: on_disk.get(stem))
-    report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
-    table, paths = table[paths.notna()], paths[paths.notna()]
-    usable = []
-    for name, path in tqdm(
-        zip(table["FileName"], paths, strict=True), total=len(table), desc="Checking videos", disable=not check_videos
-    ):
-        try:
-            if check_videos:
-                probe_video(path, check_last_frame=True)
-            elif path.stat().st_size == 0:
-                raise VideoDecodingError(path, "empty file (0 bytes)")
-            usable.append(True)
-        except VideoDecodingError as error:
-            report.exclude(f"unreadable video ({error.reason})", [name])
-            usable.append(False)
-    usable = np.array(usable, dtype=bool)
-    table = table[usable].assign(video_path=[str(p) for p in paths[usable]])
-
-    tracings = _read_csv(data_dir / "VolumeTracings.csv")
+    tracings = _csv_table(data_dir / "VolumeTracings.csv")
     _require_columns(tracings, data_dir / "VolumeTracings.csv", ["FileName", "X1", "Y1", "X2", "Y2", "Frame"])
     table = table.join(_ed_es_frames(tracings), on="FileName")
     report.without_tracings = table.loc[table["EDFrame"].isna(), "FileName"].tolist()
@@ -284,10 +302,8 @@ def load_video_folder(
     report, rows = LoadReport(num_listed=len(files)), []
     for path in tqdm(files, desc="Checking videos"):
         name = path.relative_to(data_dir).with_suffix("").as_posix()
-        try:
-            info = probe_video(path, check_last_frame=True)
-        except VideoDecodingError as error:
-            report.exclude(f"unreadable video ({error.reason})", [name])
+        info = _checked_video(path, name, report)
+        if info is None:
             continue
         rows.append([name, str(path), info.height, info.width, info.fps, info.num_frames])
     report.num_loaded = len(rows)
@@ -347,24 +363,46 @@ def synthetic_echonet_dir(
 # --------------------------------------------------------------------------------------------------
 
 
-def read_video_file(
-    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator | None, training: bool, num_clips: int
-) -> torch.Tensor:
-    """One row's clips: the video file at `row["video_path"]`, decoded through the processor.
+def row_video(row: dict) -> tuple[str | bytes, str | None]:
+    """A row's video and the name its errors carry: a prepared corpus's bytes (`video`), named by `video_id`
+    since a corpus holds no source paths, else the file at `video_path` (EchoNet-Dynamic, video folders),
+    named by its path."""
+    if row.get("video") is not None:
+        return row["video"], f"corpus clip {row.get('video_id', '?')}"
+    return row["video_path"], None
 
-    Returns `pixel_values` (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1 (evaluation). Training:
-    one clip at a random start, augmented, both drawn from `generator`; evaluation: `num_clips` evenly spaced
-    clips, no augmentation. `corpus_echoai.row_to_pixel_values` is the same for a prepared corpus's rows. Used by `EchoNetTransform`
-    and, as the default `read_clips`, by `training_echoai.TrainingClips`.
+
+def row_pixel_values(
+    row: dict,
+    processor: EchoAIVideoProcessor,
+    generator: torch.Generator | None = None,
+    training: bool = True,
+    num_clips: int = 1,
+) -> torch.Tensor:
+    """One row's clips as `pixel_values`: (T, C, H, W) for one clip, (K, T, C, H, W) for `num_clips` > 1.
+
+    The row's video is a file (`video_path`) or a prepared corpus's bytes (`video`); either way only the
+    clips' frames are decoded. Training: one clip at a random start, augmented, both drawn from `generator`;
+    evaluation (`training=False`): `num_clips` evenly spaced clips, no augmentation. Used by `EchoNetTransform`
+    and by `training_echoai.TrainingClips` / `StreamingClips`.
+
+    Raises:
+        VideoDecodingError: the video cannot be decoded (named by its path, or a corpus row's `video_id`).
     """
-    clips = processor(
-        row["video_path"],
-        clip_sampling="random" if training else "uniform",
-        num_clips=1 if training else num_clips,
-        do_augment=training,
-        generator=generator,
-    )["pixel_values"]  # (K, T, C, H, W)
+    with VideoReader(*row_video(row)) as reader:
+        clips = processor(
+            reader,
+            clip_sampling="random" if training else "uniform",
+            num_clips=1 if training else num_clips,
+            do_augment=training,
+            generator=generator,
+        )["pixel_values"]  # (K, T, C, H, W)
     return clips[0] if len(clips) == 1 else clips
+
+
+def row_frames(row: dict) -> np.ndarray:
+    """Every frame of a row's video, grey (T, H, W) uint8: `compute_mean_std(rows, read_frames=row_frames)`."""
+    return decode_all_frames(*row_video(row))
 
 
 @dataclass
@@ -397,7 +435,7 @@ class EchoNetTransform:
         for path in paths:
             try:
                 row = {"video_path": path}
-                pixel_values.append(read_video_file(row, self.processor, None, self.training, self.num_clips))
+                pixel_values.append(row_pixel_values(row, self.processor, None, self.training, self.num_clips))
                 errors.append(None)
             except VideoDecodingError as error:
                 pixel_values.append(None)
@@ -440,6 +478,8 @@ __all__ = [
     "default_cache_dir",
     "load_echonet_dynamic",
     "load_video_folder",
-    "read_video_file",
+    "row_frames",
+    "row_pixel_values",
+    "row_video",
     "synthetic_echonet_dir",
 ]

@@ -38,13 +38,8 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 import modeling_echoai  # noqa: F401  registers EchoAI with the Auto classes
 from baselines_echoai import CONFIG_FILE as BASELINE_CONFIG_FILE
 from baselines_echoai import load_baseline
-from video_processing_echoai import (
-    EchoAIVideoProcessor,
-    VideoDecodingError,
-    clip_frame_indices,
-    decode_video_frames,
-    probe_video,
-)
+from video_io_echoai import VideoDecodingError, decode_video_frames, probe_video
+from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
 
 
 PROTOCOLS = ("one_clip", "all_clips", "k_clips")

@@ -62,10 +62,11 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
-from data_echoai import EchoAIDataCollator, read_video_file
+from data_echoai import EchoAIDataCollator, row_pixel_values
 from inference_echoai import predict_videos
 from perf_echoai import keep_freed_memory
-from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std, read_video_frames
+from video_io_echoai import VideoDecodingError, decode_all_frames
+from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
 
 logger = logging.getLogger(__name__)
@@ -253,11 +254,7 @@ def derive_seed(*keys: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-ReadClips = Callable[[dict, EchoAIVideoProcessor, "torch.Generator | None", bool, int], torch.Tensor]
-
-
-def read_item(
-    read_clips: ReadClips,
+def clip_item(
     row: dict,
     processor: EchoAIVideoProcessor,
     generator: torch.Generator | None,
@@ -266,10 +263,10 @@ def read_item(
     label: float,
     index: int,
 ) -> dict:
-    """One item for `collate`: `pixel_values`, `labels`, `index`, and `error` (the message, with `pixel_values`
-    None) when the video cannot be decoded."""
+    """One row's item for `collate`: `pixel_values` (`data_echoai.row_pixel_values`), `labels`, `index`, and
+    `error` (the message, with `pixel_values` None) when the video cannot be decoded."""
     try:
-        pixel_values, error = read_clips(row, processor, generator, training, num_clips), None
+        pixel_values, error = row_pixel_values(row, processor, generator, training, num_clips), None
     except VideoDecodingError as exception:
         pixel_values, error = None, str(exception)
     return {"pixel_values": pixel_values, "labels": float(label), "index": index, "error": error}
@@ -278,9 +275,8 @@ def read_item(
 class TrainingClips(torch.utils.data.Dataset):
     """Rows of a video dataset -> one clip each (`pixel_values` (T, C, H, W), `labels`, `index`).
 
-    `rows` is any sized, indexable table of rows (a `datasets.Dataset`); `read_clips(row, processor, generator,
-    training, num_clips)` turns a row into `pixel_values`: by default `read_video_file` (the file at
-    `row["video_path"]`), for a prepared corpus `corpus_echoai.row_to_pixel_values` (the row's own bytes). Rows
+    `rows` is any sized, indexable table of rows (a `datasets.Dataset`) whose videos are files (`video_path`) or,
+    in a prepared corpus, the rows' own bytes (`video`); `data_echoai.row_pixel_values` reads either. Rows
     are read one at a time when an item is asked for, so a corpus far larger than memory is never loaded whole.
 
     In training the order is a fresh permutation every epoch and each clip's start and augmentation come
@@ -299,9 +295,8 @@ class TrainingClips(torch.utils.data.Dataset):
         seed: int = 0,
         label_column: str | None = None,
         num_clips: int = 1,
-        read_clips: ReadClips = read_video_file,
     ):
-        self.rows, self.label_column, self.read_clips = rows, label_column, read_clips
+        self.rows, self.label_column = rows, label_column
         self.processor, self.training, self.seed, self.num_clips = processor, training, seed, num_clips
         self.order = np.arange(len(rows))
         self.epoch = 0
@@ -319,7 +314,7 @@ class TrainingClips(torch.utils.data.Dataset):
         row = self.rows[index]
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index)) if self.training else None
         label = row[self.label_column] if self.label_column else math.nan
-        return read_item(self.read_clips, row, self.processor, generator, self.training, self.num_clips, label, index)
+        return clip_item(row, self.processor, generator, self.training, self.num_clips, label, index)
 
 
 class StreamingClips(torch.utils.data.IterableDataset):
@@ -346,10 +341,9 @@ class StreamingClips(torch.utils.data.IterableDataset):
         seed: int = 0,
         rank: int = 0,
         label_column: str | None = None,
-        read_clips: ReadClips = read_video_file,
     ):
         self.rows, self.processor, self.seed, self.rank = rows, processor, seed, rank
-        self.label_column, self.read_clips = label_column, read_clips
+        self.label_column = label_column
         self.epoch, self.position = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -371,8 +365,7 @@ class StreamingClips(torch.utils.data.IterableDataset):
         for row in self.rows:  # from the loaded position, if any
             seed = derive_seed(self.seed, self.epoch, self.rank, self.position)
             label = row[self.label_column] if self.label_column else math.nan
-            item = read_item(self.read_clips, row, self.processor, torch.Generator().manual_seed(seed), True, 1,
-                             label, self.position)  # fmt: skip
+            item = clip_item(row, self.processor, torch.Generator().manual_seed(seed), True, 1, label, self.position)
             self.position += 1  # before yielding: `state_dict` is then right between two items
             yield item
 
@@ -417,7 +410,7 @@ def build_processor(
     training videos (as EchoNet-Dynamic's loader).
 
     `videos` is a table of video files (`video_path`) by default; with `read_frames(row) -> frames` it is a
-    table or a stream of rows (a prepared corpus: `corpus_echoai.read_row_frames`). A table is sampled at
+    table or a stream of rows (a prepared corpus: `data_echoai.row_frames`). A table is sampled at
     random; a stream gives its first rows, so pass it shuffled, with the same seed on every process.
     """
     overrides = parse_config_overrides(getattr(args, "processor_overrides", None))
@@ -435,7 +428,7 @@ def build_processor(
         except OSError:
             logger.info("%s has no video processor; computing one from the training videos", args.model_name_or_path)
     if read_frames is None:
-        videos, read_frames = videos["video_path"], read_video_frames
+        videos, read_frames = videos["video_path"], decode_all_frames
     mean, std = compute_mean_std(
         videos, num_videos=128, seed=args.seed, num_channels=config.num_channels, read_frames=read_frames
     )

@@ -4,7 +4,7 @@ One object, saved next to the model with `save_pretrained` and reloaded with
 `AutoVideoProcessor.from_pretrained(folder)`, turns a video into model input the same way in
 training, evaluation and inference:
 
-    file --PyAV, only the needed frames--> (K, T) uint8 grey frames --resize--> image_size
+    file or bytes --PyAV, only the needed frames--> (K, T) uint8 grey frames --resize--> image_size
          --(training only) pad+crop, gamma/contrast/brightness jitter--> replicate to num_channels
          --(x / 255 - image_mean) / image_std--> pixel_values (K, T, C, H, W) float32
 
@@ -28,25 +28,22 @@ Conventions (EchoNet-Dynamic, Ouyang et al. 2020):
   random gamma, contrast and brightness. No horizontal flip by default: it swaps the left and right
   heart, which an apical 4-chamber view never shows.
 
-Decoding seeks to the key frame at or before the first needed frame and decodes forward, stopping
-after the last needed frame; EchoNet's AVIs are MJPEG (every frame a key frame), so a 16 x 2 clip
-decodes 31 frames whatever the video length. A file that cannot be read raises `VideoDecodingError`,
-whose message names the file, the reason and the fix; training data loaders catch it per item (see
-`data_echoai.EchoNetTransform` and `data_echoai.EchoAIDataCollator`).
+Decoding is `video_io_echoai.VideoReader`'s: a file, or a file's bytes (a prepared corpus's rows), decodes only
+the frames its clips use. A video that cannot be read raises `VideoDecodingError`, whose message names the
+file, the reason and the fix; training data loaders catch it per item (see `data_echoai.EchoNetTransform` and
+`training_echoai.clip_item`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,222 +56,16 @@ from transformers.video_processing_utils import BaseVideoProcessor
 
 try:  # loaded as Hub remote code, beside the model's files
     from .configuration_echoai import EchoAIConfig
+    from .video_io_echoai import VideoDecodingError, VideoReader, decode_all_frames
 except ImportError:  # installed as top-level modules
     from configuration_echoai import EchoAIConfig
+    from video_io_echoai import VideoDecodingError, VideoReader, decode_all_frames
 
 
 logger = logging.getLogger(__name__)
 
 ClipSampling = Literal["random", "start", "all", "uniform"]
-VideoLike = str | os.PathLike | np.ndarray | torch.Tensor
-
-
-class VideoDecodingError(RuntimeError):
-    """A video file that cannot be used: missing, empty, not a video, or truncated.
-
-    Attributes:
-        path: the offending file.
-        reason: what is wrong with it, in a few words.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str, fix: str | None = None):
-        self.path, self.reason = os.fspath(path), reason
-        fix = fix or (
-            "re-export or re-copy the file, or remove it from the dataset (the EchoNet loader "
-            "`data_echoai.load_echonet_dynamic` reports and excludes such files)"
-        )
-        super().__init__(f"{self.path}: {reason}. Fix: {fix}.")
-
-
-# --------------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What the container header says about a video's first video stream."""
-
-    num_frames: int
-    fps: float
-    height: int
-    width: int
-
-
-@dataclass(frozen=True)
-class DecodedFrames:
-    """Frames returned by `decode_video_frames`, and how many frames the decoder had to produce."""
-
-    frames: np.ndarray  # (N, H, W) uint8, in the order of the requested indices
-    num_decoded: int
-    num_video_frames: int
-
-
-def _open_video(path: str | os.PathLike) -> av.container.InputContainer:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise VideoDecodingError(path, "file not found", fix="check the path (and `--data_dir`)")
-    if os.path.getsize(path) == 0:
-        raise VideoDecodingError(path, "empty file (0 bytes)")
-    try:
-        container = av.open(path)
-    except av.FFmpegError as error:
-        raise VideoDecodingError(path, f"FFmpeg cannot open it as a video ({error})") from error
-    if not container.streams.video:
-        container.close()
-        raise VideoDecodingError(path, "the file has no video stream")
-    return container
-
-
-def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return Fraction(rate) if rate else None
-
-
-def _count_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
-    """Frames in the stream: the header's count (AVI, MP4), else counted from packets without decoding."""
-    if stream.frames > 0:
-        return int(stream.frames)
-    count = sum(1 for packet in container.demux(stream) if packet.size)
-    container.seek(0)
-    return count
-
-
-def probe_video(path: str | os.PathLike, check_last_frame: bool = False) -> VideoInfo:
-    """Read a video's header (cheap); with `check_last_frame`, also decode its last frame.
-
-    Decoding the last frame (a seek and a few frames' decode) catches truncated files whose header
-    still announces the full length, which a header read alone cannot.
-
-    Raises:
-        VideoDecodingError: the file is missing, empty, not a video, or (with `check_last_frame`)
-            its last frame cannot be decoded.
-    """
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        rate = _frame_rate(stream)
-        info = VideoInfo(
-            num_frames=_count_frames(container, stream),
-            fps=float(rate) if rate else 0.0,
-            height=stream.codec_context.height,
-            width=stream.codec_context.width,
-        )
-    if info.num_frames < 1:
-        raise VideoDecodingError(path, "the video stream has no frames")
-    if check_last_frame:
-        decode_video_frames(path, [info.num_frames - 1])
-    return info
-
-
-_FULL_RANGE = 2  # AVCOL_RANGE_JPEG
-
-
-def _grey(frame: av.VideoFrame) -> np.ndarray:
-    """The frame's luma as (H, W) uint8 in full range, what `frame.to_ndarray(format="gray")` gives.
-
-    For YUV frames the luma plane is copied directly, two orders of magnitude faster than going
-    through swscale; limited-range ("TV", 16-235) luma is expanded to 0-255 as swscale does.
-    """
-    name = frame.format.name
-    if not (name.startswith(("yuv", "nv")) or name == "gray"):
-        return frame.to_ndarray(format="gray")
-    plane = frame.planes[0]
-    luma = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
-    if name == "gray" or name.startswith("yuvj") or frame.color_range == _FULL_RANGE:
-        return luma.copy()
-    return np.clip(np.round((luma.astype(np.float32) - 16.0) * (255.0 / 219.0)), 0, 255).astype(np.uint8)
-
-
-def decode_video_frames(path: str | os.PathLike, frame_indices: Sequence[int] | np.ndarray) -> DecodedFrames:
-    """Decode only the frames at `frame_indices` (any order, repeats allowed) as grey uint8.
-
-    Seeks to the key frame at or before the first wanted frame, decodes forward and stops after
-    the last wanted one. In an intra-only stream (MJPEG, as EchoNet-Dynamic's AVIs; every frame stands
-    alone) the packets of unwanted frames are skipped undecoded: a period-2 clip decodes 16 frames, not 31.
-    Frame numbers come from presentation timestamps, so they stay right after a seek; a stream without
-    timestamps is decoded from the start, counting frames.
-
-    Raises:
-        VideoDecodingError: unreadable file, corrupt data, or a wanted frame past the end of the
-            stream (a truncated file).
-    """
-    indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-    if indices.size == 0 or indices.min() < 0:
-        raise ValueError(f"frame_indices must be non-empty and non-negative, got {indices.tolist()}")
-    wanted = set(indices.tolist())
-    first, last = int(indices.min()), int(indices.max())
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        num_video_frames = _count_frames(container, stream)
-        rate, start_pts = _frame_rate(stream), stream.start_time or 0
-        can_seek = first > 0 and rate is not None and stream.time_base is not None
-
-        def frame_number(pts: int | None) -> int | None:
-            if pts is None or rate is None:
-                return None
-            return round((pts - start_pts) * stream.time_base * rate)
-
-        intra_only = bool(getattr(stream.codec_context.codec, "intra_only", False)) and rate is not None
-        frames: dict[int, np.ndarray] = {}
-        num_decoded = 0
-        attempts = [(True, intra_only), (False, intra_only)] if can_seek else [(False, intra_only)]
-        if intra_only:  # a stream whose packets lack timestamps after all: decode everything, counting
-            attempts.append((False, False))
-        for attempt_seek, skip_unwanted in attempts:
-            frames.clear()
-            if attempt_seek:
-                container.seek(start_pts + int(first / rate / stream.time_base), stream=stream, backward=True)
-            else:
-                container.seek(0)
-            position, usable = -1, True
-            try:
-                if skip_unwanted:
-                    for packet in container.demux(stream):
-                        if packet.size == 0:  # the demuxer's end-of-stream marker
-                            continue
-                        number = frame_number(packet.pts)
-                        if number is None or (not frames and number > first):
-                            usable = False  # no timestamps, or the demuxer seeked past the target
-                            break
-                        position = number
-                        if number in wanted:
-                            for frame in packet.decode():
-                                num_decoded += 1
-                                frames[number] = _grey(frame)
-                        if number >= last:
-                            break
-                else:
-                    if not stream.codec_context.is_open:  # frame threads for inter-coded streams, set before opening
-                        stream.thread_type = "AUTO"
-                    for frame in container.decode(stream):
-                        num_decoded += 1
-                        number = frame_number(frame.pts)
-                        position = number if number is not None else position + 1
-                        if attempt_seek and (number is None or (not frames and number > first)):
-                            usable = False  # no timestamps, or the demuxer seeked past the target
-                            break
-                        if position in wanted:
-                            frames[position] = _grey(frame)
-                        if position >= last:
-                            break
-            except av.FFmpegError as error:
-                raise VideoDecodingError(path, f"corrupt data near frame {position + 1} ({error})") from error
-            if usable:
-                break
-    missing = sorted(wanted - frames.keys())
-    if missing and missing[0] >= num_video_frames:
-        raise IndexError(f"{os.fspath(path)}: frame {missing[0]} requested from a video of {num_video_frames} frames")
-    if missing:
-        raise VideoDecodingError(
-            path,
-            f"the stream ends after frame {position} but frame {missing[0]} was requested "
-            f"(the header announces {num_video_frames} frames; the file is probably truncated)",
-        )
-    return DecodedFrames(
-        frames=np.stack([frames[i] for i in indices.tolist()]),
-        num_decoded=num_decoded,
-        num_video_frames=num_video_frames,
-    )
+VideoLike = str | os.PathLike | bytes | VideoReader | np.ndarray | torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,27 +121,22 @@ def clip_frame_indices(
 # --------------------------------------------------------------------------------------------------
 
 
-def read_video_frames(path: str | os.PathLike) -> np.ndarray:
-    """Every frame of a video file, grey (T, H, W) uint8: `compute_mean_std`'s default reader."""
-    info = probe_video(path)
-    return decode_video_frames(path, np.arange(info.num_frames)).frames
-
-
 def compute_mean_std(
     videos: Sequence | Iterable,
     num_videos: int = 128,
     seed: int = 0,
     num_channels: int = 3,
-    read_frames: Callable[[object], np.ndarray] = read_video_frames,
+    read_frames: Callable[[object], np.ndarray] = decode_all_frames,
 ) -> tuple[list[float], list[float]]:
     """Pixel mean and std over all frames of a random sample of videos, in [0, 1] units, per channel.
 
     EchoNet computes its normalisation this way from 128 training videos. `videos` is either sized and
     indexable (a list of paths, a `datasets.Dataset` of rows), of which `num_videos` are drawn at random with
     `seed`, or any other iterable (a stream: pass it shuffled), of which the first `num_videos` are used.
-    `read_frames(video)` gives its uint8 frames: by default every frame of a video file; for a prepared
-    corpus's rows, `corpus_echoai.read_row_frames`. Unreadable videos (`VideoDecodingError`) are skipped
-    with a warning. Pass the result as `EchoAIVideoProcessor(image_mean=..., image_std=...)`.
+    `read_frames(video)` gives its uint8 frames: by default every frame of a video file (or its bytes); for a
+    dataset's rows (EchoNet's paths or a prepared corpus's bytes), `data_echoai.row_frames`. Unreadable videos
+    (`VideoDecodingError`) are skipped with a warning. Pass the result as
+    `EchoAIVideoProcessor(image_mean=..., image_std=...)`.
     """
     if hasattr(videos, "__len__"):
         if not len(videos):
@@ -402,8 +188,8 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
             from; with it a small model collapsed to predicting the mean EF (docs/EXPERIMENTS.md).
 
     Call: `processor(videos, clip_sampling=..., clip_start=..., num_clips=..., do_augment=...,
-    generator=..., return_tensors="pt")`, where `videos` is a path, an array of frames (T, H, W) or
-    (T, H, W, C) uint8, or a list of these. Returns a `BatchFeature` with `pixel_values`
+    generator=..., return_tensors="pt")`, where `videos` is a path, a video file's bytes, an open
+    `video_io_echoai.VideoReader`, an array of frames (T, H, W) or (T, H, W, C) uint8, or a list of these. Returns a `BatchFeature` with `pixel_values`
     (N, T, C, H, W) float32 -- one row per clip -- and, when a video can give more than one clip
     (`clip_sampling="all"` or `num_clips > 1`), `video_index` (N,) int64, the input video of every
     clip (pop it before calling the model).
@@ -491,7 +277,7 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         return_tensors: str | None = "pt",
     ) -> BatchFeature:
         """Turn videos into `pixel_values`; see the class docstring for the call convention."""
-        if isinstance(videos, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        if isinstance(videos, (str, os.PathLike, bytes, VideoReader, np.ndarray, torch.Tensor)):
             videos = [videos]
         do_augment = self.do_augment if do_augment is None else do_augment
         clips, video_index = [], []
@@ -512,19 +298,16 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         num_clips: int = 1,
         generator: torch.Generator | None = None,
     ) -> np.ndarray:
-        """Clips of one video as grey uint8 frames, (K, T, H, W); files decode only the frames used."""
-        if isinstance(video, (str, os.PathLike)):
-            num_video_frames = probe_video(video).num_frames
-        else:
-            video = self._as_grey_frames(video)
-            num_video_frames = len(video)
-        indices = clip_frame_indices(
-            num_video_frames, self.num_frames, self.period, clip_sampling, clip_start, num_clips, generator
-        )
-        if isinstance(video, (str, os.PathLike)):
-            frames = decode_video_frames(video, indices.reshape(-1)).frames
+        """Clips of one video as grey uint8 frames, (K, T, H, W); a file, a file's bytes or an open `VideoReader`
+        decodes only the frames the clips use."""
+        sampling = (self.num_frames, self.period, clip_sampling, clip_start, num_clips, generator)
+        if isinstance(video, (str, os.PathLike, bytes, VideoReader)):
+            with contextlib.nullcontext(video) if isinstance(video, VideoReader) else VideoReader(video) as reader:
+                indices = clip_frame_indices(reader.num_frames, *sampling)  # (K, T)
+                frames = reader.read(indices.reshape(-1)).frames
             return rearrange(frames, "(k t) h w -> k t h w", k=len(indices))
-        return video[indices]
+        video = self._as_grey_frames(video)
+        return video[clip_frame_indices(len(video), *sampling)]
 
     @staticmethod
     def _as_grey_frames(video: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -583,14 +366,4 @@ if not __package__:
     EchoAIVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 
-__all__ = [
-    "DecodedFrames",
-    "EchoAIVideoProcessor",
-    "VideoDecodingError",
-    "VideoInfo",
-    "clip_frame_indices",
-    "compute_mean_std",
-    "decode_video_frames",
-    "probe_video",
-    "read_video_frames",
-]
+__all__ = ["EchoAIVideoProcessor", "clip_frame_indices", "compute_mean_std"]

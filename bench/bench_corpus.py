@@ -9,7 +9,7 @@ Preparation: `corpus_echoai.prepare_corpus` over
 * DICOM: multi-frame ultrasound, 480 x 640 uncompressed (a phantom upscaled x 4 inside a canvas with
   burnt-in text), 64 frames, the size class of a scanner's cine export: read, sector-masked, cropped,
   resized, encoded.
-Streaming: `load_corpus(streaming=True)` rows -> `row_to_pixel_values` (one random 16 x period-2 clip,
+Streaming: `load_corpus(streaming=True)` rows -> `data_echoai.row_pixel_values` (one random 16 x period-2 clip,
 112^2, 3 channels, augmentation on) in one process, as one DataLoader worker would do it, against the
 rate a pretraining step of the `small` preset consumes.
 """
@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus_echoai import load_corpus, prepare_corpus, row_to_pixel_values
-from data_echoai import synthetic_echonet_dir
-from video_processing_echoai import EchoAIVideoProcessor, decode_video_frames, probe_video
+from corpus_echoai import load_corpus, prepare_corpus
+from data_echoai import row_pixel_values, synthetic_echonet_dir
+from video_io_echoai import VideoReader, decode_all_frames, write_video
+from video_processing_echoai import EchoAIVideoProcessor
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import machine_info, markdown_table  # noqa: E402
-from data_fixtures import write_video  # noqa: E402  (tests/: writes an inter-frame codec)
 
 
 PRETRAIN_VIDEOS_PER_S = {"fp32": 8.6, "bf16": 12.7}  # see bench/bench_data.py and docs/BENCHMARKS.md
@@ -46,7 +45,8 @@ def write_dicoms(folder: Path, videos: list[Path], num_frames: int = 64) -> None
     from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
     for i, video in enumerate(videos):
-        frames = decode_video_frames(video, np.arange(min(num_frames, probe_video(video).num_frames))).frames
+        with VideoReader(video) as reader:
+            frames = reader.read(np.arange(min(num_frames, reader.num_frames))).frames
         canvas = np.zeros((len(frames), 480, 640), dtype=np.uint8)
         canvas[:, 16:464, 96:544] = np.kron(frames, np.ones((4, 4), dtype=np.uint8))  # (T, 448, 448)
         canvas[:, 20:40, 10:90] = 255  # burnt-in text beside the sector
@@ -68,7 +68,7 @@ def write_dicoms(folder: Path, videos: list[Path], num_frames: int = 64) -> None
 
 def write_resized(folder: Path, videos: list[Path]) -> None:
     for video in videos:
-        frames = decode_video_frames(video, np.arange(probe_video(video).num_frames)).frames
+        frames = decode_all_frames(video)
         resized = torch.nn.functional.interpolate(torch.from_numpy(frames)[:, None].float(), size=(128, 160))
         write_video(folder / f"{video.stem}.avi", resized[:, 0].round().byte().numpy())
 
@@ -114,7 +114,7 @@ def main() -> None:
         for round_index in range(args.read_rounds + 1):
             generator, start, count = torch.Generator().manual_seed(round_index), time.perf_counter(), 0
             for row in stream:
-                row_to_pixel_values(row, processor, generator, training=True)
+                row_pixel_values(row, processor, generator, training=True)
                 count += 1
             if round_index:  # the first pass warms the page cache
                 rates.append(count / (time.perf_counter() - start))

@@ -29,20 +29,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
-from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices, decode_video_frames, probe_video
+from video_io_echoai import decode_all_frames  # every frame, as EchoNet's `loadvideo` reads them
+from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
 
 
 # Input rate a pretraining step consumes: EchoAI's `small` preset (ViT-S, 384 wide, 12 layers) at 16 x 112^2,
 # batch 8, on the 2-core development machine (docs/BENCHMARKS.md, bench_pretrain.py).
 PRETRAIN_VIDEOS_PER_S = {"fp32": 14.5, "bf16": 37.3}
-
-
-def decode_all_frames(path: str) -> np.ndarray:
-    """Every frame of a video as grey uint8 (T, H, W), as EchoNet's `loadvideo` reads them.
-
-    Same decoder and luma copy as the partial path, so only the decoding strategy differs.
-    """
-    return decode_video_frames(path, np.arange(probe_video(path).num_frames)).frames
 
 
 class ClipDataset(Dataset):

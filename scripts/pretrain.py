@@ -37,8 +37,8 @@ import torch
 from datasets import Dataset
 
 from configuration_echoai import EchoAIConfig
-from corpus_echoai import load_corpus, read_row_frames, row_to_pixel_values, shuffle_corpus, split_corpus_by_node
-from data_echoai import load_echonet_dynamic, load_video_folder, read_video_file, synthetic_echonet_dir
+from corpus_echoai import load_corpus, shuffle_corpus, split_corpus_by_node
+from data_echoai import load_echonet_dynamic, load_video_folder, row_frames, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
 from training_echoai import (
     StreamingClips,
@@ -132,18 +132,15 @@ def build_model(args: argparse.Namespace) -> EchoAIForPreTraining:
 def build_data(args: argparse.Namespace, accelerator, config: EchoAIConfig, videos):
     """The processor (from the starting checkpoint, else the videos' statistics) and the training clips: a stream
     of this process's part of the corpus with `--streaming`, else a map-style table."""
-    read_clips = row_to_pixel_values if args.dataset_path else read_video_file
     if args.streaming:  # the same seed on every process: one shard order, then each process takes its part
         videos = shuffle_corpus(videos, seed=args.seed, buffer_size=args.shuffle_buffer_size)
     with accelerator.main_process_first():
-        processor = build_processor(args, config, videos, read_frames=read_row_frames if args.dataset_path else None)
+        processor = build_processor(args, config, videos, read_frames=row_frames if args.dataset_path else None)
     if args.streaming:
         rows = split_corpus_by_node(videos, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        dataset = StreamingClips(
-            rows, processor, seed=args.seed, rank=accelerator.process_index, read_clips=read_clips
-        )
+        dataset = StreamingClips(rows, processor, seed=args.seed, rank=accelerator.process_index)
     else:
-        dataset = TrainingClips(videos, processor, training=True, seed=args.seed, read_clips=read_clips)
+        dataset = TrainingClips(videos, processor, training=True, seed=args.seed)
     return processor, dataset
 
 

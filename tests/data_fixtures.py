@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
 import pandas as pd
 
 from data_echoai import synthetic_echonet_dir
@@ -37,16 +34,3 @@ def truncate(path: Path, fraction: float = 0.4) -> None:
 
 def file_list(corpus: Path) -> pd.DataFrame:
     return pd.read_csv(corpus / "FileList.csv")
-
-
-def write_video(path: Path, frames: np.ndarray, fps: int = 30, codec: str = "mpeg4", gop_size: int = 12) -> None:
-    """Write grey (T, H, W) uint8 frames with an inter-frame codec (key frame every `gop_size` frames)."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps))
-        stream.height, stream.width = frames.shape[1:]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = gop_size
-        for frame in frames:
-            rgb = np.repeat(frame[:, :, None], 3, axis=2)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())

@@ -14,11 +14,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from data_fixtures import truncate, write_video
+from data_fixtures import truncate
 
 import corpus_echoai as corpus
+from data_echoai import row_frames, row_pixel_values
 from synthetic_echonet import write_avi
 from training_echoai import TrainingClips
+from video_io_echoai import decode_video_frames, write_video
 from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
 
@@ -189,22 +191,22 @@ def test_rows_decode_through_the_processor(prepared):
     dataset = corpus.load_corpus(output_dir, cache_dir=output_dir.parent / "hf_cache")
     assert len(dataset) == 6
     for row in dataset:
-        pixel_values = corpus.row_to_pixel_values(row, processor, torch.Generator().manual_seed(0))
+        pixel_values = row_pixel_values(row, processor, torch.Generator().manual_seed(0))
         assert pixel_values.shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
-        clips = corpus.row_to_pixel_values(row, processor, training=False, num_clips=3)
+        clips = row_pixel_values(row, processor, training=False, num_clips=3)
         assert clips.shape == (3, 8, 3, IMAGE_SIZE, IMAGE_SIZE)
-    # Same seed, same clip; and TrainingClips reads corpus rows through `read_clips`.
+    # Same seed, same clip; and TrainingClips reads corpus rows (their `video` bytes).
     row = dataset[0]
-    first = corpus.row_to_pixel_values(row, processor, torch.Generator().manual_seed(5))
-    assert torch.equal(first, corpus.row_to_pixel_values(row, processor, torch.Generator().manual_seed(5)))
-    clips = TrainingClips(dataset, processor, training=True, seed=1, read_clips=corpus.row_to_pixel_values)
+    first = row_pixel_values(row, processor, torch.Generator().manual_seed(5))
+    assert torch.equal(first, row_pixel_values(row, processor, torch.Generator().manual_seed(5)))
+    clips = TrainingClips(dataset, processor, training=True, seed=1)
     clips.set_epoch(0)
     item = clips[0]
     assert item["error"] is None and item["pixel_values"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert torch.equal(item["pixel_values"], clips[0]["pixel_values"])
     # Normalisation statistics from corpus rows: the same whether the rows come as a table or a stream.
-    table = compute_mean_std(dataset, num_videos=6, read_frames=corpus.read_row_frames)
-    stream = compute_mean_std(corpus.load_corpus(output_dir, streaming=True), read_frames=corpus.read_row_frames)
+    table = compute_mean_std(dataset, num_videos=6, read_frames=row_frames)
+    stream = compute_mean_std(corpus.load_corpus(output_dir, streaming=True), read_frames=row_frames)
     np.testing.assert_allclose(table, stream, rtol=1e-12)
     assert 0.0 < table[0][0] < 1.0 and table[1][0] > 0.0
 
@@ -212,10 +214,8 @@ def test_rows_decode_through_the_processor(prepared):
 def test_remuxed_avi_keeps_its_frames(mixed_folder, prepared):
     output_dir, _ = prepared
     row = next(r for r in rows(output_dir) if r["source_format"] == "avi" and r["num_frames"] == 40)
-    from video_processing_echoai import decode_video_frames
-
     original = decode_video_frames(mixed_folder / "avi" / "a.avi", np.arange(40)).frames
-    np.testing.assert_array_equal(corpus.decode_clip(row["video"], np.arange(40)), original)
+    np.testing.assert_array_equal(decode_video_frames(row["video"], np.arange(40)).frames, original)
     assert row["frame_rate"] == 50.0
 
 
@@ -228,7 +228,7 @@ def test_sector_kept_and_text_outside_it_masked(prepared):
     assert not mask[100:, :].any() or not mask[112:, :].any()  # the ECG trace is dropped
     assert (mask & fan).sum() / fan.sum() > 0.97 and (mask & ~fan).sum() / fan.sum() < 0.03
     row = next(r for r in rows(output_dir) if r["source_format"] == "dicom" and r["num_frames"] == 30)
-    decoded = corpus.decode_clip(row["video"], np.arange(30)).astype(int)  # (T, S, S)
+    decoded = decode_video_frames(row["video"], np.arange(30)).frames.astype(int)  # (T, S, S)
     # Where a source pixel lands in the output: the crop to the sector's bounding box, resize and pad.
     ys, xs = np.nonzero(mask)
 

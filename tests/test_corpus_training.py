@@ -17,6 +17,7 @@ from test_training import TINY_MODEL, load_script
 from transformers import AutoModelForPreTraining
 
 import corpus_echoai
+import training_echoai
 from modeling_echoai import EchoAIForPreTraining
 from video_processing_echoai import EchoAIVideoProcessor
 
@@ -42,13 +43,13 @@ def no_stream_shutdown_sleep(monkeypatch):
 
 def record_rows(monkeypatch) -> list[str]:
     """The `video_id` of every row the next loaded pretraining script turns into a clip, in order."""
-    read, rows = corpus_echoai.row_to_pixel_values, []
+    read, rows = training_echoai.row_pixel_values, []
 
     def recording(row, *args):
         rows.append(row["video_id"])
         return read(row, *args)
 
-    monkeypatch.setattr(corpus_echoai, "row_to_pixel_values", recording)
+    monkeypatch.setattr(training_echoai, "row_pixel_values", recording)
     return rows
 
 

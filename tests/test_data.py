@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from data_fixtures import TINY_NUM_VIDEOS, TINY_SEED, copy_corpus, file_list, tiny_corpus, truncate, write_video
+from data_fixtures import TINY_NUM_VIDEOS, TINY_SEED, copy_corpus, file_list, tiny_corpus, truncate
 from datasets import Value
 
 from data_echoai import (
@@ -29,7 +29,8 @@ from synthetic_echonet import (
     render_phantom,
     write_avi,
 )
-from video_processing_echoai import EchoAIVideoProcessor, decode_video_frames, probe_video
+from video_io_echoai import decode_video_frames, probe_video, write_video
+from video_processing_echoai import EchoAIVideoProcessor
 
 
 @pytest.fixture(scope="module")

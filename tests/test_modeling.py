@@ -21,6 +21,7 @@ from modeling_echoai import (
     patchify,
     unpatchify,
 )
+from video_io_echoai import write_video
 from video_processing_echoai import EchoAIVideoProcessor
 
 
@@ -470,11 +471,15 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
     EchoAIVideoProcessor(num_frames=4, image_size=32, image_mean=0.25, image_std=0.5).save_pretrained(checkpoint)
     saved = json.loads((checkpoint / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForVideoClassification"] == "modeling_echoai.EchoAIForVideoClassification"
-    assert {"modeling_echoai.py", "configuration_echoai.py", "video_processing_echoai.py"} <= set(
-        os.listdir(checkpoint)
-    )
+    assert {
+        "modeling_echoai.py",
+        "configuration_echoai.py",
+        "video_processing_echoai.py",
+        "video_io_echoai.py",
+    } <= set(os.listdir(checkpoint))
     x = clips(config)
     torch.save(x, tmp_path / "x.pt")
+    write_video(tmp_path / "clip.mp4", torch.randint(0, 255, (10, 32, 32), dtype=torch.uint8).numpy())
     with torch.no_grad():
         torch.save(model(x).logits, tmp_path / "expected.pt")
 
@@ -485,7 +490,7 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
         class HideEchoAI(importlib.abc.MetaPathFinder):
             # Stand in for a machine where EchoAI is not installed.
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("configuration_echoai", "modeling_echoai", "video_processing_echoai", "data_echoai"):
+                if name.split(".")[0] in ("configuration_echoai", "modeling_echoai", "video_processing_echoai", "video_io_echoai", "data_echoai"):
                     raise ModuleNotFoundError(name)
 
         sys.meta_path.insert(0, HideEchoAI())
@@ -506,6 +511,7 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
         assert type(pretraining).__name__ == "EchoAIForPreTraining"
         processor = AutoVideoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         assert type(processor).__name__ == "EchoAIVideoProcessor" and processor.image_mean == [0.25] * 3
+        assert processor({str(tmp_path / "clip.mp4")!r})["pixel_values"].shape == (1, 4, 3, 32, 32)  # decodes
         print("remote code OK")
         """
     )

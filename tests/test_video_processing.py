@@ -6,17 +6,11 @@ import av
 import numpy as np
 import pytest
 import torch
-from data_fixtures import file_list, tiny_corpus, truncate, write_video
+from data_fixtures import file_list, tiny_corpus, truncate
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
-from video_processing_echoai import (
-    EchoAIVideoProcessor,
-    VideoDecodingError,
-    clip_frame_indices,
-    compute_mean_std,
-    decode_video_frames,
-    probe_video,
-)
+from video_io_echoai import VideoDecodingError, decode_video_frames, probe_video, write_video
+from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices, compute_mean_std
 
 
 @pytest.fixture(scope="module")
