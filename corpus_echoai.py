@@ -77,7 +77,7 @@ Load map-style (an Arrow copy is cached once) or stream (reads the parquet shard
     dataset = load_corpus("/data/corpus")                       # datasets.Dataset
     stream = load_corpus("/data/corpus", streaming=True)        # datasets.IterableDataset
     pixel_values = row_pixel_values(next(iter(stream)), processor, torch.Generator().manual_seed(0))
-    clips = TrainingClips(dataset, processor, training=True, seed=0)  # reads a row's `video` bytes
+    clips = TrainingClips(dataset, processor, seed=0)  # reads a row's `video` bytes
 
 `scripts/pretrain.py --dataset_path /data/corpus [--streaming]` does this (and the below) for you.
 

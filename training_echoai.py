@@ -255,18 +255,12 @@ def derive_seed(*keys: int) -> int:
 
 
 def clip_item(
-    row: dict,
-    processor: EchoAIVideoProcessor,
-    generator: torch.Generator | None,
-    training: bool,
-    num_clips: int,
-    label: float,
-    index: int,
+    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator, label: float, index: int
 ) -> dict:
-    """One row's item for `collate`: `pixel_values` (`data_echoai.row_pixel_values`), `labels`, `index`, and
-    `error` (the message, with `pixel_values` None) when the video cannot be decoded."""
+    """One row's training item for `collate`: an augmented clip `pixel_values` (`data_echoai.row_pixel_values`),
+    `labels`, `index`, and `error` (the message, with `pixel_values` None) when the video cannot be decoded."""
     try:
-        pixel_values, error = row_pixel_values(row, processor, generator, training, num_clips), None
+        pixel_values, error = row_pixel_values(row, processor, generator, training=True), None
     except VideoDecodingError as exception:
         pixel_values, error = None, str(exception)
     return {"pixel_values": pixel_values, "labels": float(label), "index": index, "error": error}
@@ -282,29 +276,23 @@ class TrainingClips(torch.utils.data.Dataset):
     In training the order is a fresh permutation every epoch and each clip's start and augmentation come
     from a generator seeded by (seed, epoch, video index): the data a step sees depends only on the step,
     never on worker count, process count or where a run was resumed. Call `set_epoch` before iterating.
-    In evaluation (`training=False`) the order is fixed and each video gives `num_clips` evenly spaced
-    clips without augmentation. An unreadable video gives `pixel_values=None` and its error, which
-    `collate` drops and counts.
+    An unreadable video gives `pixel_values=None` and its error, which `collate` drops and counts. (Evaluation
+    reads whole videos through `inference_echoai.predict_videos`, not through this dataset.)
     """
 
     def __init__(
         self,
         rows: Dataset,
         processor: EchoAIVideoProcessor,
-        training: bool,
         seed: int = 0,
         label_column: str | None = None,
-        num_clips: int = 1,
     ):
-        self.rows, self.label_column = rows, label_column
-        self.processor, self.training, self.seed, self.num_clips = processor, training, seed, num_clips
-        self.order = np.arange(len(rows))
-        self.epoch = 0
+        self.rows, self.label_column, self.processor, self.seed = rows, label_column, processor, seed
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        if self.training:
-            self.order = np.random.default_rng(derive_seed(self.seed, epoch)).permutation(len(self.rows))
-            self.epoch = epoch
+        self.order = np.random.default_rng(derive_seed(self.seed, epoch)).permutation(len(self.rows))
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -312,9 +300,9 @@ class TrainingClips(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         index = int(self.order[i])
         row = self.rows[index]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index)) if self.training else None
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
         label = row[self.label_column] if self.label_column else math.nan
-        return clip_item(row, self.processor, generator, self.training, self.num_clips, label, index)
+        return clip_item(row, self.processor, generator, label, index)
 
 
 class StreamingClips(torch.utils.data.IterableDataset):
@@ -331,8 +319,6 @@ class StreamingClips(torch.utils.data.IterableDataset):
     process iterates the stream itself (DataLoader `num_workers=0`: workers hold the position out of reach),
     and without a shuffle buffer (its content is not saved: see `corpus_echoai.shuffle_corpus`).
     """
-
-    training = True
 
     def __init__(
         self,
@@ -365,7 +351,7 @@ class StreamingClips(torch.utils.data.IterableDataset):
         for row in self.rows:  # from the loaded position, if any
             seed = derive_seed(self.seed, self.epoch, self.rank, self.position)
             label = row[self.label_column] if self.label_column else math.nan
-            item = clip_item(row, self.processor, torch.Generator().manual_seed(seed), True, 1, label, self.position)
+            item = clip_item(row, self.processor, torch.Generator().manual_seed(seed), label, self.position)
             self.position += 1  # before yielding: `state_dict` is then right between two items
             yield item
 
@@ -384,7 +370,7 @@ def make_dataloader(
     # hands consecutive batches to consecutive processes. A stream is already this process's part.
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
-        persistent_workers=False, drop_last=dataset.training,
+        persistent_workers=False, drop_last=True,  # training batches only: a short last batch would be noisier
     )  # fmt: skip
 
 

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None):
     with accelerator.main_process_first():
         processor = build_processor(args, model.config, splits["train"])
     train_loader = make_dataloader(
-        TrainingClips(splits["train"], processor, training=True, seed=args.seed, label_column=label_column),
+        TrainingClips(splits["train"], processor, seed=args.seed, label_column=label_column),
         args.per_device_train_batch_size, args.num_workers,
     )  # fmt: skip
 

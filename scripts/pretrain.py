@@ -140,7 +140,7 @@ def build_data(args: argparse.Namespace, accelerator, config: EchoAIConfig, vide
         rows = split_corpus_by_node(videos, rank=accelerator.process_index, world_size=accelerator.num_processes)
         dataset = StreamingClips(rows, processor, seed=args.seed, rank=accelerator.process_index)
     else:
-        dataset = TrainingClips(videos, processor, training=True, seed=args.seed)
+        dataset = TrainingClips(videos, processor, seed=args.seed)
     return processor, dataset
 
 

@@ -199,7 +199,7 @@ def test_rows_decode_through_the_processor(prepared):
     row = dataset[0]
     first = row_pixel_values(row, processor, torch.Generator().manual_seed(5))
     assert torch.equal(first, row_pixel_values(row, processor, torch.Generator().manual_seed(5)))
-    clips = TrainingClips(dataset, processor, training=True, seed=1)
+    clips = TrainingClips(dataset, processor, seed=1)
     clips.set_epoch(0)
     item = clips[0]
     assert item["error"] is None and item["pixel_values"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)

@@ -45,9 +45,9 @@ def record_rows(monkeypatch) -> list[str]:
     """The `video_id` of every row the next loaded pretraining script turns into a clip, in order."""
     read, rows = training_echoai.row_pixel_values, []
 
-    def recording(row, *args):
+    def recording(row, *args, **kwargs):
         rows.append(row["video_id"])
-        return read(row, *args)
+        return read(row, *args, **kwargs)
 
     monkeypatch.setattr(training_echoai, "row_pixel_values", recording)
     return rows

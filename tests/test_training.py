@@ -158,7 +158,7 @@ def loop_fixture(corpus: Path, tmp_path: Path, **overrides):
     _, videos = pretrain.load_videos(args, accelerator)
     model = pretrain.build_model(args)
     processor = EchoAIVideoProcessor(num_frames=4, image_size=32)
-    loader = training_echoai.make_dataloader(training_echoai.TrainingClips(videos, processor, training=True), 2, 0)
+    loader = training_echoai.make_dataloader(training_echoai.TrainingClips(videos, processor), 2, 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
