@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from einops import rearrange
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVideoClassification
 
 from configuration_echoai import PRESETS, EchoAIConfig
@@ -77,6 +78,14 @@ def test_presets_build_and_round_trip_as_plain_config_json(name, tmp_path):
     }
 
 
+def test_a_config_edited_by_hand_is_validated_again_before_it_is_saved(tmp_path):
+    config = tiny_config()
+    config.num_frames = 5  # a valid type, so `@strict` lets the assignment through; the geometry is checked on save
+    with pytest.raises(StrictDataclassError, match="num_frames=5 must be divisible by tubelet_size=2"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_preset_overrides_and_unknown_preset():
     assert EchoAIConfig.from_preset("tiny", mask_ratio=0.8).mask_ratio == 0.8
     with pytest.raises(ValueError, match="Unknown EchoAI preset 'huge'"):
@@ -93,19 +102,22 @@ def test_preset_overrides_and_unknown_preset():
         (dict(mask_ratio=1.0), r"mask_ratio must lie in \(0, 1\), got 1.0"),
         (dict(mask_ratio=0.0), r"mask_ratio must lie in \(0, 1\), got 0.0"),
         (dict(mask_ratio=-0.5), r"mask_ratio must lie in \(0, 1\)"),
-        (dict(mask_strategy="block"), r"mask_strategy must be 'tube' or 'random', got 'block'"),
+        (dict(mask_strategy="block"), r"Field 'mask_strategy' expected one of \('tube', 'random'\), got block"),
         (dict(patch_size=0), r"patch_size must be a positive integer, got 0"),
         (dict(drop_path_rate=1.5), r"drop_path_rate must lie in \[0, 1\)"),
-        (dict(regression_loss="l3"), r"regression_loss must be 'mse', 'l1' or 'huber'"),
+        (dict(regression_loss="l3"), r"Field 'regression_loss' expected one of \('mse', 'l1', 'huber'\), got l3"),
         (dict(regression_target_std=0.0), r"regression_target_std must be positive"),
         (dict(stem_channels=[8, 8, 8, 8, 8]), r"patch_size=16 must be divisible by 2 \*\* len\(stem_channels\) = 32"),
         (dict(stem_channels=[]), r"stem_channels must be None or a non-empty list of positive integers"),
         (dict(stem_channels=[8, 0]), r"stem_channels must be None or a non-empty list of positive integers"),
-        (dict(pooling="max"), r"pooling must be 'mean' or 'mean_max_min', got 'max'"),
+        (dict(pooling="max"), r"Field 'pooling' expected one of \('mean', 'mean_max_min'\), got max"),
+        (dict(patch_size=True), r"Field 'patch_size' expected int, got bool"),
     ],
 )
 def test_invalid_config_names_field_and_value(fields, message):
-    with pytest.raises(ValueError, match=message):
+    # As transformers' configs: `@strict` reports a wrong type or `Literal` choice as a field error, and the value
+    # checks of `validate_architecture` as a class-validation error; both name the field and the value.
+    with pytest.raises(StrictDataclassError, match=message):
         EchoAIConfig(**fields)
 
 
@@ -577,7 +589,7 @@ def test_resized_position_embeddings_match_interpolation_and_survive_save_load(t
     reloaded = EchoAIForVideoClassification.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="num_frames=7 must be divisible by tubelet_size=2"):
+    with pytest.raises(StrictDataclassError, match="num_frames=7 must be divisible by tubelet_size=2"):
         model.resize_position_embeddings(num_frames=7)
     pretraining = build(EchoAIForPreTraining, config)
     pretraining.resize_position_embeddings(num_frames=8)
