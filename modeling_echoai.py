@@ -71,16 +71,17 @@ class EchoAIForPreTrainingOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`): norm-pix MSE over the masked tubelets.
         logits (`torch.FloatTensor` of shape `(B, M, P)`): predicted pixels of the masked tubelets, in the
-            order of `bool_masked_pos`'s True entries (ascending token index); P = tubelet * patch² * channels,
+            order of the mask's hidden entries (ascending token index); P = tubelet * patch² * channels,
             laid out as (t p q c). With `norm_pix_loss` they are per-tubelet normalised pixels.
-        bool_masked_pos (`torch.BoolTensor` of shape `(B, L)`): the mask used (True = hidden), returned so a
-            mask the model drew itself can be inspected or visualised.
+        mask (`torch.FloatTensor` of shape `(B, L)`): the mask used, 1.0 = hidden and 0.0 = visible, as
+            `ViTMAEForPreTrainingOutput.mask`; returned so a mask the model drew itself can be inspected or
+            visualised (`mask.bool()` is the `bool_masked_pos` to pass back in).
         hidden_states, attentions: the encoder's, when requested.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    bool_masked_pos: torch.BoolTensor | None = None
+    mask: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -792,7 +793,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         return EchoAIForPreTrainingOutput(
             loss=loss,
             logits=logits,
-            bool_masked_pos=bool_masked_pos,
+            mask=bool_masked_pos.float(),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

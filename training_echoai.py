@@ -1188,7 +1188,7 @@ def save_reconstruction(
     import matplotlib.pyplot as plt
 
     clip = pixel_values[:1].float()
-    masked, reconstruction = model.reconstruct(clip, outputs.logits[:1].float(), outputs.bool_masked_pos[:1])
+    masked, reconstruction = model.reconstruct(clip, outputs.logits[:1].float(), outputs.mask[:1].bool())
     mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
     rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}

@@ -139,7 +139,12 @@ def test_output_shapes_of_every_model():
 
     pretrained = build(EchoAIForPreTraining, config)(x)
     assert pretrained.logits.shape == (3, num_masked, pixels_per_tubelet)
-    assert pretrained.bool_masked_pos.shape == (3, num_tokens) and pretrained.bool_masked_pos.dtype == torch.bool
+    # The mask comes back as ViTMAE's does: float, 1 = hidden.
+    assert pretrained.mask.shape == (3, num_tokens) and pretrained.mask.dtype == torch.float32
+    assert set(pretrained.mask.unique().tolist()) == {0.0, 1.0} and (pretrained.mask.sum(1) == num_masked).all()
+    given = make_mask(3, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(5))
+    returned = build(EchoAIForPreTraining, config)(x, bool_masked_pos=given).mask
+    assert torch.equal(returned, given.float()), "the mask returned is the mask used"
     assert pretrained.loss.shape == () and torch.isfinite(pretrained.loss)
 
     regression = build(EchoAIForVideoClassification, tiny_config(num_labels=1))(x, labels=torch.tensor([50.0, 60, 30]))
@@ -286,9 +291,9 @@ def test_model_draws_its_mask_reproducibly():
     first = model(x)
     torch.manual_seed(7)
     second = model(x)
-    assert torch.equal(first.bool_masked_pos, second.bool_masked_pos)
+    assert torch.equal(first.mask, second.mask)
     torch.testing.assert_close(first.loss, second.loss, rtol=0, atol=0)
-    assert first.bool_masked_pos.sum(1).tolist() == [2 * int(0.75 * 16)] * 2
+    assert first.mask.sum(1).tolist() == [2 * int(0.75 * 16)] * 2
     a = model.make_mask(x, generator=torch.Generator().manual_seed(3))
     b = model.make_mask(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
@@ -393,7 +398,7 @@ def test_interpolated_position_encoding_runs_and_stays_finite(num_frames, image_
         pretrained = build(EchoAIForPreTraining, config)(x, interpolate_pos_encoding=True)
         regression = build(EchoAIForVideoClassification, config)(x, interpolate_pos_encoding=True)
     assert encoded.shape == (2, tokens, 32) and torch.isfinite(encoded).all()
-    assert pretrained.bool_masked_pos.shape == (2, tokens) and torch.isfinite(pretrained.loss)
+    assert pretrained.mask.shape == (2, tokens) and torch.isfinite(pretrained.loss)
     assert regression.logits.shape == (2, 1) and torch.isfinite(regression.logits).all()
 
 
