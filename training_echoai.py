@@ -4,8 +4,8 @@ The two scripts differ only in their model, data and loss; everything else lives
 
 * `add_common_args` -- the flags of transformers' `examples/pytorch/*_no_trainer.py` scripts.
 * `build_accelerator` -- `Accelerator` with mixed precision, accumulation, trackers and torch.compile from the
-  flags (or from `accelerate launch` / its config, which set the same through the environment); threads and
-  `keep_freed_memory` for the process.
+  flags (or from `accelerate launch` / its config, which set the same through the environment); threads for the
+  process. (Speed settings, such as `keep_freed_memory`, live in `perf_echoai`; the scripts call them.)
 * `TrainingClips` + `collate` -- a map-style dataset whose every random choice (epoch order, clip start,
   augmentation) is drawn from a generator seeded by (seed, epoch, video), so a resumed run sees exactly
   the batches a straight run would, with or without DataLoader workers and across processes.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import logging
@@ -60,6 +59,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator, read_video_file
+from perf_echoai import keep_freed_memory  # noqa: F401  (re-exported: scripts/evaluate.py and predict.py import it here)
 from video_processing_echoai import EchoAIVideoProcessor, VideoDecodingError, compute_mean_std, read_video_frames
 
 
@@ -171,26 +171,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS at once.
-
-    A training step allocates and frees tens of MB of activations. With glibc's defaults, blocks above 128 KiB
-    come from fresh mmaps (a threshold that only adapts after the first frees) and freed memory at the heap's top
-    is returned: every step faults the same pages in again. Raising both thresholds made a bf16 pretraining step
-    of the small preset on CPU 1.2-1.3x faster with the same peak RSS (docs/BENCHMARKS.md). Memory freed after
-    the peak stays with the process. Returns False (and changes nothing) where the C library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    # The mmap threshold first: setting either one freezes glibc's adaptive threshold at its current value.
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
     accelerator = Accelerator(
@@ -206,7 +186,6 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     set_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    keep_freed_memory()
     if args.torch_compile:
         logger.info("torch.compile (%s backend): the first steps include the compilation", args.torch_compile_backend)
     return accelerator

@@ -40,6 +40,7 @@ from configuration_echoai import EchoAIConfig
 from corpus_echoai import load_corpus, read_row_frames, row_to_pixel_values, shuffle_corpus, split_corpus_by_node
 from data_echoai import load_echonet_dynamic, load_video_folder, read_video_file, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
+from perf_echoai import keep_freed_memory, use_fastest_attention
 from training_echoai import (
     StreamingClips,
     TrainingClips,
@@ -132,11 +133,13 @@ def build_model(args: argparse.Namespace) -> EchoAIForPreTraining:
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     accelerator = build_accelerator(args)
+    keep_freed_memory()
     os.makedirs(args.output_dir, exist_ok=True)
 
     # Data
     data_dir, videos = load_videos(args, accelerator)
     model = build_model(args)
+    use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
     config = model.config
     read_clips = row_to_pixel_values if args.dataset_path else read_video_file
     if args.streaming:  # the same seed on every process: one shard order, then each process takes its part

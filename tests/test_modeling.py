@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoMod
 
 from configuration_echoai import PRESETS, EchoAIConfig
 from modeling_echoai import (
+    CHUNKED_ATTENTION,
     EchoAIForPreTraining,
     EchoAIForVideoClassification,
     EchoAIModel,
@@ -198,26 +199,34 @@ def test_save_load_round_trip_gives_identical_outputs(model_class, tmp_path):
 
 
 @pytest.mark.parametrize("model_class", [EchoAIModel, EchoAIForPreTraining, EchoAIForVideoClassification])
-def test_eager_and_sdpa_attention_agree(model_class):
+def test_eager_sdpa_and_chunked_attention_agree(model_class):
     config = tiny_config(num_labels=1)
     x = clips(config)
     mask = make_mask(2, (2, 4, 4), 0.75)
     kwargs = {"bool_masked_pos": mask} if model_class is EchoAIForPreTraining else {}
     outputs = {}
-    for implementation in ("eager", "sdpa"):
+    for implementation in ("eager", "sdpa", CHUNKED_ATTENTION):
         config._attn_implementation = implementation
         model = build(model_class, config)
         assert model.config._attn_implementation == implementation
         with torch.no_grad():
             outputs[implementation] = model(x, **kwargs)[0]
     torch.testing.assert_close(outputs["sdpa"], outputs["eager"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[CHUNKED_ATTENTION], outputs["eager"], rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_and_eager_are_selectable_through_from_pretrained(tmp_path):
+def test_every_attention_kernel_is_selectable_through_from_pretrained(tmp_path):
     build(EchoAIModel, tiny_config()).save_pretrained(tmp_path)
-    for implementation in ("eager", "sdpa"):
+    assert AutoModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa", "transformers' default"
+    for implementation in ("eager", "sdpa", CHUNKED_ATTENTION):
         model = AutoModel.from_pretrained(tmp_path, attn_implementation=implementation)
         assert model.config._attn_implementation == implementation
+        model.set_attn_implementation("eager")
+        model.set_attn_implementation(implementation)
+        assert model.config._attn_implementation == implementation
+    # The kernel is a run-time choice: it is not written into the saved config.
+    model.save_pretrained(tmp_path / "again")
+    assert "attn_implementation" not in (tmp_path / "again" / "config.json").read_text()
 
 
 def test_one_sample_alone_equals_it_inside_a_batch():
@@ -519,6 +528,14 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
         with torch.no_grad():
             logits = model(torch.load({str(tmp_path / "x.pt")!r})).logits
         torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=1e-6, atol=1e-6)
+        # The chunked attention kernel is registered when the remote modeling file is imported, so it can be named.
+        chunked = AutoModelForVideoClassification.from_pretrained(
+            {str(checkpoint)!r}, trust_remote_code=True, attn_implementation={CHUNKED_ATTENTION!r}
+        ).eval()
+        assert chunked.config._attn_implementation == {CHUNKED_ATTENTION!r}
+        with torch.no_grad():
+            chunked_logits = chunked(torch.load({str(tmp_path / "x.pt")!r})).logits
+        torch.testing.assert_close(chunked_logits, logits, rtol=1e-5, atol=1e-5)
         pretraining = AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         assert type(pretraining).__name__ == "EchoAIForPreTraining"
         processor = AutoVideoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)

@@ -392,9 +392,9 @@ def test_keep_freed_memory_keeps_a_freed_block_resident():
         import sys
         import torch
         sys.path.insert(0, {repo!r})
-        import training_echoai
+        import perf_echoai
         if sys.argv[1] == "keep":
-            assert training_echoai.keep_freed_memory()
+            assert perf_echoai.keep_freed_memory()
         def rss():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
         block = torch.ones(4 << 20)  # 16 MB, touched
