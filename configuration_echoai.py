@@ -5,10 +5,10 @@ Field names follow transformers' `VideoMAEConfig` wherever VideoMAE has the same
 know VideoMAE know EchoAI's config.
 
 This file imports only transformers (and the standard library) so that `save_pretrained` can ship it
-as Hub remote code next to `modeling_echoai.py`.
+as Hub remote code next to `modeling_echoai.py`. It has no `from __future__ import annotations`: `@strict`
+validates each field against its annotation (types, the choices of the `Literal` fields) only when the
+annotations are real types rather than strings.
 """
-
-from __future__ import annotations
 
 import copy
 from typing import Literal
@@ -61,6 +61,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Fields `EchoAIConfig.validate_architecture` requires to be positive, and (divisor, multiple) pairs.
+POSITIVE_FIELDS = (
+    "image_size", "patch_size", "num_channels", "num_frames", "tubelet_size",
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_intermediate_size",
+)  # fmt: skip
+DIVISIBLE_FIELDS = (
+    ("patch_size", "image_size"),
+    ("tubelet_size", "num_frames"),
+    ("num_attention_heads", "hidden_size"),
+    ("decoder_num_attention_heads", "decoder_hidden_size"),
+)
+
+
 @strict
 class EchoAIConfig(PreTrainedConfig):
     r"""
@@ -105,7 +119,10 @@ class EchoAIConfig(PreTrainedConfig):
             neighbour); `"random"` hides tubelets independently.
 
     Heads:
-        use_mean_pooling (`bool`, defaults to `True`): a LayerNorm on the pooled vector (VideoMAE's `fc_norm`).
+        use_mean_pooling (`bool`, defaults to `True`): whether the head applies a LayerNorm (`fc_norm`) to the
+            pooled vector. The name is VideoMAE's, where `False` reads a [CLS] token instead of pooling; EchoAI
+            has no [CLS] token, so its tokens are always pooled as `pooling` says, and `False` only leaves the
+            LayerNorm out (the pooled vector goes to the classifier as it is).
         pooling (`str`, defaults to `"mean"`): how the head summarises the tokens. `"mean"`: the mean of all
             tokens (VideoMAE). `"mean_max_min"`: each token slice's spatial mean, then the mean, maximum and
             minimum of those over time (3 x hidden_size wide), so the head sees the clip's extreme states --
@@ -133,60 +150,44 @@ class EchoAIConfig(PreTrainedConfig):
     num_attention_heads: int = 6
     intermediate_size: int = 1536
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.0
-    attention_probs_dropout_prob: float = 0.0
-    drop_path_rate: float = 0.0
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
+    initializer_range: float | int = 0.02
+    layer_norm_eps: float | int = 1e-6
     qkv_bias: bool = True
     decoder_hidden_size: int = 192
     decoder_num_hidden_layers: int = 4
     decoder_num_attention_heads: int = 3
     decoder_intermediate_size: int = 768
     norm_pix_loss: bool = True
-    mask_ratio: float = 0.9
+    mask_ratio: float | int = 0.9
     mask_strategy: Literal["tube", "random"] = "tube"
     use_mean_pooling: bool = True
     pooling: Literal["mean", "mean_max_min"] = "mean"
     regression_loss: Literal["mse", "l1", "huber"] = "mse"
-    regression_target_mean: float = 0.0
-    regression_target_std: float = 1.0
+    regression_target_mean: float | int = 0.0
+    regression_target_std: float | int = 1.0
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self._check()
+    def validate_architecture(self) -> None:
+        """Reject values the model cannot be built or trained with, naming the field and its value.
 
-    def _check(self) -> None:
-        """Reject geometry the model cannot build, naming the field and its value."""
-
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"EchoAIConfig.{name} must be a positive integer, got {value!r}.")
-
-        for name in (
-            "image_size", "patch_size", "num_channels", "num_frames", "tubelet_size",
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
-            "decoder_intermediate_size",
-        ):  # fmt: skip
-            positive(name)
-
-        def divides(small: str, large: str) -> None:
+        The one place EchoAIConfig is validated: `@strict` runs every `validate_*` method once after `__init__`
+        (wrapping the `ValueError` in its `StrictDataclassClassValidationError`) and again when `save_pretrained`
+        writes the config, so a config edited by hand is re-checked before it is saved. Types, and the choices
+        of the `Literal` fields (`mask_strategy`, `pooling`, `regression_loss`), `@strict` checks itself on
+        every assignment.
+        """
+        for name in POSITIVE_FIELDS:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EchoAIConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        for small, large in DIVISIBLE_FIELDS:
             if getattr(self, large) % getattr(self, small):
                 raise ValueError(
                     f"EchoAIConfig.{large}={getattr(self, large)} must be divisible by {small}={getattr(self, small)}."
                 )
-
-        divides("patch_size", "image_size")
-        divides("tubelet_size", "num_frames")
-        divides("num_attention_heads", "hidden_size")
-        divides("decoder_num_attention_heads", "decoder_hidden_size")
-
         if self.stem_channels is not None:
-            if not self.stem_channels or any(
-                isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in self.stem_channels
-            ):
+            if not self.stem_channels or min(self.stem_channels) <= 0:
                 raise ValueError(
                     f"EchoAIConfig.stem_channels must be None or a non-empty list of positive integers, got "
                     f"{self.stem_channels!r}."
@@ -201,37 +202,19 @@ class EchoAIConfig(PreTrainedConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"EchoAIConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}.")
-        if self.mask_strategy not in ("tube", "random"):
-            raise ValueError(f"EchoAIConfig.mask_strategy must be 'tube' or 'random', got {self.mask_strategy!r}.")
-        if self.pooling not in ("mean", "mean_max_min"):
-            raise ValueError(f"EchoAIConfig.pooling must be 'mean' or 'mean_max_min', got {self.pooling!r}.")
-        if self.regression_loss not in ("mse", "l1", "huber"):
-            raise ValueError(
-                f"EchoAIConfig.regression_loss must be 'mse', 'l1' or 'huber', got {self.regression_loss!r}."
-            )
         if not self.regression_target_std > 0:
             raise ValueError(
                 f"EchoAIConfig.regression_target_std must be positive, got {self.regression_target_std!r}."
             )
         # Tube masking hides whole spatial positions, so at least one must stay visible per slice.
-        patches_per_frame = (self.image_size // self.patch_size) ** 2
-        tokens = (
-            patches_per_frame
-            if self.mask_strategy == "tube"
-            else patches_per_frame * (self.num_frames // self.tubelet_size)
-        )
+        tokens = self.patches_per_frame if self.mask_strategy == "tube" else self.num_patches
         if int(self.mask_ratio * tokens) >= tokens:
             raise ValueError(
                 f"EchoAIConfig.mask_ratio={self.mask_ratio} hides all {tokens} maskable positions; lower it."
             )
 
-    # `validate()` runs at save time and after every attribute change made through `from_dict`; keeping
-    # our checks there too means a config edited by hand is re-checked before it is written.
-    def validate_geometry(self) -> None:
-        self._check()
-
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> EchoAIConfig:
+    def from_preset(cls, name: str, **overrides) -> "EchoAIConfig":
         """Build the named preset (`tiny`, `small`, `base`), with any field overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"Unknown EchoAI preset {name!r}; choose one of {sorted(PRESETS)}.")

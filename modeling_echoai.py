@@ -8,10 +8,12 @@ Architecture
   `spatial[n] + temporal[t]`, so frame order is encoded independently of position in the frame, and
   each table can be resampled on its own axis (`interpolate_pos_encoding=True`): bicubic over the 2-D
   patch grid, linear over time.
-* **Encoder**: pre-norm ViT blocks (fused QKV, SDPA or eager attention through transformers' attention
-  interface, stochastic depth), a final LayerNorm. With a mask it encodes only the visible tokens (MAE). On CPU
-  in bf16 / fp16, "sdpa" runs as matmuls over cache-sized chunks (`chunked_attention_forward`), 1.7-4.8x faster
-  there than torch's fused kernel at these shapes; elsewhere it is torch's SDPA.
+* **Encoder**: pre-norm ViT blocks (fused QKV, stochastic depth), a final LayerNorm. With a mask it encodes only
+  the visible tokens (MAE). The attention kernel is whatever `config._attn_implementation` names in transformers'
+  `AttentionInterface`: "sdpa" (the default), "eager", or `"echoai_chunked"`, registered by this file on import
+  (`chunked_attention_forward`: the eager matmuls over batch chunks small enough for the scores to stay in the
+  CPU's caches). The kernel is chosen by name, never swapped in behind another: the scripts pick it where
+  docs/BENCHMARKS.md measured it faster than torch's SDPA (training on a CPU in bf16; `perf_echoai`).
 * **Pretraining** (`EchoAIForPreTraining`, VideoMAE): tube masking (90 % by default), a narrow decoder over
   visible + mask tokens, pixels of the masked tubelets regressed with the norm-pix MSE loss.
 * **Fine-tuning** (`EchoAIForVideoClassification`): mean-pooled tokens -> head; `num_labels=1` with
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModel,
     AutoModelForPreTraining,
@@ -71,16 +74,17 @@ class EchoAIForPreTrainingOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`): norm-pix MSE over the masked tubelets.
         logits (`torch.FloatTensor` of shape `(B, M, P)`): predicted pixels of the masked tubelets, in the
-            order of `bool_masked_pos`'s True entries (ascending token index); P = tubelet * patch² * channels,
+            order of the mask's hidden entries (ascending token index); P = tubelet * patch² * channels,
             laid out as (t p q c). With `norm_pix_loss` they are per-tubelet normalised pixels.
-        bool_masked_pos (`torch.BoolTensor` of shape `(B, L)`): the mask used (True = hidden), returned so a
-            mask the model drew itself can be inspected or visualised.
+        mask (`torch.FloatTensor` of shape `(B, L)`): the mask used, 1.0 = hidden and 0.0 = visible, as
+            `ViTMAEForPreTrainingOutput.mask`; returned so a mask the model drew itself can be inspected or
+            visualised (`mask.bool()` is the `bool_masked_pos` to pass back in).
         hidden_states, attentions: the encoder's, when requested.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    bool_masked_pos: torch.BoolTensor | None = None
+    mask: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -110,7 +114,7 @@ def _centered_patches(patches: torch.Tensor, eps: float) -> tuple[torch.Tensor, 
     """(mean, patches - mean, std) per tubelet, std from the unbiased variance + eps (as in MAE).
 
     Two explicit passes (the mean, then the norm of the deviations) rather than `Tensor.var`: the same values
-    within 1e-6, and an order of magnitude faster on CPU for the (B, M, P) target of a pretraining step.
+    within 1e-6, and measured faster on CPU for the (B, M, P) target of a pretraining step (docs/BENCHMARKS.md).
     """
     mean = patches.mean(dim=-1, keepdim=True)
     centered = patches - mean
@@ -269,8 +273,8 @@ class EchoAIPatchEmbeddings(nn.Module):
     kernel = stride = (t, p, p) (the layout of ViViT and VideoMAE checkpoints).
 
     A whole clip goes through the convolution. Under a mask only the visible tubelets are embedded, as one
-    matmul over their patchified pixels with the same weights: 10 % of the work at mask ratio 0.9. (The
-    convolution is the faster of the two on a whole clip: it needs no patchify copy of the input.)
+    matmul over their patchified pixels with the same weights: 10 % of the work at mask ratio 0.9. (A whole clip
+    keeps the convolution, which needs no patchify copy of the input; docs/BENCHMARKS.md compares the two.)
 
     With `config.stem_channels` a convolutional stem (`EchoAIConvStem`) runs first and the projection's kernel
     covers the rest of the tubelet (p / 2^k pixels). Under a mask the hidden tubelets' pixels are zeroed before
@@ -451,6 +455,8 @@ def eager_attention_forward(
 
 # Scores per chunk in `chunked_attention_forward`: 4 M elements (8 MB in bf16) stay in the CPU's caches.
 ATTENTION_CHUNK_ELEMENTS = 1 << 22
+# The name `chunked_attention_forward` is registered under in transformers' `AttentionInterface`.
+CHUNKED_ATTENTION = "echoai_chunked"
 
 
 def chunked_attention_forward(
@@ -464,8 +470,9 @@ def chunked_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """`eager_attention_forward` over chunks of the batch small enough for the scores to stay in cache; returns
-    (B, L, heads, d) and no weights, as SDPA. What "sdpa" runs on CPU in bf16 / fp16: at EchoAI's shapes, torch's
-    fused CPU kernel is 1.7-4.8x slower there (bench/bench_attention.py)."""
+    (B, L, heads, d) and no weights, as SDPA does. Chosen by name, `attn_implementation="echoai_chunked"`: the
+    same attention as "sdpa" and "eager", a kernel for training on CPUs in half precision, where two plain matmuls
+    beat torch's fused SDPA kernel (bench/bench_attention.py, docs/BENCHMARKS.md)."""
     batch_size, num_heads, length, _ = query.shape
     chunk = max(1, ATTENTION_CHUNK_ELEMENTS // (num_heads * length * key.shape[2]))
     outputs = []
@@ -476,9 +483,13 @@ def chunked_attention_forward(
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
 
 
+# On import, so a model loaded as Hub remote code (`trust_remote_code=True`) can be given this name too.
+AttentionInterface.register(CHUNKED_ATTENTION, chunked_attention_forward)
+
+
 class EchoAISelfAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection; the kernel is picked by
-    `config._attn_implementation` ("sdpa", "eager", or any registered in transformers)."""
+    """Multi-head self-attention with one fused QKV projection; the kernel is the one `config._attn_implementation`
+    names ("sdpa", "eager", "echoai_chunked", or any other registered in transformers' `AttentionInterface`)."""
 
     def __init__(self, config: EchoAIConfig, width: int, num_heads: int):
         super().__init__()
@@ -496,10 +507,9 @@ class EchoAISelfAttention(nn.Module):
             self.qkv(hidden_states), "b l (three heads d) -> three b heads l d", three=3, heads=self.num_heads
         )
         query, key, value = qkv.unbind(0)  # each (B, heads, L, d)
-        implementation = self.config._attn_implementation
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        if implementation == "sdpa" and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
-            attention_interface = chunked_attention_forward  # in fp32 torch's fused CPU kernel is the faster one
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         output, weights = attention_interface(
             self,
             query,
@@ -792,7 +802,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         return EchoAIForPreTrainingOutput(
             loss=loss,
             logits=logits,
-            bool_masked_pos=bool_masked_pos,
+            mask=bool_masked_pos.float(),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -949,6 +959,7 @@ __all__ = [
     "EchoAIForVideoClassification",
     "EchoAIModel",
     "EchoAIPreTrainedModel",
+    "CHUNKED_ATTENTION",
     "make_mask",
     "patchify",
     "unpatchify",

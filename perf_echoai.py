@@ -1,8 +1,8 @@
-"""Process-wide performance settings the scripts choose explicitly, kept apart from the training stack so that
-inference (`scripts/evaluate.py`, `scripts/predict.py`) uses them without importing accelerate.
+"""Speed settings for the process and the model, each one measured (docs/BENCHMARKS.md, with the bench/ command
+that measured it) and each called by name from the scripts, never applied inside the model or the training code.
 
-* `keep_freed_memory` -- glibc's malloc keeps freed memory for reuse (docs/BENCHMARKS.md, "Where the speed comes
-  from", measures it with `bench/bench_pretrain.py --default_malloc`).
+* `keep_freed_memory` -- glibc's malloc keeps freed memory for the next step instead of returning it to the OS.
+* `fastest_attention`, `use_fastest_attention` -- the attention kernel measured fastest on a device in a precision.
 """
 
 from __future__ import annotations
@@ -10,15 +10,23 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import torch
+
+from modeling_echoai import CHUNKED_ATTENTION, EchoAIConfig
+
+
+# Precisions (accelerate's `mixed_precision` names) in which the chunked kernel beat torch's SDPA on CPU in training.
+CHUNKED_ATTENTION_PRECISIONS = ("bf16", "fp16")
+
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS at once.
 
-    A training or inference step allocates and frees tens of MB of activations. With glibc's defaults, blocks
-    above 128 KiB come from fresh mmaps (a threshold that only adapts after the first frees) and freed memory at
-    the heap's top is returned: every step faults the same pages in again. Raising both thresholds keeps them
-    mapped, at the same peak RSS; memory freed after the peak stays with the process. Returns False (and changes
-    nothing) where the C library is not glibc.
+    A training step allocates and frees tens of MB of activations. With glibc's defaults, blocks above 128 KiB
+    come from fresh mmaps (a threshold that only adapts after the first frees) and freed memory at the heap's top
+    is returned: every step faults the same pages in again. With both thresholds raised the pages stay mapped;
+    docs/BENCHMARKS.md measures the gain for a pretraining step (same peak RSS). Memory freed after the peak stays
+    with the process. Returns False (and changes nothing) where the C library is not glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -29,3 +37,23 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     # The mmap threshold first: setting either one freezes glibc's adaptive threshold at its current value.
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def fastest_attention(device: torch.device | str, precision: str, training: bool) -> str:
+    """The `attn_implementation` EchoAI runs fastest with on `device` in `precision` ("no" / "fp32", "bf16",
+    "fp16"), for training (forward + backward) or for inference (forward only).
+
+    The chunked matmul kernel for training on a CPU in half precision, where it beat torch's fused SDPA at every
+    training shape EchoAI runs on each CPU measured; transformers' default "sdpa" everywhere else: faster on CPU in
+    fp32, faster for bf16 inference on one of the two CPUs measured and slower on the other, and not measured on
+    GPUs (docs/BENCHMARKS.md, *Attention kernels*).
+    """
+    on_cpu = torch.device(device).type == "cpu"
+    return CHUNKED_ATTENTION if training and on_cpu and precision in CHUNKED_ATTENTION_PRECISIONS else "sdpa"
+
+
+def use_fastest_attention(model: torch.nn.Module, device: torch.device | str, precision: str, training: bool) -> None:
+    """Give an EchoAI model (installed or loaded as remote code) `fastest_attention(device, precision, training)`,
+    which `model.config._attn_implementation` then shows. Any other model (the CNN baseline) is left as it is."""
+    if getattr(getattr(model, "config", None), "model_type", None) == EchoAIConfig.model_type:
+        model.set_attn_implementation(fastest_attention(device, precision, training))

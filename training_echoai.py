@@ -4,8 +4,8 @@ The two scripts differ only in their model, data and loss; everything else lives
 
 * `add_common_args` -- the flags of transformers' `examples/pytorch/*_no_trainer.py` scripts.
 * `build_accelerator` -- `Accelerator` with mixed precision, accumulation, trackers and torch.compile from the
-  flags (or from `accelerate launch` / its config, which set the same through the environment); threads and
-  `perf_echoai.keep_freed_memory` for the process.
+  flags (or from `accelerate launch` / its config, which set the same through the environment); threads for the
+  process. (Speed settings, such as `keep_freed_memory`, live in `perf_echoai`; the scripts call them.)
 * `TrainingClips` + `collate` -- a map-style dataset whose every random choice (epoch order, clip start,
   augmentation) is drawn from a generator seeded by (seed, epoch, video), so a resumed run sees exactly
   the batches a straight run would, with or without DataLoader workers and across processes.
@@ -64,7 +64,6 @@ from transformers import get_cosine_schedule_with_warmup
 from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator, row_pixel_values
 from inference_echoai import predict_videos
-from perf_echoai import keep_freed_memory
 from video_io_echoai import VideoDecodingError, decode_all_frames
 from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
@@ -206,7 +205,6 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     set_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    keep_freed_memory()
     if args.torch_compile:
         logger.info("torch.compile (%s backend): the first steps include the compilation", args.torch_compile_backend)
     return accelerator
@@ -1308,7 +1306,7 @@ def save_reconstruction(
     import matplotlib.pyplot as plt
 
     clip = pixel_values[:1].float()
-    masked, reconstruction = model.reconstruct(clip, outputs.logits[:1].float(), outputs.bool_masked_pos[:1])
+    masked, reconstruction = model.reconstruct(clip, outputs.logits[:1].float(), outputs.mask[:1].bool())
     mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
     rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}

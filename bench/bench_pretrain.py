@@ -18,7 +18,7 @@ Contenders, each in fp32 and in bf16 autocast (`torch.autocast("cpu", dtype=torc
   inductor with frozen weights); the compilation (the first steps, the first video) is timed separately and
   excluded from the step time.
 
-The process runs with `training_echoai.keep_freed_memory()`, as EchoAI's scripts do (glibc's malloc keeps
+The process runs with `perf_echoai.keep_freed_memory()`, as EchoAI's scripts do (glibc's malloc keeps
 freed memory instead of faulting it in again every step); it speeds up both models. `--default_malloc` leaves
 glibc's defaults, to measure what it is worth.
 
@@ -81,7 +81,7 @@ from common import (  # noqa: E402
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from inference_echoai import compile_for_inference, protocol_clip_indices  # noqa: E402
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask  # noqa: E402
-from perf_echoai import keep_freed_memory  # noqa: E402
+from perf_echoai import keep_freed_memory, use_fastest_attention  # noqa: E402
 from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
 
 
@@ -199,19 +199,29 @@ def inference_flops(config: EchoAIConfig, num_clips: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_pretraining(name: str, config: EchoAIConfig, videomae_attention: str = "sdpa") -> torch.nn.Module:
+def build_pretraining(
+    name: str, config: EchoAIConfig, precision: str, videomae_attention: str = "sdpa"
+) -> torch.nn.Module:
+    """EchoAI with the attention kernel the scripts give it at `precision` (`perf_echoai.use_fastest_attention`)."""
     torch.manual_seed(0)
     if name == "EchoAI":
-        return EchoAIForPreTraining(config).train()
+        model = EchoAIForPreTraining(copy.deepcopy(config)).train()
+        use_fastest_attention(model, "cpu", precision, training=True)
+        return model
     return VideoMAEForPreTraining(videomae_config(config, videomae_attention)).train()
 
 
-def build_classifier(name: str, config: EchoAIConfig, videomae_attention: str = "sdpa") -> torch.nn.Module:
+def build_classifier(
+    name: str, config: EchoAIConfig, precision: str, videomae_attention: str = "sdpa"
+) -> torch.nn.Module:
+    """EchoAI with the attention kernel the scripts give it at `precision` (`perf_echoai.use_fastest_attention`)."""
     torch.manual_seed(0)
     if name == "EchoAI":
         config = copy.deepcopy(config)
         config.num_labels = 1
-        return EchoAIForVideoClassification(config).eval()
+        model = EchoAIForVideoClassification(config).eval()
+        use_fastest_attention(model, "cpu", precision, training=False)
+        return model
     return VideoMAEForVideoClassification(videomae_config(config, videomae_attention, num_labels=1)).eval()
 
 
@@ -274,7 +284,7 @@ def video_inputs(config: EchoAIConfig, num_frames: int) -> tuple[torch.Tensor, t
 
 def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps: int, attention: str) -> None:
     """Run in a subprocess: build, record RSS, run `steps` training steps, print peak RSS as JSON."""
-    model = build_pretraining(name, config, attention)
+    model = build_pretraining(name, config, precision, attention)
     pixel_values, mask = inputs(config, batch)
     step = pretraining_step(model, pixel_values, mask, precision)
     before = proc_status_mib("VmRSS")
@@ -472,11 +482,11 @@ def main(argv=None) -> None:
     steps = {}
     for precision in PRECISIONS:
         for name in ("VideoMAE", "EchoAI"):
-            model = build_pretraining(name, config, args.videomae_attention)
+            model = build_pretraining(name, config, precision, args.videomae_attention)
             steps[f"{name} {precision}"] = pretraining_step(model, pixel_values, mask, precision)
     if args.compile:
         for name in ("VideoMAE", "EchoAI"):
-            compiled = torch.compile(build_pretraining(name, config, args.videomae_attention))
+            compiled = torch.compile(build_pretraining(name, config, "bf16", args.videomae_attention))
             steps[f"{name}-compiled bf16"] = step = pretraining_step(compiled, pixel_values, mask, "bf16")
             compile_started = time.perf_counter()
             for _ in range(2):  # forward + backward graphs, then a step with the optimizer state in place
@@ -498,11 +508,11 @@ def main(argv=None) -> None:
     videos = {}
     for precision in PRECISIONS:
         for name in ("VideoMAE", "EchoAI"):
-            model = build_classifier(name, config, args.videomae_attention)
+            model = build_classifier(name, config, precision, args.videomae_attention)
             videos[f"{name} {precision}"] = video_inference(model, frames, clips, args.eval_batch_size, precision)
     if args.compile:  # as scripts/evaluate.py --torch_compile: inductor, frozen weights
         for name in ("VideoMAE", "EchoAI"):
-            compiled = compile_for_inference(build_classifier(name, config, args.videomae_attention))
+            compiled = compile_for_inference(build_classifier(name, config, "bf16", args.videomae_attention))
             videos[f"{name}-compiled bf16"] = video = video_inference(
                 compiled, frames, clips, args.eval_batch_size, "bf16"
             )

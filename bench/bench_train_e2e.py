@@ -40,7 +40,7 @@ from common import machine_info, markdown_table, precision_context  # noqa: E402
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from data_echoai import synthetic_echonet_dir  # noqa: E402
 from modeling_echoai import EchoAIForPreTraining  # noqa: E402
-from perf_echoai import keep_freed_memory  # noqa: E402
+from perf_echoai import keep_freed_memory, use_fastest_attention  # noqa: E402
 
 
 def load_pretrain():
@@ -72,6 +72,7 @@ def model_only_step_times(precision: str, steps: int, warmup: int, args) -> list
     """The same optimizer step on a synthetic in-memory batch: forward, backward, clip, AdamW, zero_grad."""
     torch.manual_seed(args.seed)
     model = EchoAIForPreTraining(EchoAIConfig.from_preset(args.preset)).train()
+    use_fastest_attention(model, "cpu", precision, training=True)  # as scripts/pretrain.py does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     config = model.config
     pixel_values = torch.randn(
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A smoke run: 1 round, 2 measured steps, 1 warm-up.")
     args = parser.parse_args(argv)
-    keep_freed_memory()  # as the script's build_accelerator does, for both contenders from the start
+    keep_freed_memory()  # as the scripts do, for both contenders from the start
     if args.quick:
         args.rounds, args.steps_fp32, args.steps_bf16, args.warmup = 1, 2, 2, 1
 

@@ -47,7 +47,7 @@ from inference_echoai import (
     scatter_plot,
 )
 from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
-from perf_echoai import keep_freed_memory
+from perf_echoai import keep_freed_memory, use_fastest_attention
 
 
 logger = logging.getLogger("evaluate")
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_model_and_processor(args.model_name_or_path, args.device)
     except ModelLoadingError as error:
         sys.exit(f"error: {error}")
+    use_fastest_attention(model, args.device, "bf16" if args.bf16 else "no", training=False)
     logger.info(
         "Evaluating %s on %d %s videos of %s, protocol %s", args.model_name_or_path, len(rows), args.split,
         data_dir, args.protocol,

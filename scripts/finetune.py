@@ -65,6 +65,7 @@ from configuration_echoai import EchoAIConfig
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForVideoClassification
+from perf_echoai import keep_freed_memory, use_fastest_attention
 from training_echoai import (
     BestModel,
     TrainingClips,
@@ -385,6 +386,7 @@ def save_outputs(args, accelerator, model, processor, result, all_results: dict,
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     accelerator = build_accelerator(args)
+    keep_freed_memory()
     os.makedirs(args.output_dir, exist_ok=True)
     regression = args.num_labels == 1
 
@@ -392,6 +394,7 @@ def main(argv: list[str] | None = None):
     data_dir, splits = load_splits(args, accelerator)
     label_column = LABEL if args.class_boundaries else args.label_column
     model = build_model(args, splits["train"])
+    use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
     with accelerator.main_process_first():
         processor = build_processor(args, model.config, splits["train"])
     train_loader = make_dataloader(

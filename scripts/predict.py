@@ -33,7 +33,7 @@ from inference_echoai import (
     predict_videos,
     prediction_options,
 )
-from perf_echoai import keep_freed_memory
+from perf_echoai import keep_freed_memory, use_fastest_attention
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    use_fastest_attention(model, args.device, "bf16" if args.bf16 else "no", training=False)
 
     results = predict_videos(model, processor, videos, progress=len(videos) > 1, **args.prediction)
     root = Path(args.video_or_dir) if Path(args.video_or_dir).is_dir() else None

@@ -40,6 +40,7 @@ from configuration_echoai import EchoAIConfig
 from corpus_echoai import load_corpus, shuffle_corpus, split_corpus_by_node
 from data_echoai import load_echonet_dynamic, load_video_folder, row_frames, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
+from perf_echoai import keep_freed_memory, use_fastest_attention
 from training_echoai import (
     StreamingClips,
     TrainingClips,
@@ -160,11 +161,13 @@ def print_loss_trend(accelerator, result) -> None:
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     accelerator = build_accelerator(args)
+    keep_freed_memory()
     os.makedirs(args.output_dir, exist_ok=True)
 
     # Data
     data_dir, videos = load_videos(args, accelerator)
     model = build_model(args)
+    use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
     config = model.config
     processor, dataset = build_data(args, accelerator, config, videos)
     dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)

@@ -9,10 +9,12 @@ import textwrap
 import pytest
 import torch
 from einops import rearrange
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVideoClassification
 
 from configuration_echoai import PRESETS, EchoAIConfig
 from modeling_echoai import (
+    CHUNKED_ATTENTION,
     EchoAIForPreTraining,
     EchoAIForVideoClassification,
     EchoAIModel,
@@ -78,6 +80,14 @@ def test_presets_build_and_round_trip_as_plain_config_json(name, tmp_path):
     }
 
 
+def test_a_config_edited_by_hand_is_validated_again_before_it_is_saved(tmp_path):
+    config = tiny_config()
+    config.num_frames = 5  # a valid type, so `@strict` lets the assignment through; the geometry is checked on save
+    with pytest.raises(StrictDataclassError, match="num_frames=5 must be divisible by tubelet_size=2"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_preset_overrides_and_unknown_preset():
     assert EchoAIConfig.from_preset("tiny", mask_ratio=0.8).mask_ratio == 0.8
     with pytest.raises(ValueError, match="Unknown EchoAI preset 'huge'"):
@@ -94,19 +104,22 @@ def test_preset_overrides_and_unknown_preset():
         (dict(mask_ratio=1.0), r"mask_ratio must lie in \(0, 1\), got 1.0"),
         (dict(mask_ratio=0.0), r"mask_ratio must lie in \(0, 1\), got 0.0"),
         (dict(mask_ratio=-0.5), r"mask_ratio must lie in \(0, 1\)"),
-        (dict(mask_strategy="block"), r"mask_strategy must be 'tube' or 'random', got 'block'"),
+        (dict(mask_strategy="block"), r"Field 'mask_strategy' expected one of \('tube', 'random'\), got block"),
         (dict(patch_size=0), r"patch_size must be a positive integer, got 0"),
         (dict(drop_path_rate=1.5), r"drop_path_rate must lie in \[0, 1\)"),
-        (dict(regression_loss="l3"), r"regression_loss must be 'mse', 'l1' or 'huber'"),
+        (dict(regression_loss="l3"), r"Field 'regression_loss' expected one of \('mse', 'l1', 'huber'\), got l3"),
         (dict(regression_target_std=0.0), r"regression_target_std must be positive"),
         (dict(stem_channels=[8, 8, 8, 8, 8]), r"patch_size=16 must be divisible by 2 \*\* len\(stem_channels\) = 32"),
         (dict(stem_channels=[]), r"stem_channels must be None or a non-empty list of positive integers"),
         (dict(stem_channels=[8, 0]), r"stem_channels must be None or a non-empty list of positive integers"),
-        (dict(pooling="max"), r"pooling must be 'mean' or 'mean_max_min', got 'max'"),
+        (dict(pooling="max"), r"Field 'pooling' expected one of \('mean', 'mean_max_min'\), got max"),
+        (dict(patch_size=True), r"Field 'patch_size' expected int, got bool"),
     ],
 )
 def test_invalid_config_names_field_and_value(fields, message):
-    with pytest.raises(ValueError, match=message):
+    # As transformers' configs: `@strict` reports a wrong type or `Literal` choice as a field error, and the value
+    # checks of `validate_architecture` as a class-validation error; both name the field and the value.
+    with pytest.raises(StrictDataclassError, match=message):
         EchoAIConfig(**fields)
 
 
@@ -128,7 +141,12 @@ def test_output_shapes_of_every_model():
 
     pretrained = build(EchoAIForPreTraining, config)(x)
     assert pretrained.logits.shape == (3, num_masked, pixels_per_tubelet)
-    assert pretrained.bool_masked_pos.shape == (3, num_tokens) and pretrained.bool_masked_pos.dtype == torch.bool
+    # The mask comes back as ViTMAE's does: float, 1 = hidden.
+    assert pretrained.mask.shape == (3, num_tokens) and pretrained.mask.dtype == torch.float32
+    assert set(pretrained.mask.unique().tolist()) == {0.0, 1.0} and (pretrained.mask.sum(1) == num_masked).all()
+    given = make_mask(3, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(5))
+    returned = build(EchoAIForPreTraining, config)(x, bool_masked_pos=given).mask
+    assert torch.equal(returned, given.float()), "the mask returned is the mask used"
     assert pretrained.loss.shape == () and torch.isfinite(pretrained.loss)
 
     regression = build(EchoAIForVideoClassification, tiny_config(num_labels=1))(x, labels=torch.tensor([50.0, 60, 30]))
@@ -182,26 +200,34 @@ def test_save_load_round_trip_gives_identical_outputs(model_class, tmp_path):
 
 
 @pytest.mark.parametrize("model_class", [EchoAIModel, EchoAIForPreTraining, EchoAIForVideoClassification])
-def test_eager_and_sdpa_attention_agree(model_class):
+def test_eager_sdpa_and_chunked_attention_agree(model_class):
     config = tiny_config(num_labels=1)
     x = clips(config)
     mask = make_mask(2, (2, 4, 4), 0.75)
     kwargs = {"bool_masked_pos": mask} if model_class is EchoAIForPreTraining else {}
     outputs = {}
-    for implementation in ("eager", "sdpa"):
+    for implementation in ("eager", "sdpa", CHUNKED_ATTENTION):
         config._attn_implementation = implementation
         model = build(model_class, config)
         assert model.config._attn_implementation == implementation
         with torch.no_grad():
             outputs[implementation] = model(x, **kwargs)[0]
     torch.testing.assert_close(outputs["sdpa"], outputs["eager"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[CHUNKED_ATTENTION], outputs["eager"], rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_and_eager_are_selectable_through_from_pretrained(tmp_path):
+def test_every_attention_kernel_is_selectable_through_from_pretrained(tmp_path):
     build(EchoAIModel, tiny_config()).save_pretrained(tmp_path)
-    for implementation in ("eager", "sdpa"):
+    assert AutoModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa", "transformers' default"
+    for implementation in ("eager", "sdpa", CHUNKED_ATTENTION):
         model = AutoModel.from_pretrained(tmp_path, attn_implementation=implementation)
         assert model.config._attn_implementation == implementation
+        model.set_attn_implementation("eager")
+        model.set_attn_implementation(implementation)
+        assert model.config._attn_implementation == implementation
+    # The kernel is a run-time choice: it is not written into the saved config.
+    model.save_pretrained(tmp_path / "again")
+    assert "attn_implementation" not in (tmp_path / "again" / "config.json").read_text()
 
 
 def test_one_sample_alone_equals_it_inside_a_batch():
@@ -275,9 +301,9 @@ def test_model_draws_its_mask_reproducibly():
     first = model(x)
     torch.manual_seed(7)
     second = model(x)
-    assert torch.equal(first.bool_masked_pos, second.bool_masked_pos)
+    assert torch.equal(first.mask, second.mask)
     torch.testing.assert_close(first.loss, second.loss, rtol=0, atol=0)
-    assert first.bool_masked_pos.sum(1).tolist() == [2 * int(0.75 * 16)] * 2
+    assert first.mask.sum(1).tolist() == [2 * int(0.75 * 16)] * 2
     a = model.make_mask(x, generator=torch.Generator().manual_seed(3))
     b = model.make_mask(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
@@ -382,7 +408,7 @@ def test_interpolated_position_encoding_runs_and_stays_finite(num_frames, image_
         pretrained = build(EchoAIForPreTraining, config)(x, interpolate_pos_encoding=True)
         regression = build(EchoAIForVideoClassification, config)(x, interpolate_pos_encoding=True)
     assert encoded.shape == (2, tokens, 32) and torch.isfinite(encoded).all()
-    assert pretrained.bool_masked_pos.shape == (2, tokens) and torch.isfinite(pretrained.loss)
+    assert pretrained.mask.shape == (2, tokens) and torch.isfinite(pretrained.loss)
     assert regression.logits.shape == (2, 1) and torch.isfinite(regression.logits).all()
 
 
@@ -507,6 +533,14 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
         with torch.no_grad():
             logits = model(torch.load({str(tmp_path / "x.pt")!r})).logits
         torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=1e-6, atol=1e-6)
+        # The chunked attention kernel is registered when the remote modeling file is imported, so it can be named.
+        chunked = AutoModelForVideoClassification.from_pretrained(
+            {str(checkpoint)!r}, trust_remote_code=True, attn_implementation={CHUNKED_ATTENTION!r}
+        ).eval()
+        assert chunked.config._attn_implementation == {CHUNKED_ATTENTION!r}
+        with torch.no_grad():
+            chunked_logits = chunked(torch.load({str(tmp_path / "x.pt")!r})).logits
+        torch.testing.assert_close(chunked_logits, logits, rtol=1e-5, atol=1e-5)
         pretraining = AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         assert type(pretraining).__name__ == "EchoAIForPreTraining"
         processor = AutoVideoProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
@@ -583,7 +617,7 @@ def test_resized_position_embeddings_match_interpolation_and_survive_save_load(t
     reloaded = EchoAIForVideoClassification.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="num_frames=7 must be divisible by tubelet_size=2"):
+    with pytest.raises(StrictDataclassError, match="num_frames=7 must be divisible by tubelet_size=2"):
         model.resize_position_embeddings(num_frames=7)
     pretraining = build(EchoAIForPreTraining, config)
     pretraining.resize_position_embeddings(num_frames=8)

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from test_modeling import build, clips, tiny_config
 
 import modeling_echoai
-from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, chunked_attention_forward, make_mask
+from modeling_echoai import (
+    CHUNKED_ATTENTION,
+    EchoAIForPreTraining,
+    EchoAIForVideoClassification,
+    chunked_attention_forward,
+    make_mask,
+)
 
 
 def plain_layer(layer, x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +110,15 @@ def test_chunked_attention_equals_sdpa_with_gradients(monkeypatch, chunk_element
 
 
 @pytest.mark.parametrize("model_class", [EchoAIForPreTraining, EchoAIForVideoClassification])
-def test_sdpa_under_cpu_bf16_autocast_runs_the_chunked_matmul_path(monkeypatch, model_class):
-    """Under bf16 autocast on CPU "sdpa" takes the matmul path (never torch's fused kernel) and agrees with eager
-    attention under the same autocast; in fp32 it still calls SDPA."""
+def test_sdpa_is_sdpa_and_the_chunked_kernel_is_chosen_by_name(monkeypatch, model_class):
+    """Under bf16 autocast on CPU "sdpa" calls torch's SDPA, as asked; the chunked kernel runs only when named, never
+    calls SDPA, and agrees exactly with eager attention under the same autocast and closely with fp32."""
     config = tiny_config(num_labels=1) if model_class is EchoAIForVideoClassification else tiny_config()
-    sdpa, eager = build(model_class, config), build(model_class, copy.deepcopy(config))
-    eager.set_attn_implementation("eager")
-    assert sdpa.config._attn_implementation == "sdpa"
+    models = {}
+    for implementation in ("sdpa", "eager", CHUNKED_ATTENTION):
+        models[implementation] = build(model_class, copy.deepcopy(config))
+        models[implementation].set_attn_implementation(implementation)
+        assert models[implementation].config._attn_implementation == implementation
     x = clips(config)
     kwargs = {"bool_masked_pos": make_mask(2, (2, 4, 4), 0.75)} if model_class is EchoAIForPreTraining else {}
 
@@ -118,13 +126,14 @@ def test_sdpa_under_cpu_bf16_autocast_runs_the_chunked_matmul_path(monkeypatch, 
     real_sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fast, reference = sdpa(x, **kwargs).logits, eager(x, **kwargs).logits
-    assert not calls
-    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+        chunked, eager = (models[name](x, **kwargs).logits for name in (CHUNKED_ATTENTION, "eager"))
+        assert not calls
+        models["sdpa"](x, **kwargs)
+        assert calls, '"sdpa" must run torch\'s SDPA in bf16 on CPU too'
+    torch.testing.assert_close(chunked, eager, rtol=0, atol=0)
     with torch.no_grad():
-        full_precision = sdpa(x, **kwargs).logits
-    assert calls
-    torch.testing.assert_close(fast.float(), full_precision, rtol=0.05, atol=0.05)
+        full_precision = models["sdpa"](x, **kwargs).logits
+    torch.testing.assert_close(chunked.float(), full_precision, rtol=0.05, atol=0.05)
 
 
 def test_compiled_pretraining_step_equals_the_eager_one():

@@ -1,0 +1,42 @@
+"""The speed settings in `perf_echoai` are explicit choices: what they pick, and that they change no prediction."""
+
+import pytest
+import torch
+from test_modeling import build, clips, tiny_config
+
+from baselines_echoai import build_baseline
+from modeling_echoai import CHUNKED_ATTENTION, EchoAIForVideoClassification
+from perf_echoai import fastest_attention, use_fastest_attention
+
+
+@pytest.mark.parametrize(
+    "device, precision, training, expected",
+    [
+        ("cpu", "bf16", True, CHUNKED_ATTENTION),
+        ("cpu", "fp16", True, CHUNKED_ATTENTION),
+        (torch.device("cpu"), "bf16", True, CHUNKED_ATTENTION),
+        ("cpu", "bf16", False, "sdpa"),
+        ("cpu", "no", True, "sdpa"),
+        ("cpu", "fp32", False, "sdpa"),
+        ("cuda", "bf16", True, "sdpa"),
+    ],
+)
+def test_fastest_attention_is_chunked_only_for_cpu_training_in_half_precision(device, precision, training, expected):
+    assert fastest_attention(device, precision, training) == expected
+
+
+def test_use_fastest_attention_sets_echoai_visibly_and_leaves_other_models_alone():
+    model = build(EchoAIForVideoClassification, tiny_config(num_labels=1))
+    x = clips(model.config)
+    with torch.no_grad():
+        before = model(x).logits
+    use_fastest_attention(model, "cpu", "bf16", training=True)
+    assert model.config._attn_implementation == CHUNKED_ATTENTION
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    use_fastest_attention(model, "cpu", "bf16", training=False)
+    assert model.config._attn_implementation == "sdpa"
+
+    baseline = build_baseline("r2plus1d_18", base_width=4, stem_width=4)  # a CNN: no attention to choose
+    use_fastest_attention(baseline, "cpu", "bf16", training=True)
+    assert not hasattr(baseline.config, "_attn_implementation")
