@@ -301,6 +301,11 @@ def render_phantom(seed_sequence: np.random.SeedSequence) -> PhantomVideo:
     )  # fmt: skip
 
 
+def _column(values) -> np.ndarray:
+    """(T,) per-frame values as a float32 (T, 1, 1) column that broadcasts over a frame's pixels."""
+    return np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
+
+
 def _draw_frames(
     rng: np.random.Generator,
     lv_apex: np.ndarray,
@@ -312,19 +317,39 @@ def _draw_frames(
     fps: int,
 ) -> np.ndarray:
     """Rasterise the four chambers, speckle and the sector for every frame at once: (T, H, W) uint8."""
-    num_frames = len(length)
     yy, xx = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE].astype(np.float32)
-    col = lambda v: np.asarray(v, dtype=np.float32).reshape(-1, 1, 1)  # noqa: E731  (T,) -> (T, 1, 1)
-    length, half_width, wall, contraction = col(length), col(half_width), col(wall), col(contraction)
-    perp = np.array([-direction[1], direction[0]], dtype=np.float32)
+    length, half_width, wall, contraction = (_column(v) for v in (length, half_width, wall, contraction))
     lv_apex, direction = lv_apex.astype(np.float32), direction.astype(np.float32)
+    image = _draw_chambers(xx, yy, lv_apex, direction, length, half_width, wall, contraction)
+    # Speckle moving with the tissue, then what the scanner adds on top.
+    moving, tissue_x, tissue_y = _tissue_coordinates(xx, yy, lv_apex, direction, length, half_width)
+    lag_one_correlation = float(rng.uniform(0.7, 0.9))
+    image *= _speckle(rng, image.shape, moving, tissue_x, tissue_y, lag_one_correlation)
+    return _acquire(rng, image, xx, yy, fps)
+
+
+def _draw_chambers(
+    xx: np.ndarray,
+    yy: np.ndarray,
+    lv_apex: np.ndarray,
+    direction: np.ndarray,
+    length: np.ndarray,
+    half_width: np.ndarray,
+    wall: np.ndarray,
+    contraction: np.ndarray,
+) -> np.ndarray:
+    """The four chambers' walls and blood pools before speckle: (T, H, W) float32 intensities in [0, 1].
+
+    The per-frame ``length``, ``half_width``, ``wall`` and ``contraction`` are (T, 1, 1) columns.
+    """
+    perp = np.array([-direction[1], direction[0]], dtype=np.float32)
     edge = 0.8  # px, softness of tissue boundaries
 
     def paint(image: np.ndarray, signed_distance: np.ndarray, value: float) -> np.ndarray:
         inside = 0.5 - 0.5 * np.tanh(signed_distance * (0.5 / edge))  # logistic sigmoid
         return image + (value - image) * inside
 
-    image = np.full((num_frames, FRAME_SIZE, FRAME_SIZE), _TISSUE, dtype=np.float32)
+    image = np.full((len(length), FRAME_SIZE, FRAME_SIZE), _TISSUE, dtype=np.float32)
 
     # RV: smaller, to the image's left of the septum, contracting with the LV (fixed RV EF ~ 45 %).
     rv_width = half_width[0, 0, 0] * 0.75 * (1.0 - 0.2 * contraction)
@@ -354,12 +379,12 @@ def _draw_frames(
     for distance, _ in atria:
         image = paint(image, distance, _BLOOD)
     image = paint(image, np.maximum(rv_dist, rv_open - 1.0), _BLOOD)
-    image = paint(image, np.maximum(lv_dist, lv_open - 1.0), _BLOOD)
+    return paint(image, np.maximum(lv_dist, lv_open - 1.0), _BLOOD)
 
-    # Acquisition: speckle moving with the tissue, depth attenuation, sector mask, drifting gain, noise.
-    moving, tissue_x, tissue_y = _tissue_coordinates(xx, yy, lv_apex, direction, length, half_width)
-    lag_one_correlation = float(rng.uniform(0.7, 0.9))
-    image *= _speckle(rng, image.shape, moving, tissue_x, tissue_y, lag_one_correlation)
+
+def _acquire(rng: np.random.Generator, image: np.ndarray, xx: np.ndarray, yy: np.ndarray, fps: int) -> np.ndarray:
+    """What the scanner does to the speckled ``image`` (T, H, W): depth attenuation, sector, gain, noise; uint8."""
+    num_frames = len(image)
     sector_apex_y = -4.0
     radius = np.hypot(xx - FRAME_SIZE / 2, yy - sector_apex_y)
     angle = np.arctan2(xx - FRAME_SIZE / 2, yy - sector_apex_y)
@@ -371,7 +396,7 @@ def _draw_frames(
     seconds = np.arange(num_frames, dtype=np.float32) / fps
     amplitude, period, phase_shift = rng.uniform(0.02, 0.05), rng.uniform(3.0, 10.0), rng.uniform(0.0, 2 * np.pi)
     drift = 1.0 + amplitude * np.sin(2 * np.pi * seconds / period + phase_shift)  # (T,)
-    gain = float(rng.uniform(0.8, 1.1)) * col(drift)
+    gain = float(rng.uniform(0.8, 1.1)) * _column(drift)
     attenuation = float(rng.uniform(0.3, 0.6))
     image *= gain * (1.0 - attenuation * radius / max_radius) * sector
     image += np.abs(rng.normal(0.0, 0.01, size=image.shape)).astype(np.float32) * sector
