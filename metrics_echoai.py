@@ -201,66 +201,86 @@ def _weighted_statistics(
     """
     n = predictions.shape[0]
     diff = predictions - references
-
-    def mean(x: np.ndarray) -> np.ndarray:
-        return counts @ x / n  # (B,)
-
-    # Centre on the full-sample means first so that E[x²] - E[x]² does not cancel catastrophically.
-    p = predictions - predictions.mean()
-    r = references - references.mean()
-    d = diff - diff.mean()
-    mean_p, mean_r, mean_d = mean(p), mean(r), mean(d)
-    var_p = np.maximum(mean(p * p) - mean_p**2, 0.0)
-    var_r = np.maximum(mean(r * r) - mean_r**2, 0.0)
-    cov_pr = mean(p * r) - mean_p * mean_r
-    constant_p = _is_constant(counts, predictions, var_p)
-    constant_r = _is_constant(counts, references, var_r)
-
-    stats: dict[str, np.ndarray] = {}
-    stats["mae"] = mean(np.abs(diff))
     ss_res = counts @ (diff * diff)
-    stats["rmse"] = np.sqrt(ss_res / n)
+    stats: dict[str, np.ndarray] = {"mae": _resample_mean(counts, np.abs(diff)), "rmse": np.sqrt(ss_res / n)}
     if np.any(references == 0):
         stats["mape"] = np.full(counts.shape[0], np.nan)
     else:
-        stats["mape"] = 100.0 * mean(np.abs(diff) / np.abs(references))
+        stats["mape"] = 100.0 * _resample_mean(counts, np.abs(diff) / np.abs(references))
+    stats.update(_fit_statistics(counts, predictions, references, ss_res))
+    stats.update(_agreement_statistics(counts, diff))
+    stats.update(_auc_statistics(counts, predictions, references, thresholds))
+    return stats
 
+
+def _resample_mean(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(B,) mean of the per-video values `x` (n,) over each weighted copy in `counts` (B, n)."""
+    return counts @ x / counts.shape[1]
+
+
+def _fit_statistics(
+    counts: np.ndarray, predictions: np.ndarray, references: np.ndarray, ss_res: np.ndarray
+) -> dict[str, np.ndarray]:
+    """`r2` (as sklearn) and the Pearson correlation for each weighted copy; `ss_res` (B,) is the residual sum."""
+    n = counts.shape[1]
+    # Centre on the full-sample means first so that E[x²] - E[x]² does not cancel catastrophically.
+    p = predictions - predictions.mean()
+    r = references - references.mean()
+    mean_p, mean_r = _resample_mean(counts, p), _resample_mean(counts, r)
+    var_p = np.maximum(_resample_mean(counts, p * p) - mean_p**2, 0.0)
+    var_r = np.maximum(_resample_mean(counts, r * r) - mean_r**2, 0.0)
+    cov_pr = _resample_mean(counts, p * r) - mean_p * mean_r
+    constant_p = _is_constant(counts, predictions, var_p)
+    constant_r = _is_constant(counts, references, var_r)
     # sklearn.metrics.r2_score: 1 - SS_res / SS_tot; with constant references (SS_tot = 0) it returns
     # 1.0 for a perfect fit and 0.0 otherwise (force_finite=True).
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = 1.0 - ss_res / (n * var_r)
         pearson = np.clip(cov_pr / np.sqrt(var_p * var_r), -1.0, 1.0)
-    stats["r2"] = np.where(constant_r, np.where(ss_res == 0, 1.0, 0.0), r2)
-    stats["pearson_r"] = np.where(constant_p | constant_r, np.nan, pearson)
-    stats["pearson_r2"] = stats["pearson_r"] ** 2
+    pearson_r = np.where(constant_p | constant_r, np.nan, pearson)
+    r2 = np.where(constant_r, np.where(ss_res == 0, 1.0, 0.0), r2)
+    return {"r2": r2, "pearson_r": pearson_r, "pearson_r2": pearson_r**2}
 
-    # Bland & Altman (1986): bias = mean difference, limits of agreement = bias ± 1.96 SD (ddof=1).
-    stats["bias"] = mean(diff)
-    stats["diff_sd"] = np.sqrt(np.maximum(mean(d * d) - mean_d**2, 0.0) * n / (n - 1))
-    stats["loa_lower"] = stats["bias"] - LOA_Z * stats["diff_sd"]
-    stats["loa_upper"] = stats["bias"] + LOA_Z * stats["diff_sd"]
 
-    if thresholds:
-        # Rank-based AUC with score = -prediction (Mann–Whitney): U = (sum of the positives' ranks)
-        # - n_pos (n_pos + 1) / 2, ranks ascending in score with ties at their mid-rank. A video drawn
-        # k times is k tied copies, so the mid-ranks of each group of equal predictions follow from
-        # the group totals of `counts`; they do not depend on the threshold.
-        order = np.argsort(-predictions, kind="stable")  # ascending score
-        sorted_predictions = predictions[order]
-        new_group = np.r_[True, sorted_predictions[1:] != sorted_predictions[:-1]]
-        group_starts = np.flatnonzero(new_group)
-        group_of = np.cumsum(new_group) - 1  # (n,) group index of each sorted video
-        sorted_counts = counts[:, order]  # (B, n)
-        group_sizes = np.add.reduceat(sorted_counts, group_starts, axis=1)  # (B, G)
-        mid_ranks = np.cumsum(group_sizes, axis=1) - (group_sizes - 1) / 2  # (B, G)
-        weighted_ranks = sorted_counts * mid_ranks[:, group_of]  # (B, n)
-        for threshold in thresholds:
-            positive = (references[order] < threshold).astype(np.float64)
-            n_pos = sorted_counts @ positive  # (B,)
-            u_statistic = weighted_ranks @ positive - n_pos * (n_pos + 1) / 2
-            pairs = n_pos * (n - n_pos)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                stats[_auc_key(threshold)] = np.where(pairs > 0, u_statistic / pairs, np.nan)
+def _agreement_statistics(counts: np.ndarray, diff: np.ndarray) -> dict[str, np.ndarray]:
+    """Bland & Altman (1986) for each weighted copy: bias = mean difference, limits = bias ± 1.96 SD (ddof=1)."""
+    n = counts.shape[1]
+    d = diff - diff.mean()  # centred, as in _fit_statistics
+    mean_d = _resample_mean(counts, d)
+    bias = _resample_mean(counts, diff)
+    diff_sd = np.sqrt(np.maximum(_resample_mean(counts, d * d) - mean_d**2, 0.0) * n / (n - 1))
+    return {"bias": bias, "diff_sd": diff_sd, "loa_lower": bias - LOA_Z * diff_sd, "loa_upper": bias + LOA_Z * diff_sd}
+
+
+def _auc_statistics(
+    counts: np.ndarray, predictions: np.ndarray, references: np.ndarray, thresholds: tuple[float, ...]
+) -> dict[str, np.ndarray]:
+    """`auc_ef_below_<t>` for each threshold and weighted copy: rank-based (Mann–Whitney), score = -prediction.
+
+    U = (sum of the positives' ranks) - n_pos (n_pos + 1) / 2, ranks ascending in score with ties at their
+    mid-rank. A video drawn k times is k tied copies, so the mid-ranks of each group of equal predictions
+    follow from the group totals of `counts`; they do not depend on the threshold.
+    """
+    if not thresholds:
+        return {}
+    n = counts.shape[1]
+    order = np.argsort(-predictions, kind="stable")  # ascending score
+    sorted_predictions = predictions[order]
+    new_group = np.r_[True, sorted_predictions[1:] != sorted_predictions[:-1]]
+    group_starts = np.flatnonzero(new_group)
+    group_of = np.cumsum(new_group) - 1  # (n,) group index of each sorted video
+    sorted_counts = counts[:, order]  # (B, n)
+    group_sizes = np.add.reduceat(sorted_counts, group_starts, axis=1)  # (B, G)
+    mid_ranks = np.cumsum(group_sizes, axis=1) - (group_sizes - 1) / 2  # (B, G)
+    weighted_ranks = sorted_counts * mid_ranks[:, group_of]  # (B, n)
+    stats = {}
+    for threshold in thresholds:
+        positive = (references[order] < threshold).astype(np.float64)
+        n_pos = sorted_counts @ positive  # (B,)
+        u_statistic = weighted_ranks @ positive - n_pos * (n_pos + 1) / 2
+        pairs = n_pos * (n - n_pos)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stats[_auc_key(threshold)] = np.where(pairs > 0, u_statistic / pairs, np.nan)
     return stats
 
 
@@ -311,12 +331,7 @@ def compute_ef_metrics(
         ValueError: non-numeric, non-finite or mis-shaped inputs, different lengths, fewer than two
             videos, repeated or non-finite thresholds, a negative `bootstrap`, `confidence` outside (0, 1).
     """
-    predictions = _as_ef_vector(predictions, "predictions")
-    references = _as_ef_vector(references, "references")
-    if predictions.shape != references.shape:
-        raise ValueError(
-            f"`predictions` and `references` must have the same length, got {predictions.size} and {references.size}"
-        )
+    predictions, references = _ef_pair(predictions, references)
     n = predictions.size
     if n < 2:
         raise ValueError(f"EF metrics need at least 2 videos (a standard deviation needs two), got {n}")
@@ -332,32 +347,61 @@ def compute_ef_metrics(
     _warn_undefined(predictions, references, thresholds, results)
 
     if bootstrap:
-        rng = np.random.default_rng(seed)
-        chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
-        parts: list[dict[str, np.ndarray]] = []
-        for start in range(0, bootstrap, chunk):
-            counts = _bootstrap_counts(rng, min(chunk, bootstrap - start), n)
-            parts.append(_weighted_statistics(counts, predictions, references, thresholds))
-        alpha = 1.0 - confidence
-        for key in point:
-            samples = np.concatenate([part[key] for part in parts])
-            defined = samples[~np.isnan(samples)]
-            if defined.size == 0:
-                low = high = float("nan")
-            else:
-                if defined.size < samples.size and not np.isnan(results[key]):
-                    warnings.warn(
-                        f"{key} is undefined in {samples.size - defined.size} of {samples.size} bootstrap resamples; "
-                        "its interval uses the others.",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                low, high = np.percentile(defined, [100.0 * alpha / 2, 100.0 * (1.0 - alpha / 2)])
-            results[f"{key}_ci_low"] = float(low)
-            results[f"{key}_ci_high"] = float(high)
-        results["bootstrap"] = int(bootstrap)
-        results["confidence"] = float(confidence)
+        results.update(_bootstrap_intervals(predictions, references, thresholds, results, bootstrap, seed, confidence))
     return results
+
+
+def _ef_pair(predictions: Any, references: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both inputs as float64 EF vectors of the same length (see `_as_ef_vector`)."""
+    predictions = _as_ef_vector(predictions, "predictions")
+    references = _as_ef_vector(references, "references")
+    if predictions.shape != references.shape:
+        raise ValueError(
+            f"`predictions` and `references` must have the same length, got {predictions.size} and {references.size}"
+        )
+    return predictions, references
+
+
+def _bootstrap_intervals(
+    predictions: np.ndarray,
+    references: np.ndarray,
+    thresholds: tuple[float, ...],
+    point: dict[str, float],
+    bootstrap: int,
+    seed: int | None,
+    confidence: float,
+) -> dict[str, float | int]:
+    """`<key>_ci_low` / `<key>_ci_high` for every statistic of `point`, plus `bootstrap` and `confidence`.
+
+    Resamples are drawn in chunks of about `_BOOTSTRAP_CHUNK_CELLS` cells; a statistic undefined in some
+    resamples (but not in `point`) gets its interval from the others, with a warning.
+    """
+    n = predictions.size
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, bootstrap, chunk):
+        counts = _bootstrap_counts(rng, min(chunk, bootstrap - start), n)
+        parts.append(_weighted_statistics(counts, predictions, references, thresholds))
+    alpha = 1.0 - confidence
+    intervals: dict[str, float | int] = {}
+    for key in parts[0]:
+        samples = np.concatenate([part[key] for part in parts])
+        defined = samples[~np.isnan(samples)]
+        if defined.size == 0:
+            low = high = float("nan")
+        else:
+            if defined.size < samples.size and not np.isnan(point[key]):
+                warnings.warn(
+                    f"{key} is undefined in {samples.size - defined.size} of {samples.size} bootstrap resamples; "
+                    "its interval uses the others.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            low, high = np.percentile(defined, [100.0 * alpha / 2, 100.0 * (1.0 - alpha / 2)])
+        intervals[f"{key}_ci_low"] = float(low)
+        intervals[f"{key}_ci_high"] = float(high)
+    return {**intervals, "bootstrap": int(bootstrap), "confidence": float(confidence)}
 
 
 def check_against_mean_predictor(
@@ -380,12 +424,7 @@ def check_against_mean_predictor(
     `min_spread`, and `mean_predictor` {`ef`, `mae`, `rmse`, `r2`} (R² as `compute_ef_metrics`: ≤ 0 unless the
     split's mean equals `train_mean`).
     """
-    predictions = _as_ef_vector(predictions, "predictions")
-    references = _as_ef_vector(references, "references")
-    if predictions.shape != references.shape:
-        raise ValueError(
-            f"`predictions` and `references` must have the same length, got {predictions.size} and {references.size}"
-        )
+    predictions, references = _ef_pair(predictions, references)
     if predictions.size < 2:
         raise ValueError(f"A spread needs at least 2 videos, got {predictions.size}")
     if not np.isfinite(train_mean):
