@@ -306,6 +306,18 @@ def _column(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
 
 
+@dataclass(frozen=True)
+class _LeftVentricle:
+    """The LV's pose and per-frame shape in float32, as the rasteriser reads them."""
+
+    apex: np.ndarray  # (2,) x, y in px
+    direction: np.ndarray  # (2,) unit vector from the apex along the long axis
+    length: np.ndarray  # (T, 1, 1) apex to valve plane, px
+    half_width: np.ndarray  # (T, 1, 1)
+    wall: np.ndarray  # (T, 1, 1) myocardial thickness, px
+    contraction: np.ndarray  # (T, 1, 1) 0 at end-diastole, 1 at end-systole
+
+
 def _draw_frames(
     rng: np.random.Generator,
     lv_apex: np.ndarray,
@@ -318,30 +330,23 @@ def _draw_frames(
 ) -> np.ndarray:
     """Rasterise the four chambers, speckle and the sector for every frame at once: (T, H, W) uint8."""
     yy, xx = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE].astype(np.float32)
-    length, half_width, wall, contraction = (_column(v) for v in (length, half_width, wall, contraction))
-    lv_apex, direction = lv_apex.astype(np.float32), direction.astype(np.float32)
-    image = _draw_chambers(xx, yy, lv_apex, direction, length, half_width, wall, contraction)
+    lv = _LeftVentricle(
+        lv_apex.astype(np.float32),
+        direction.astype(np.float32),
+        *map(_column, (length, half_width, wall, contraction)),
+    )
+    image = _draw_chambers(xx, yy, lv)
     # Speckle moving with the tissue, then what the scanner adds on top.
-    moving, tissue_x, tissue_y = _tissue_coordinates(xx, yy, lv_apex, direction, length, half_width)
+    moving, tissue_x, tissue_y = _tissue_coordinates(xx, yy, lv.apex, lv.direction, lv.length, lv.half_width)
     lag_one_correlation = float(rng.uniform(0.7, 0.9))
     image *= _speckle(rng, image.shape, moving, tissue_x, tissue_y, lag_one_correlation)
     return _acquire(rng, image, xx, yy, fps)
 
 
-def _draw_chambers(
-    xx: np.ndarray,
-    yy: np.ndarray,
-    lv_apex: np.ndarray,
-    direction: np.ndarray,
-    length: np.ndarray,
-    half_width: np.ndarray,
-    wall: np.ndarray,
-    contraction: np.ndarray,
-) -> np.ndarray:
-    """The four chambers' walls and blood pools before speckle: (T, H, W) float32 intensities in [0, 1].
-
-    The per-frame ``length``, ``half_width``, ``wall`` and ``contraction`` are (T, 1, 1) columns.
-    """
+def _draw_chambers(xx: np.ndarray, yy: np.ndarray, lv: _LeftVentricle) -> np.ndarray:
+    """The four chambers' walls and blood pools before speckle: (T, H, W) float32 intensities in [0, 1]."""
+    lv_apex, direction, length, half_width, wall = lv.apex, lv.direction, lv.length, lv.half_width, lv.wall
+    contraction = lv.contraction
     perp = np.array([-direction[1], direction[0]], dtype=np.float32)
     edge = 0.8  # px, softness of tissue boundaries
 
