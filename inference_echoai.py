@@ -14,7 +14,8 @@
   into model batches of a fixed size; logits averaged per video. Decoding runs in DataLoader
   workers when `num_workers > 0`. An unreadable video becomes a result with its error, not a crash.
   With `compile_backend` the model runs under `torch.compile` (`compile_for_inference`).
-* `scatter_plot`, `bland_altman_plot` -- the two figures of an EF evaluation (matplotlib, Agg canvas).
+* `scatter_plot`, `bland_altman_plot` -- the two figures of an EF evaluation; `make_figure`, the matplotlib
+  figure (Agg canvas, no pyplot) every EchoAI picture is drawn on, training's and the experiments' too.
 """
 
 from __future__ import annotations
@@ -581,11 +582,16 @@ def _average_clips(
 # --------------------------------------------------------------------------------------------------
 
 
-def _figure(size: tuple[float, float]):
-    # A bare Figure renders through the Agg canvas without pyplot, so no global backend is touched.
+def make_figure(size: tuple[float, float], dpi: float = 120):
+    """An empty matplotlib `Figure` of `size` inches, saved at `dpi` by `figure.savefig(path)`: every EchoAI picture.
+
+    A bare Figure renders through the Agg canvas without pyplot: no global backend is chosen for the process
+    (`matplotlib.use`), and pyplot keeps no reference to it, so nothing needs closing and a caller's own
+    pyplot session (a notebook) is left alone.
+    """
     from matplotlib.figure import Figure
 
-    return Figure(figsize=size, dpi=120)
+    return Figure(figsize=size, dpi=dpi)
 
 
 def scatter_plot(
@@ -593,7 +599,7 @@ def scatter_plot(
 ) -> Path:
     """Predicted against reference EF with the identity line; MAE, RMSE and R² in the legend."""
     predictions, references = np.asarray(predictions, float), np.asarray(references, float)
-    figure = _figure((5, 5))
+    figure = make_figure((5, 5))
     axes = figure.add_subplot()
     label = f"MAE {metrics['mae']:.2f}, RMSE {metrics['rmse']:.2f}, R² {metrics['r2']:.3f} (n={len(references)})"
     axes.scatter(references, predictions, s=12, alpha=0.6, edgecolors="none", label=label)
@@ -615,7 +621,7 @@ def bland_altman_plot(
     """Difference (predicted - reference) against the mean of the two, with the bias and the 95 % limits
     of agreement from `metrics` (`bias`, `loa_lower`, `loa_upper`; Bland & Altman 1986)."""
     predictions, references = np.asarray(predictions, float), np.asarray(references, float)
-    figure = _figure((6, 4.5))
+    figure = make_figure((6, 4.5))
     axes = figure.add_subplot()
     axes.scatter((predictions + references) / 2, predictions - references, s=12, alpha=0.6, edgecolors="none")
     for key, style, name in (("bias", "-", "bias"), ("loa_lower", "--", "-1.96 SD"), ("loa_upper", "--", "+1.96 SD")):
@@ -641,6 +647,7 @@ __all__ = [
     "detect_beats",
     "estimate_period",
     "load_model_and_processor",
+    "make_figure",
     "nearest_frame_error",
     "predict_videos",
     "protocol_clip_indices",

@@ -63,7 +63,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator, row_pixel_values
-from inference_echoai import predict_videos
+from inference_echoai import make_figure, predict_videos
 from video_io_echoai import VideoDecodingError, decode_all_frames
 from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
@@ -1300,18 +1300,14 @@ def save_reconstruction(
     num_frames_shown: int = 4,
 ) -> Path:
     """PNG of the first clip of a batch: original / masked input / reconstruction, a few frames each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     clip = pixel_values[:1].float()
     masked, reconstruction = model.reconstruct(clip, outputs.logits[:1].float(), outputs.mask[:1].bool())
     mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
     rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}
     frames = torch.linspace(0, clip.shape[1] - 1, num_frames_shown).round().long().tolist()
-    figure, axes = plt.subplots(3, len(frames), figsize=(2 * len(frames), 6.3), squeeze=False)
+    figure = make_figure((2 * len(frames), 6.3), dpi=80)
+    axes = figure.subplots(3, len(frames), squeeze=False)
     for r, (title, video) in enumerate(rows.items()):
         images = (video[frames].cpu() * std + mean).clamp(0, 1).mean(dim=1)  # (F, H, W) grey in [0, 1]
         if title == "masked input":
@@ -1327,6 +1323,5 @@ def save_reconstruction(
     figure.suptitle(f"EchoAI masked reconstruction (batch loss {loss:.3f})")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    figure.savefig(path)
     return path
