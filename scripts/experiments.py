@@ -56,6 +56,7 @@ Writes `results.md` (table), `results.json` (everything, with wall times) and `<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -63,12 +64,15 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
+from inference_echoai import make_figure
 from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask, token_grid
 from training_echoai import from_pretrained_with_geometry, parse_config_overrides, save_reconstruction
@@ -80,7 +84,6 @@ SCRIPTS = Path(__file__).resolve().parent
 
 logger = logging.getLogger("experiments")
 
-EXPERIMENTS = ("mask_ratio", "num_frames", "pretraining", "baselines", "linear_probe")
 # CPU scale: the tiny preset as it is (112 x 112, its convolutional stem and extreme-state pooling: the recipe
 # that reads EF, docs/EXPERIMENTS.md). Smoke: a few thousand parameters on 32 x 32 frames, as the tests' TINY_MODEL.
 DEFAULT_OVERRIDES = ""
@@ -112,7 +115,7 @@ SCALE = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--experiment", choices=EXPERIMENTS, required=True)
@@ -135,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--per_device_train_batch_size", type=int, default=None, help="Default 8; smoke 1.")
     add("--eval_num_clips", type=int, default=None, help="Test clips averaged per video (default 4; smoke 1).")
     add("--recon_num_clips", type=int, default=None, help="Test clips per video for reconstruction (2; smoke 1).")
-    add("--num_threads", type=int, default=1, help="torch CPU threads (0: torch's default); see main().")
+    add("--num_threads", type=int, default=1, help="torch CPU threads (0: torch's default); see torch_threads().")
     add("--mask_ratio", type=float, default=0.9, help="Mask ratio of the shared pretraining and common evaluation.")
     add("--mask_ratios", default="0.8,0.9,0.95", help="mask_ratio: the ratios compared.")
     add("--pretrain_num_frames", type=int, default=16, help="Frames per clip of the shared pretraining.")
@@ -154,7 +157,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="baselines: R(2+1)D config fields beside the geometry of --config_overrides, e.g. 'base_width=16,stem_width=12' "
         f"(default: none, the full R(2+1)D-18; smoke {BASELINE_SMOKE_OVERRIDES!r}).",
     )  # fmt: skip
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    unknown = [m for m in names(args.models) if m not in BASELINE_MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(BASELINE_MODELS)}")
+    settle_defaults(args)
+    return args
+
+
+def settle_defaults(args: argparse.Namespace) -> None:
+    """Fill the flags left unset with the full-run or the --smoke value (SCALE and the overrides' defaults)."""
     if args.time_budget_s is None:
         full, smoke = SCALE["time_budget_s"]
         args.time_budget_s = smoke if args.smoke else full
@@ -167,14 +184,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_seeds = 2 if args.experiment in ("pretraining", "baselines") else 1
     if args.baseline_overrides is None:
         args.baseline_overrides = BASELINE_SMOKE_OVERRIDES if args.smoke else ""
-    unknown = [m for m in names(args.models) if m not in BASELINE_MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {list(BASELINE_MODELS)}")
     if args.config_overrides is None:
         args.config_overrides = SMOKE_OVERRIDES if args.smoke else DEFAULT_OVERRIDES
     args.output_dir = Path(args.output_dir or f"outputs/experiments/{args.experiment}")
     args.runs_dir = Path(args.runs_dir) if args.runs_dir else args.output_dir / "runs"
-    return args
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,150 +537,177 @@ def fmt(value: float, std: float = math.nan, digits: int = 3) -> str:
     return f"{value:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{value:.{digits}f}"
 
 
-def table(args: argparse.Namespace, rows: list[dict]) -> list[str]:
-    if args.experiment == "mask_ratio":
-        lines = [
-            f"| mask ratio | test loss at own ratio | test loss at ratio {args.mask_ratio:g} | pretraining s | picture |",
-            "|---|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['mask_ratio']:g} | {fmt(r['test_loss_own_ratio'])} | {fmt(r['test_loss_common_ratio'])} "
-                f"| {r['pretrain_seconds']:.0f} | ![]({r['picture']}) |"
-            )
-    elif args.experiment == "num_frames":
-        lines = [
-            "| frames per clip | test MAE | test RMSE | test R² | mean-predictor MAE | learned EF | fine-tune s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['num_frames']} | {fmt(r['mae'])} | {fmt(r['rmse'])} | {fmt(r['r2'])} "
-                f"| {fmt(r['mean_predictor_mae'])} | {LEARNED[r['learned_ef']]} | {r['finetune_seconds']:.0f} |"
-            )
-    elif args.experiment == "pretraining":
-        spread = f" (mean ± SD over {args.num_seeds} seeds)" if args.num_seeds > 1 else ""
-        lines = [
-            f"| labels | train videos | init | test MAE{spread} | test RMSE | test R² | per-seed MAE "
-            "| mean-predictor MAE | learned EF (seeds) |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            per_seed = ", ".join(f"{s['mae']:.2f}" for s in r["seeds"])
-            lines.append(
-                f"| {100 * r['label_fraction']:g} % | {r['train_videos']} | {r['init']} | {fmt(r['mae'], r['mae_std'])} "
-                f"| {fmt(r['rmse'], r['rmse_std'])} | {fmt(r['r2'], r['r2_std'])} | {per_seed} "
-                f"| {fmt(r['mean_predictor_mae'])} | {r['learned_ef']}/{len(r['seeds'])} |"
-            )
-    elif args.experiment == "linear_probe":
-        lines = [
-            "| encoder | feature width | test MAE | test RMSE | test R² | train R² | ridge penalty "
-            "| mean-predictor MAE | learned EF |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['init']} | {r['width']} | {fmt(r['mae'])} | {fmt(r['rmse'])} | {fmt(r['r2'])} "
-                f"| {fmt(r['train_r2'])} | {r['alpha']:.3g} | {fmt(r['mean_predictor_mae'])} "
-                f"| {LEARNED[r['learned_ef']]} |"
-            )
-    else:
-        spread = f" (mean ± SD over {args.num_seeds} seeds)" if args.num_seeds > 1 else ""
-        lines = [
-            f"| model | parameters | test MAE{spread} | test RMSE | test R² | per-seed MAE | steps | training s "
-            "| learned EF (seeds) |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            if not r["seeds"]:  # the mean predictor: nothing trained
-                lines.append(
-                    f"| {r['name']} | 0 | {fmt(r['mae'])} | {fmt(r['rmse'])} | {fmt(r['r2'])} | — | — | — | — |"
-                )
-                continue
-            per_seed = ", ".join(f"{s['mae']:.2f}" for s in r["seeds"])
-            parameters = f"{r['parameters'] / 1e6:.3g} M" if r["parameters"] else "n/a"
-            lines.append(
-                f"| {r['name']} | {parameters} | {fmt(r['mae'], r['mae_std'])} "
-                f"| {fmt(r['rmse'], r['rmse_std'])} | {fmt(r['r2'], r['r2_std'])} | {per_seed} | {r['steps']:.0f} "
-                f"| {fmt(r['train_seconds'], digits=0)} | {r['learned_ef']}/{len(r['seeds'])} |"
-            )
-    return lines
+def seed_spread(args: argparse.Namespace) -> str:
+    return f" (mean ± SD over {args.num_seeds} seeds)" if args.num_seeds > 1 else ""
+
+
+def seed_metrics(row: dict) -> list[str]:
+    """A seeded row's test MAE, RMSE, R² (mean ± SD over seeds) and its per-seed MAEs, as table cells."""
+    per_seed = ", ".join(f"{s['mae']:.2f}" for s in row["seeds"])
+    return [
+        fmt(row["mae"], row["mae_std"]),
+        fmt(row["rmse"], row["rmse_std"]),
+        fmt(row["r2"], row["r2_std"]),
+        per_seed,
+    ]
+
+
+def error_bars(rows: list[dict]) -> list[float]:
+    """Each row's MAE spread over seeds, 0 where there is none (one seed, or nothing trained)."""
+    return [0.0 if not math.isfinite(r["mae_std"]) else r["mae_std"] for r in rows]
+
+
+def markdown_table(columns: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, the separator, one line per row of cells."""
+    lines = [f"| {' | '.join(cells)} |" for cells in (columns, *rows)]
+    return [lines[0], "|" + "---|" * len(columns), *lines[1:]]
+
+
+def table_mask_ratio(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    columns = ["mask ratio", "test loss at own ratio", f"test loss at ratio {args.mask_ratio:g}", "pretraining s",
+               "picture"]  # fmt: skip
+    return markdown_table(
+        columns,
+        ([f"{r['mask_ratio']:g}", fmt(r["test_loss_own_ratio"]), fmt(r["test_loss_common_ratio"]),
+          f"{r['pretrain_seconds']:.0f}", f"![]({r['picture']})"] for r in rows),
+    )  # fmt: skip
+
+
+def table_num_frames(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    columns = ["frames per clip", "test MAE", "test RMSE", "test R²", "mean-predictor MAE", "learned EF",
+               "fine-tune s"]  # fmt: skip
+    return markdown_table(
+        columns,
+        ([str(r["num_frames"]), fmt(r["mae"]), fmt(r["rmse"]), fmt(r["r2"]), fmt(r["mean_predictor_mae"]),
+          LEARNED[r["learned_ef"]], f"{r['finetune_seconds']:.0f}"] for r in rows),
+    )  # fmt: skip
+
+
+def table_pretraining(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    columns = ["labels", "train videos", "init", f"test MAE{seed_spread(args)}", "test RMSE", "test R²",
+               "per-seed MAE", "mean-predictor MAE", "learned EF (seeds)"]  # fmt: skip
+    return markdown_table(
+        columns,
+        ([f"{100 * r['label_fraction']:g} %", str(r["train_videos"]), r["init"], *seed_metrics(r),
+          fmt(r["mean_predictor_mae"]), f"{r['learned_ef']}/{len(r['seeds'])}"] for r in rows),
+    )  # fmt: skip
+
+
+def table_baselines(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    columns = ["model", "parameters", f"test MAE{seed_spread(args)}", "test RMSE", "test R²", "per-seed MAE",
+               "steps", "training s", "learned EF (seeds)"]  # fmt: skip
+    return markdown_table(columns, (baselines_cells(r) for r in rows))
+
+
+def baselines_cells(r: dict) -> list[str]:
+    if not r["seeds"]:  # the mean predictor: nothing trained
+        return [r["name"], "0", fmt(r["mae"]), fmt(r["rmse"]), fmt(r["r2"]), "—", "—", "—", "—"]
+    parameters = f"{r['parameters'] / 1e6:.3g} M" if r["parameters"] else "n/a"
+    return [r["name"], parameters, *seed_metrics(r), f"{r['steps']:.0f}", fmt(r["train_seconds"], digits=0),
+            f"{r['learned_ef']}/{len(r['seeds'])}"]  # fmt: skip
+
+
+def table_linear_probe(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    columns = ["encoder", "feature width", "test MAE", "test RMSE", "test R²", "train R²", "ridge penalty",
+               "mean-predictor MAE", "learned EF"]  # fmt: skip
+    return markdown_table(
+        columns,
+        ([r["init"], str(r["width"]), fmt(r["mae"]), fmt(r["rmse"]), fmt(r["r2"]), fmt(r["train_r2"]),
+          f"{r['alpha']:.3g}", fmt(r["mean_predictor_mae"]), LEARNED[r["learned_ef"]]] for r in rows),
+    )  # fmt: skip
+
+
+def plot_mask_ratio(args: argparse.Namespace, rows: list[dict], axis) -> None:
+    ratios = [r["mask_ratio"] for r in rows]
+    axis.plot(ratios, [r["test_loss_own_ratio"] for r in rows], "o-", label="at its own ratio")
+    axis.plot(ratios, [r["test_loss_common_ratio"] for r in rows], "s--", label=f"at ratio {args.mask_ratio:g}")
+    axis.set_xlabel("pretraining mask ratio")
+    axis.set_ylabel("held-out norm-pix MSE")
+    axis.legend()
+
+
+def plot_num_frames(args: argparse.Namespace, rows: list[dict], axis) -> None:
+    frames = [r["num_frames"] for r in rows]
+    axis.plot(frames, [r["mae"] for r in rows], "o-")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(frames, [str(f) for f in frames])
+    axis.set_xlabel("frames per clip")
+    axis.set_ylabel("test EF MAE (%)")
+
+
+def plot_pretraining(args: argparse.Namespace, rows: list[dict], axis) -> None:
+    fractions = sorted({r["label_fraction"] for r in rows})
+    width = 0.38
+    for offset, init in ((-width / 2, "pretrained"), (width / 2, "scratch")):
+        chosen = [next(r for r in rows if r["label_fraction"] == f and r["init"] == init) for f in fractions]
+        axis.bar(np.arange(len(fractions)) + offset, [r["mae"] for r in chosen], width, yerr=error_bars(chosen),
+                 capsize=3, label=init)  # fmt: skip
+    axis.set_xticks(np.arange(len(fractions)), [f"{100 * f:g} % labels" for f in fractions])
+    axis.set_ylabel("test EF MAE (%)")
+    axis.legend()
+
+
+def plot_baselines(args: argparse.Namespace, rows: list[dict], axis) -> None:
+    colours = ["0.6" if not r["seeds"] else f"C{i}" for i, r in enumerate(rows)]
+    axis.bar(np.arange(len(rows)), [r["mae"] for r in rows], yerr=error_bars(rows), capsize=3, color=colours)
+    axis.set_xticks(np.arange(len(rows)), [r["name"].replace(", ", "\n") for r in rows], fontsize=8)
+    axis.set_ylabel("test EF MAE (%)")
+
+
+def plot_linear_probe(args: argparse.Namespace, rows: list[dict], axis) -> None:
+    axis.bar(np.arange(len(rows)), [r["mae"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+    axis.axhline(rows[0]["mean_predictor_mae"], color="0.4", linestyle="--", label="mean predictor")
+    axis.set_xticks(np.arange(len(rows)), [f"{r['init']} encoder" for r in rows])
+    axis.set_ylabel("test EF MAE (%), linear probe")
+    axis.legend()
+
+
+class Experiment(NamedTuple):
+    """One experiment: its runs (one result row per setting), its markdown table, and its plot on one axis."""
+
+    run: Callable[[argparse.Namespace, Path], list[dict]]
+    table: Callable[[argparse.Namespace, list[dict]], list[str]]
+    plot: Callable[[argparse.Namespace, list[dict], Any], None]
+
+
+EXPERIMENTS = {
+    "mask_ratio": Experiment(experiment_mask_ratio, table_mask_ratio, plot_mask_ratio),
+    "num_frames": Experiment(experiment_num_frames, table_num_frames, plot_num_frames),
+    "pretraining": Experiment(experiment_pretraining, table_pretraining, plot_pretraining),
+    "baselines": Experiment(experiment_baselines, table_baselines, plot_baselines),
+    "linear_probe": Experiment(experiment_linear_probe, table_linear_probe, plot_linear_probe),
+}
 
 
 def plot(args: argparse.Namespace, rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.6))
-    if args.experiment == "mask_ratio":
-        ratios = [r["mask_ratio"] for r in rows]
-        axis.plot(ratios, [r["test_loss_own_ratio"] for r in rows], "o-", label="at its own ratio")
-        axis.plot(ratios, [r["test_loss_common_ratio"] for r in rows], "s--", label=f"at ratio {args.mask_ratio:g}")
-        axis.set_xlabel("pretraining mask ratio")
-        axis.set_ylabel("held-out norm-pix MSE")
-        axis.legend()
-    elif args.experiment == "num_frames":
-        frames = [r["num_frames"] for r in rows]
-        axis.plot(frames, [r["mae"] for r in rows], "o-")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(frames, [str(f) for f in frames])
-        axis.set_xlabel("frames per clip")
-        axis.set_ylabel("test EF MAE (%)")
-    elif args.experiment == "linear_probe":
-        axis.bar(np.arange(len(rows)), [r["mae"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
-        axis.axhline(rows[0]["mean_predictor_mae"], color="0.4", linestyle="--", label="mean predictor")
-        axis.set_xticks(np.arange(len(rows)), [f"{r['init']} encoder" for r in rows])
-        axis.set_ylabel("test EF MAE (%), linear probe")
-        axis.legend()
-    elif args.experiment == "baselines":
-        errors = [0.0 if not math.isfinite(r["mae_std"]) else r["mae_std"] for r in rows]
-        colours = ["0.6" if not r["seeds"] else f"C{i}" for i, r in enumerate(rows)]
-        axis.bar(np.arange(len(rows)), [r["mae"] for r in rows], yerr=errors, capsize=3, color=colours)
-        axis.set_xticks(np.arange(len(rows)), [r["name"].replace(", ", "\n") for r in rows], fontsize=8)
-        axis.set_ylabel("test EF MAE (%)")
-    else:
-        fractions = sorted({r["label_fraction"] for r in rows})
-        width = 0.38
-        for offset, init in ((-width / 2, "pretrained"), (width / 2, "scratch")):
-            chosen = [next(r for r in rows if r["label_fraction"] == f and r["init"] == init) for f in fractions]
-            errors = [0.0 if not math.isfinite(r["mae_std"]) else r["mae_std"] for r in chosen]
-            axis.bar(np.arange(len(fractions)) + offset, [r["mae"] for r in chosen], width, yerr=errors,
-                     capsize=3, label=init)  # fmt: skip
-        axis.set_xticks(np.arange(len(fractions)), [f"{100 * f:g} % labels" for f in fractions])
-        axis.set_ylabel("test EF MAE (%)")
-        axis.legend()
+    figure = make_figure((5, 3.6), dpi=100)
+    axis = figure.add_subplot()
+    EXPERIMENTS[args.experiment].plot(args, rows, axis)
     axis.set_title(f"EchoAI {args.experiment} ({'smoke' if args.smoke else args.config_name})")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    figure.savefig(path)
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """torch's CPU threads set to `num_threads` (0: left alone) inside, and given back to the caller after.
+
+    One thread by default: on a shared 2-core machine, two threads per process next to another busy process
+    spin (OpenMP) and slow a step down severalfold (README, "Multiple processes and clusters"). The thread
+    count is given back because experiments also run in-process (tests, notebooks).
+    """
     threads_before = torch.get_num_threads()
-    if args.num_threads:
-        # One thread by default: on a shared 2-core machine, two threads per process next to another busy
-        # process made a tiny-preset step up to 25x slower (spinning OpenMP threads); one thread costs ~1.4x alone.
-        torch.set_num_threads(args.num_threads)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
-    corpus = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
-    splits = load_echonet_dynamic(corpus)
-
-    start = time.perf_counter()
-    run = {"mask_ratio": experiment_mask_ratio, "num_frames": experiment_num_frames,
-           "pretraining": experiment_pretraining, "baselines": experiment_baselines,
-           "linear_probe": experiment_linear_probe}[args.experiment]  # fmt: skip
+    if num_threads:
+        torch.set_num_threads(num_threads)
     try:
-        rows = run(args, corpus)
-    finally:  # called in-process (tests, notebooks): leave the caller's thread count as it was
+        yield
+    finally:
         torch.set_num_threads(threads_before)
-    seconds = time.perf_counter() - start
 
+
+def run_settings(args: argparse.Namespace, corpus: Path, splits: dict, seconds: float, argv: list[str] | None) -> dict:
+    """Everything a reader needs to rerun or compare the experiment (results.json's top level)."""
     settings = {
         "experiment": args.experiment, "smoke": args.smoke, "corpus": str(corpus),
         "videos": {name: len(split) for name, split in splits.items()}, "config_name": args.config_name,
@@ -683,9 +723,11 @@ def main(argv: list[str] | None = None) -> dict:
         # The floor a model must beat: predict the training split's mean EF for every test video.
         train_ef, test_ef = np.asarray(splits["train"]["EF"], float), np.asarray(splits["test"]["EF"], float)
         settings["mean_predictor_test_mae"] = float(np.abs(test_ef - train_ef.mean()).mean())
-    results = {**settings, "rows": rows}
-    (args.output_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    picture = plot(args, rows, args.output_dir / f"{args.experiment}.png")
+    return settings
+
+
+def report_header(args: argparse.Namespace, settings: dict, corpus: Path, seconds: float) -> list[str]:
+    """results.md above the table: the command, the settings in words, and the mean predictor's floor."""
     header = [
         f"# EchoAI experiment: {args.experiment}{' (smoke)' if args.smoke else ''}",
         "",
@@ -714,10 +756,31 @@ def main(argv: list[str] | None = None) -> dict:
             f"{settings['mean_predictor_test_mae']:.3f} (R² ≤ 0); a model below that has learned something.",
             "",
         ]
+    return header
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    experiment = EXPERIMENTS[args.experiment]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    with torch_threads(args.num_threads):
+        corpus = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
+        splits = load_echonet_dynamic(corpus)
+        start = time.perf_counter()
+        rows = experiment.run(args, corpus)
+        seconds = time.perf_counter() - start
+
+    settings = run_settings(args, corpus, splits, seconds, argv)
+    results = {**settings, "rows": rows}
+    (args.output_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    picture = plot(args, rows, args.output_dir / f"{args.experiment}.png")
+    table = experiment.table(args, rows)
     (args.output_dir / "results.md").write_text(
-        "\n".join([*header, *table(args, rows), "", f"![]({picture.name})", ""])
+        "\n".join([*report_header(args, settings, corpus, seconds), *table, "", f"![]({picture.name})", ""])
     )
-    print("\n".join(table(args, rows)))
+    print("\n".join(table))
     print(f"\nWrote {args.output_dir}/results.md, results.json, {picture.name} in {seconds:.0f} s")
     return results
 
