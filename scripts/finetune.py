@@ -137,15 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=45)
     args = parser.parse_args(argv)
     if args.baseline:
-        if args.model_name_or_path:
-            parser.error(f"--baseline {args.baseline} trains from a random initialisation; drop --model_name_or_path")
-        for flag in ("layer_decay", "drop_path_rate"):
-            if getattr(args, flag) is not None:
-                parser.error(f"--{flag} is for EchoAI's transformer layers; --baseline {args.baseline} has none")
-        if args.num_labels != 1:
-            parser.error(f"--baseline {args.baseline} regresses one target; drop --num_labels {args.num_labels}")
-        if args.push_to_hub:
-            parser.error("--push_to_hub publishes EchoAI models; --baseline writes a state dict and results only")
+        check_baseline_args(parser, args)
         args.from_scratch = True
     recipe = args.baseline or ("echoai_scratch" if args.from_scratch else "echoai")
     for name, value in RECIPES[recipe].items():
@@ -158,6 +150,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_labels < 1 or args.eval_num_clips < 1:
         parser.error("--num_labels and --eval_num_clips must be positive")
     return args
+
+
+def check_baseline_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--baseline` trains a randomly initialised CNN regressor: the flags that only mean something for EchoAI
+    are errors with it."""
+    if args.model_name_or_path:
+        parser.error(f"--baseline {args.baseline} trains from a random initialisation; drop --model_name_or_path")
+    for flag in ("layer_decay", "drop_path_rate"):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag} is for EchoAI's transformer layers; --baseline {args.baseline} has none")
+    if args.num_labels != 1:
+        parser.error(f"--baseline {args.baseline} regresses one target; drop --num_labels {args.num_labels}")
+    if args.push_to_hub:
+        parser.error("--push_to_hub publishes EchoAI models; --baseline writes a state dict and results only")
 
 
 def load_splits(args: argparse.Namespace, accelerator) -> tuple[Path, DatasetDict]:
@@ -313,6 +319,21 @@ class Validation:
         accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
 
 
+def validate_last_step(validation: Validation, result) -> None:
+    """Validate the last step's model too, unless the last epoch's validation already did.
+
+    A run can end mid-epoch (by steps or by time) or run no step at all; best-by-validation could then keep an
+    early model at the mean EF and hide that training never learned.
+    """
+    last, best, regression = validation.last, validation.best, validation.regression
+    if last["step"] != result.state.global_step:
+        validation.validate(result.state.epoch, result.state)
+    validation.accelerator.print(
+        f"last step {last['step']}: validation {shown_metrics(last['validation'], regression)}; kept model: step "
+        f"{best.step} (best validation {'MAE' if regression else 'accuracy'})"
+    )
+
+
 def make_compute_loss(args: argparse.Namespace, accelerator):
     def compute_loss(model, batch, step):
         # Stochastic depth draws from torch's global generator: seeding it by (seed, step, process) makes a
@@ -418,22 +439,16 @@ def main(argv: list[str] | None = None):
     if result.stopped_by_signal:
         accelerator.end_training()
         return result
-    # The last step's model is validated too (a run ending mid-epoch, by steps or by time; or one that ran no
-    # step): best-by-validation can keep an early model at the mean EF and hide that training never learned.
-    last = validation.last
-    if last["step"] != result.state.global_step:
-        validation.validate(result.state.epoch, result.state)
-    accelerator.print(
-        f"last step {last['step']}: validation {shown_metrics(last['validation'], regression)}; kept model: step "
-        f"{best.step} (best validation {'MAE' if regression else 'accuracy'})"
-    )
+    validate_last_step(validation, result)
 
     # The best model: test once, check against the mean predictor, save with the processor, results and card.
     result.model.load_state_dict(best.weights)
     test_metrics = validation.metrics("test")
     accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {shown_metrics(test_metrics, regression)}")
-    eval_protocol = describe_protocol(args, result.model.config, processor, best, last)
-    all_results, failure = collect_results(args, result, best, last, test_metrics, len(splits["train"]), eval_protocol)
+    eval_protocol = describe_protocol(args, result.model.config, processor, best, validation.last)
+    all_results, failure = collect_results(
+        args, result, best, validation.last, test_metrics, len(splits["train"]), eval_protocol
+    )
     card = dict(
         task="regression" if regression else "classification", dataset_dir=data_dir, num_videos=len(splits["train"]),
         metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol, failure=failure,

@@ -158,42 +158,28 @@ def print_loss_trend(accelerator, result) -> None:
     )
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    accelerator = build_accelerator(args)
-    keep_freed_memory()
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    # Data
-    data_dir, videos = load_videos(args, accelerator)
-    model = build_model(args)
-    use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
-    config = model.config
-    processor, dataset = build_data(args, accelerator, config, videos)
-    dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
-
-    # Optimizer and schedule: AdamW (0.9, 0.95) with linear warm-up and cosine decay, as MAE.
-    optimizer, scheduler = build_optimizer(model, args, accelerator, dataloader)
-    if args.streaming:  # already split per process: accelerate must not shard or dispatch it again
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    else:
-        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
-
-    num_videos = None if args.streaming else len(videos)
+def log_run(args: argparse.Namespace, accelerator, model, num_videos: int | None, data_dir) -> None:
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         "Pretraining %s (%.2f M parameters) on %s videos from %s: %d steps, effective batch %d "
         "(%d per device x %d processes x %d accumulation), mask ratio %.2f, precision %s",
         args.model_name_or_path or args.config_name, count_parameters(model) / 1e6, num_videos or "streamed", data_dir,
         args.max_train_steps, effective_batch, args.per_device_train_batch_size, accelerator.num_processes,
-        args.gradient_accumulation_steps, config.mask_ratio, accelerator.mixed_precision,
+        args.gradient_accumulation_steps, unwrap(accelerator, model).config.mask_ratio, accelerator.mixed_precision,
     )  # fmt: skip
     if args.with_tracking:
         accelerator.init_trackers(
             "echoai-pretrain", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
 
-    # Masks are drawn from a generator seeded by (seed, step, process), so a resumed run hides the same tubelets.
+
+def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, processor):
+    """`train`'s `compute_loss` and `on_step` for pretraining: hide tubelets, reconstruct them, and save a picture
+    of it every `--reconstruction_steps`.
+
+    Masks are drawn from a generator seeded by (seed, step, process), so a resumed run hides the same tubelets.
+    """
+
     def compute_loss(model, batch, step):
         generator = torch.Generator().manual_seed(derive_seed(args.seed, step, accelerator.process_index))
         mask = unwrap(accelerator, model).make_mask(batch["pixel_values"], generator=generator)
@@ -205,6 +191,46 @@ def main(argv: list[str] | None = None):
             save_reconstruction(unwrap(accelerator, model), batch["pixel_values"], outputs, processor,
                                 Path(args.output_dir) / "reconstructions" / f"step_{step:07d}.png")  # fmt: skip
 
+    return compute_loss, on_step
+
+
+def save_outputs(args: argparse.Namespace, accelerator, model, processor, result, data_dir, num_videos) -> None:
+    """The model (safetensors + remote code), its processor, the model card and the Hub upload."""
+    save_model(accelerator, model, processor, args.output_dir)
+    if not accelerator.is_main_process:
+        return
+    card = render_model_card(unwrap(accelerator, model), args, task="pretraining", dataset_dir=data_dir,
+                             num_videos=num_videos, train_result=result,
+                             dataset_name="prepared echo corpus" if args.dataset_path else None)  # fmt: skip
+    card.save(Path(args.output_dir) / "README.md")
+    if args.push_to_hub:
+        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    accelerator = build_accelerator(args)
+    keep_freed_memory()
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # Data
+    data_dir, videos = load_videos(args, accelerator)
+    model = build_model(args)
+    use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
+    processor, dataset = build_data(args, accelerator, model.config, videos)
+    dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
+
+    # Optimizer and schedule: AdamW (0.9, 0.95) with linear warm-up and cosine decay, as MAE.
+    optimizer, scheduler = build_optimizer(model, args, accelerator, dataloader)
+    if args.streaming:  # already split per process: accelerate must not shard or dispatch it again
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    num_videos = None if args.streaming else len(videos)
+    log_run(args, accelerator, model, num_videos, data_dir)
+
+    # The loop
+    compute_loss, on_step = masked_reconstruction_step(args, accelerator, model, processor)
     result = train(accelerator, model, optimizer, scheduler, dataloader, args, compute_loss, on_step=on_step)
     result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
@@ -212,15 +238,7 @@ def main(argv: list[str] | None = None):
         return result
     print_loss_trend(accelerator, result)
 
-    # Save: model (safetensors + remote code), processor, model card.
-    save_model(accelerator, model, processor, args.output_dir)
-    if accelerator.is_main_process:
-        card = render_model_card(unwrap(accelerator, model), args, task="pretraining", dataset_dir=data_dir,
-                                 num_videos=num_videos, train_result=result,
-                                 dataset_name="prepared echo corpus" if args.dataset_path else None)  # fmt: skip
-        card.save(Path(args.output_dir) / "README.md")
-        if args.push_to_hub:
-            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
+    save_outputs(args, accelerator, model, processor, result, data_dir, num_videos)
     accelerator.end_training()
     return result
 
