@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +266,54 @@ def test_beat_detection_finds_the_phantoms_cycles_and_traced_frames(seed):
 def test_beat_detection_finds_nothing_in_a_still_video():
     still = np.full((60, 32, 32), 80, dtype=np.uint8)
     assert detect_beats(still, fps=50).beats == []
+
+
+PICTURES_WITHOUT_PYPLOT = """
+import argparse, sys
+from pathlib import Path
+import torch
+from PIL import Image
+from configuration_echoai import EchoAIConfig
+from inference_echoai import bland_altman_plot, scatter_plot
+from modeling_echoai import EchoAIForPreTraining
+from training_echoai import save_reconstruction
+from video_processing_echoai import EchoAIVideoProcessor
+
+out = Path(sys.argv[1])
+config = EchoAIConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=64, decoder_hidden_size=16,
+                      decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32)
+model = EchoAIForPreTraining(config).eval()
+clip = torch.randn(1, 4, 3, 32, 32)
+processor = EchoAIVideoProcessor(num_frames=4, image_size=32)
+save_reconstruction(model, clip, model(pixel_values=clip), processor, out / "reconstruction.png")
+metrics = {"mae": 1.0, "rmse": 1.0, "r2": 0.5, "bias": 0.0, "loa_lower": -2.0, "loa_upper": 2.0}
+scatter_plot([50, 60, 40], [52, 58, 45], metrics, out / "scatter.png")
+bland_altman_plot([50, 60, 40], [52, 58, 45], metrics, out / "bland_altman.png")
+sys.path.insert(0, "scripts")
+import experiments
+args = argparse.Namespace(experiment="mask_ratio", mask_ratio=0.9, smoke=True, config_name="tiny")
+rows = [{"mask_ratio": r, "test_loss_own_ratio": 1.0, "test_loss_common_ratio": 1.1} for r in (0.8, 0.9)]
+experiments.plot(args, rows, out / "experiment.png")
+assert "matplotlib.pyplot" not in sys.modules, "a picture went through pyplot"
+for name in ("reconstruction", "scatter", "bland_altman", "experiment"):
+    image = Image.open(out / f"{name}.png")
+    print(name, *image.size, round(image.info["dpi"][0]))
+"""
+
+
+def test_every_picture_is_a_bare_figure_of_its_own_size_drawn_without_pyplot(tmp_path):
+    """Reconstructions, evaluation plots and experiment plots all come from `make_figure`: pyplot is never
+    imported (so no process-wide backend is chosen for a caller), and each keeps its size in pixels and dpi."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-c", PICTURES_WITHOUT_PYPLOT, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+        text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sizes = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in result.stdout.splitlines()}
+    # 4 frames shown at 2 x 6.3 inches each column, 80 dpi; 5 x 5 and 6 x 4.5 inches at 120; 5 x 3.6 at 100.
+    assert sizes == {
+        "reconstruction": (640, 504, 80), "scatter": (600, 600, 120), "bland_altman": (720, 540, 120),
+        "experiment": (500, 360, 100),
+    }  # fmt: skip
