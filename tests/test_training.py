@@ -79,6 +79,7 @@ def test_pretraining_run_saves_a_loadable_model_processor_card_and_pictures(corp
     card = ModelCard.load(output / "README.md")
     assert "echoai" in card.data.tags and card.data.library_name == "transformers"
     assert "not a medical device" in card.text and "EchoAIForPreTraining" in card.text
+    assert "has **not** been shown to help" in card.text  # the pretraining claim is not yet reproduced
 
     pictures = sorted((output / "reconstructions").glob("*.png"))
     assert [p.name for p in pictures] == ["step_0000002.png", "step_0000004.png"]
