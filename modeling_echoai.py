@@ -259,17 +259,13 @@ class EchoAIConvStem(nn.Module):
 
 
 def masked_group_norm(x: torch.Tensor, keep: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """`norm` (one group per channel) with each clip's statistics taken where `keep` (B, 1, T, H, W) is 1.
-
-    The masked sums are two batched matmuls against `keep` and the normalisation one fused multiply-add, so the
-    full-resolution maps are read a few times rather than once per elementwise step."""
-    flat, weights = x.flatten(2), keep.flatten(2).transpose(1, 2)  # (B, C, N), (B, N, 1)
-    count = weights.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, 1)
-    mean = torch.bmm(flat, weights) / count  # (B, C, 1)
-    variance = (torch.bmm(flat.square(), weights) / count - mean.square()).clamp_min(0.0)
-    scale = torch.rsqrt(variance + norm.eps) * norm.weight.view(1, -1, 1)
-    shift = norm.bias.view(1, -1, 1) - mean * scale
-    return torch.addcmul(shift, flat, scale).view_as(x)
+    """`norm` (one group per channel) with each clip's statistics taken where `keep` (B, 1, T, H, W) is 1."""
+    dims = (2, 3, 4)
+    count = keep.sum(dim=dims, keepdim=True).clamp_min(1.0)  # (B, 1, 1, 1, 1)
+    mean = (x * keep).sum(dim=dims, keepdim=True) / count
+    variance = ((x - mean).square() * keep).sum(dim=dims, keepdim=True) / count
+    x = (x - mean) * torch.rsqrt(variance + norm.eps)
+    return x * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
 
 
 class EchoAIPatchEmbeddings(nn.Module):
