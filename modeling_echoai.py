@@ -263,8 +263,9 @@ def masked_group_norm(x: torch.Tensor, keep: torch.Tensor, norm: nn.GroupNorm) -
     dims = (2, 3, 4)
     count = keep.sum(dim=dims, keepdim=True).clamp_min(1.0)  # (B, 1, 1, 1, 1)
     mean = (x * keep).sum(dim=dims, keepdim=True) / count
-    variance = ((x - mean).square() * keep).sum(dim=dims, keepdim=True) / count
-    x = (x - mean) * torch.rsqrt(variance + norm.eps)
+    centered = x - mean  # once: the full-resolution maps are the stem's cost
+    variance = (centered.square() * keep).sum(dim=dims, keepdim=True) / count
+    x = centered * torch.rsqrt(variance + norm.eps)
     return x * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
 
 
