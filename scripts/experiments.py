@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
-from inference_echoai import make_figure
+from inference_echoai import make_figure, predict_videos
 from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask, token_grid
 from training_echoai import from_pretrained_with_geometry, parse_config_overrides, save_reconstruction
@@ -437,14 +437,19 @@ def model_argv(args: argparse.Namespace, corpus: Path, model: str) -> tuple[list
     raise ValueError(f"no finetune.py arguments for {model!r}; add them to model_argv")
 
 
-@torch.no_grad()
-def frozen_features(model: EchoAIForVideoClassification, processor, paths: list[str], num_clips: int) -> np.ndarray:
-    """(videos, width): the head's input (pooled last hidden states) averaged over evenly spaced clips."""
-    features = []
-    for path in paths:
-        clips = processor(path, clip_sampling="uniform", num_clips=num_clips, do_augment=False)["pixel_values"]
-        features.append(model(pixel_values=clips).logits.mean(dim=0).numpy())  # num_labels=0: no classifier
-    return np.stack(features)
+def frozen_features(
+    model: EchoAIForVideoClassification, processor, paths: list[str], num_clips: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which videos were readable (V,), and their features (readable, width): the head's input (the pooled last
+    hidden states; the model is built with `num_labels=0`, so its "logits" skip the classifier), averaged over
+    `num_clips` evenly spaced clips by the per-video predictor evaluation uses (`predict_videos`)."""
+    protocol = "k_clips" if num_clips > 1 else "one_clip"
+    results = predict_videos(model, processor, paths, protocol=protocol, num_clips=num_clips, progress=False)
+    for result in results:
+        if result.error is not None:
+            logger.warning("Could not read %s: %s", result.path, result.error)
+    readable = np.array([result.error is None for result in results])
+    return readable, np.stack([result.logits for result in results if result.error is None])
 
 
 def ridge_probe(features: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict:
@@ -480,11 +485,11 @@ def experiment_linear_probe(args: argparse.Namespace, corpus: Path) -> list[dict
     rows = []
     for init, model in (("pretrained", pretrained), ("random", random)):
         model.eval()
-        features = {
-            name: frozen_features(model, processor, split["video_path"], args.eval_num_clips)
-            for name, split in splits.items()
-        }
-        rows.append({"init": init, "width": features["train"].shape[1], **ridge_probe(features, targets),
+        features, readable_targets = {}, {}
+        for name, split in splits.items():
+            readable, features[name] = frozen_features(model, processor, split["video_path"], args.eval_num_clips)
+            readable_targets[name] = targets[name][readable]
+        rows.append({"init": init, "width": features["train"].shape[1], **ridge_probe(features, readable_targets),
                      "pretrain_seconds": pretrain_seconds if init == "pretrained" else 0.0, "run": str(checkpoint)})  # fmt: skip
     return rows
 
