@@ -3,12 +3,19 @@
 
     python scripts/predict.py video.avi --model_name_or_path outputs/finetune
     python scripts/predict.py videos/ --model_name_or_path outputs/finetune --protocol all_clips --output ef.csv
+    python scripts/predict.py video.avi --model_name_or_path outputs/finetune --saliency_dir saliency/
 
 VIDEO_OR_DIR is one video or a folder searched recursively for .avi / .mp4 files. Each video's EF is
 the mean over the protocol's clips (`one_clip`, `all_clips` -- EchoNet's test protocol, the default --
 or `k_clips` with `--num_clips`); the clip spread is the standard deviation of the clip predictions,
 a rough indicator of how much the estimate depends on where the clip starts. Preprocessing is the
 processor saved with the model, i.e. exactly the training preprocessing.
+
+With `--saliency_dir`, each video also gets a map of where the estimate came from (`saliency_echoai`): how
+much one clip's EF changes when each block of tubelets is left out of the encoder's input, for the clip
+centred on the first detected heart beat (else the clip at frame 0). Per video: `<name>_saliency.npy`
+(T', h, w) EF points, `<name>_saliency.mp4` (the clip with the map blended in) and `<name>_saliency.png`
+(a strip of its frames). It costs one forward pass per block (at most `--saliency_max_groups`).
 
 Videos that cannot be read are listed with the reason and the others are still predicted. Exit code
 0 when at least one video was predicted, 1 when none could be, 2 for usage errors (no model, no
@@ -18,12 +25,15 @@ video found).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from data_echoai import VIDEO_EXTENSIONS
 from inference_echoai import (
@@ -34,6 +44,7 @@ from inference_echoai import (
     prediction_options,
 )
 from perf_echoai import keep_freed_memory, use_fastest_attention
+from saliency_echoai import save_saliency, video_saliency
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_prediction_arguments(parser)
     parser.add_argument("--output", default=None, help="Also write the table to this .csv or .json file.")
+    parser.add_argument(
+        "--saliency_dir", default=None, help="Also write each video's occlusion saliency map and pictures here."
+    )
+    parser.add_argument(
+        "--saliency_group_shape", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
+        help="Tubelets per left-out block (time, height, width). Default: the whole clip in time and the smallest "
+        "square blocks that keep to --saliency_max_groups forward passes.",
+    )  # fmt: skip
+    parser.add_argument("--saliency_max_groups", type=int, default=50, help="Forward passes per clip, at most.")
     args = parser.parse_args(argv)
+    if args.saliency_group_shape and min(args.saliency_group_shape) < 1:
+        parser.error(f"--saliency_group_shape needs three positive tubelet counts, got {args.saliency_group_shape}")
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         parser.error(f"--output must end in .csv or .json, got {args.output}")
     args.prediction = prediction_options(parser, args)
@@ -61,6 +83,28 @@ def find_videos(video_or_dir: str) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
     return []
+
+
+def write_saliency(model, processor, results: list, args: argparse.Namespace) -> None:
+    """Occlusion saliency of each predicted video into --saliency_dir (see the module docstring)."""
+    if not model.config.num_labels == 1:
+        print("\nsaliency skipped: it explains an EF estimate, and this model classifies", file=sys.stderr)
+        return
+    print(f"\nSaliency maps -> {args.saliency_dir}")
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    for result in tqdm(results, desc="saliency", unit="video", disable=len(results) < 2):
+        with autocast:
+            saliency = video_saliency(
+                model, processor, result.path, args.saliency_group_shape, args.saliency_max_groups
+            )
+        if saliency.error is not None:
+            print(f"  {result.path}: {saliency.error}")
+            continue
+        name = Path(result.path).stem
+        save_saliency(args.saliency_dir, name, saliency.result, saliency.frames, saliency.frame_numbers, saliency.fps)
+        where = "centred on the first beat" if saliency.centred_on_beat else "at frame 0 (no beat found)"
+        print(f"  {name}: clip {where}, {saliency.result.num_forward_passes} blocks left out one at a time")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pd.DataFrame(rows, columns=list(rows[0])).to_csv(output, index=False)
         print(f"\nWrote {output}")
+    if args.saliency_dir and predicted:
+        write_saliency(model, processor, [r for r in results if r.error is None], args)
     if not predicted:
         print(f"error: none of the {len(rows)} video(s) could be read, so nothing was predicted", file=sys.stderr)
         return 1
