@@ -233,6 +233,8 @@ def _dicom_grey(ds, pixels: np.ndarray) -> np.ndarray:
     bits = 8 if photometric == "PALETTE COLOR" and pixels.dtype == np.uint8 else int(ds.get("BitsStored", 8) or 8)
     if photometric == "PALETTE COLOR" and pixels.dtype != np.uint8:
         bits = 16  # LUT output spans 16 bits
+    if pixels.ndim == 3 and pixels.dtype == np.uint8 and bits == 8:  # already grey uint8: no float round trip
+        return 255 - pixels if photometric == "MONOCHROME1" else pixels
     if pixels.ndim == 4:  # (T, H, W, 3): RGB (pydicom converts YBR to RGB): ITU-R BT.601 luma
         pixels = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     pixels = pixels.astype(np.float32)

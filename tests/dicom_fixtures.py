@@ -13,6 +13,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom", reason="pydicom is needed for the DICOM cases (pip install -e .[dicom])")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.pixels import convert_color_space  # noqa: E402
 from pydicom.uid import (  # noqa: E402
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -65,10 +66,12 @@ def write_dicom(
     regions: bool = False,
     transfer_syntax: str = ExplicitVRLittleEndian,
     pixel_data: bool = True,
+    photometric: str = "MONOCHROME2",
 ):
     """A DICOM of grey `frames` (T, H, W) uint8 at 50 fps, with `PHI` in its tags. `jpeg`: JPEG baseline frames
     (Pillow); else `transfer_syntax`, encoded by pydicom (RLE; JPEG-LS with pyjpegls; JPEG 2000 with pylibjpeg-
-    openjpeg). `pixel_data=False` leaves the pixel data out."""
+    openjpeg). `pixel_data=False` leaves the pixel data out. `photometric`: MONOCHROME2, MONOCHROME1 (stored
+    inverted), RGB or YBR_FULL (the grey replicated, then converted), uncompressed."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if modality == "US" else CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -81,7 +84,14 @@ def write_dicom(
     ds.Rows, ds.Columns = frames.shape[1:]
     if len(frames) > 1:
         ds.NumberOfFrames, ds.FrameTime = len(frames), "20"  # 50 fps
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    if photometric == "MONOCHROME1":
+        frames = 255 - frames
+    elif photometric in ("RGB", "YBR_FULL"):
+        frames = np.repeat(frames[..., None], 3, axis=-1)  # (T, H, W, 3), colour by pixel
+        if photometric == "YBR_FULL":
+            frames = convert_color_space(frames, "RGB", "YBR_FULL")
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     if regions:
         region = pydicom.Dataset()

@@ -114,6 +114,15 @@ def test_lossless_dicom_gives_the_pixels_and_ef_of_a_lossless_avi_of_the_same_fr
         assert row["clip_spread"] == pytest.approx(reference["clip_spread"], abs=1e-3)
 
 
+@pytest.mark.parametrize("photometric, tolerance", [("MONOCHROME1", 0), ("RGB", 0), ("YBR_FULL", 1)])
+def test_photometric_interpretations_read_as_the_same_grey_frames(cines, tmp_path, photometric, tolerance):
+    write_dicom(tmp_path / "colour.dcm", FRAMES, photometric=photometric)
+    assert pydicom.dcmread(tmp_path / "colour.dcm").PhotometricInterpretation == photometric
+    grey = decode_all_frames(cines / "explicit.dcm").astype(int)
+    frames = decode_all_frames(tmp_path / "colour.dcm").astype(int)
+    assert frames.shape == grey.shape and np.abs(frames - grey).max() <= tolerance
+
+
 def test_jpeg_baseline_dicom_is_close_to_the_lossless_frames(cines, model_dir, predicted):
     sector = sector_frames(FRAMES).astype(int)
     decoded = decode_all_frames(cines / "IM_0001").astype(int)
