@@ -26,27 +26,15 @@ How sources become rows:
   decoded (luma), resized to fit `image_size` keeping its aspect and zero-padded to a square, then
   encoded. Encoding is single-threaded and so byte-identical run to run, which makes `content_hash`
   stable and `--dedupe` exact for sources that preprocess to the same frames.
-* DICOM (pydicom; a file is DICOM by extension .dcm / .dicom or by the "DICM" preamble): only
-  multi-frame ultrasound is used. Modality other than "US", single-frame images, files without pixel
-  data, and pixel data no installed handler decodes (pydicom decodes uncompressed, RLE and -- with
-  Pillow -- JPEG baseline/extended and JPEG 2000; install pylibjpeg for JPEG-LS and lossless JPEG) are
-  skipped and counted. Frames are converted to grey (luma of RGB / YBR; palette colour through its
-  LUT; MONOCHROME1 inverted; >8-bit rescaled). Frame rate: 1000 / FrameTime (ms), else CineRate,
-  else RecommendedDisplayFrameRate, else the mean FrameTimeVector interval; without any of them 30
-  fps (`DEFAULT_FRAME_RATE`) is assumed and counted in the report.
-* The ultrasound sector is kept and everything outside it is zeroed -- burnt-in text (patient name,
-  date, settings), ECG trace, scale bars, logos -- as EchoNet-Dynamic's preprocessing did, since a model
-  must not learn from annotations and burnt-in text can be PHI. Method (`sector_mask`): pixels whose
-  grey level spans more than `MOTION_THRESHOLD` over up to 64 evenly spaced frames are "moving"
-  (speckle moves, burnt-in text does not); the moving mask is closed on a coarse grid (<= 128 cells a
-  side), its largest 4-connected component is kept (a separate moving ECG trace or clock is dropped),
-  and the sector is the convex hull of the moving pixels in that component (fans are convex; the hull
-  fills the dark, quiet blood pool). When SequenceOfUltrasoundRegions is present the search is limited
-  to the union of its region boxes, and those boxes are used as the sector if too little moves. A
-  clip in which no sector is found (under 2 % of the frame moving, no regions) is skipped rather than
-  stored with its annotations. Limits: text drawn inside the fan's hull, or an ECG trace touching the
-  sector, is kept. The frames are then cropped to the sector's bounding box, resized keeping aspect
-  and padded to a square.
+* DICOM (a file is DICOM by extension .dcm / .dicom or by the "DICM" preamble) is read by
+  `dicom_echoai.read_dicom`, the reader inference uses too: only multi-frame ultrasound is used, converted to
+  grey and cropped to the ultrasound sector with everything outside it zeroed -- burnt-in text (patient
+  name, date, settings), ECG trace, scale bars, logos -- as EchoNet-Dynamic's preprocessing did (the method
+  and its limits are in `dicom_echoai`'s docstring). Files it refuses (Modality other than "US",
+  single-frame images, no pixel data, pixel data no installed handler decodes -- install the `dicom` extra
+  for JPEG-LS, lossless JPEG and JPEG 2000 -- no moving sector found) are skipped and counted by its reason.
+  Without a frame-timing tag 30 fps (`DEFAULT_FRAME_RATE`) is assumed and counted in the report. The sector
+  crop is then resized keeping aspect and padded to a square.
 
 De-identification: no DICOM attribute value is written except Modality (for skip reasons), the frame
 rate tags, the view code meaning and the salted hashes of the study / series UIDs; no source path is
@@ -111,17 +99,14 @@ Upload only `data/` (and the report if wanted); never `path_map.jsonl`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import io
 import itertools
 import json
 import logging
-import math
 import os
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -134,12 +119,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from dicom_echoai import (
+    INSTALL_HINT,
+    NO_DICOM_SUPPORT,
+    crop_to_mask,
+    dicom_frame_rate,
+    fit_to_square,
+    read_dicom,
+    sector_mask,
+)
 from video_io_echoai import (
     EMPTY,
     NO_FRAMES,
@@ -151,6 +143,7 @@ from video_io_echoai import (
     VideoReader,
     decode_video_frames,
     grey_frame,
+    is_dicom,
 )
 
 
@@ -158,9 +151,6 @@ logger = logging.getLogger(__name__)
 
 SALT_ENV = "ECHOAI_CORPUS_SALT"
 DEFAULT_FRAME_RATE = 30.0  # fps assumed for a DICOM cine without any frame-timing tag
-MOTION_THRESHOLD = 12  # grey levels a pixel must span over time to count as moving (speckle)
-MIN_SECTOR_FRACTION = 0.02  # a sector smaller than this fraction of the frame is "not found"
-DICOM_EXTENSIONS = (".dcm", ".dicom")
 DATA_DIR, STATE_FILE, REPORT_FILE, PATH_MAP_FILE = (
     "data",
     "prepare_state.json",
@@ -209,102 +199,8 @@ def salted_hash(salt: str, text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Frames: sector mask, fit to a square, encode / decode
+# Frames: encode (the sector mask and fit to a square are `dicom_echoai`'s)
 # --------------------------------------------------------------------------------------------------
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of a small bool image, by label propagation (no scipy)."""
-    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
-    while True:
-        padded = np.pad(labels, 1)
-        spread = np.maximum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
-        spread = np.where(mask, spread, 0)
-        if np.array_equal(spread, labels):
-            break
-        labels = spread
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    return labels == ids[np.argmax(counts)] if len(ids) else mask
-
-
-def _convex_hull(points: np.ndarray) -> np.ndarray:
-    """Convex hull (Andrew's monotone chain) of (N, 2) integer points, counter-clockwise."""
-    points = np.unique(points, axis=0)
-    if len(points) < 3:
-        return points
-
-    def half(sequence: np.ndarray) -> list:
-        chain: list = []
-        for p in sequence.tolist():
-            while len(chain) >= 2:
-                (ax, ay), (bx, by) = chain[-2], chain[-1]
-                if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) > 0:
-                    break
-                chain.pop()
-            chain.append(p)
-        return chain
-
-    lower, upper = half(points), half(points[::-1])
-    return np.array(lower[:-1] + upper[:-1])
-
-
-def sector_mask(
-    frames: np.ndarray, regions: Sequence[tuple[int, int, int, int]] | None = None, threshold: int = MOTION_THRESHOLD
-) -> np.ndarray | None:
-    """The ultrasound sector of grey frames (T, H, W) as an (H, W) bool mask, or None if none is found.
-
-    See the module docstring for the method. `regions` are (x0, y0, x1, y1) inclusive pixel boxes from
-    SequenceOfUltrasoundRegions: the sector is searched inside their union only.
-    """
-    T, H, W = frames.shape
-    allowed = np.zeros((H, W), dtype=bool) if regions else np.ones((H, W), dtype=bool)
-    for x0, y0, x1, y1 in regions or ():
-        allowed[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
-    sample = frames[np.unique(np.linspace(0, T - 1, min(T, 64)).round().astype(np.int64))]
-    moving = (sample.max(axis=0).astype(np.int16) - sample.min(axis=0) > threshold) & allowed  # (H, W)
-    if moving.sum() >= MIN_SECTOR_FRACTION * H * W:
-        # Coarse grid: a cell is moving when a quarter of its pixels are; closing (dilate, erode) joins speckle.
-        cell = max(1, math.ceil(max(H, W) / 128))
-        grid = F.avg_pool2d(torch.from_numpy(moving)[None, None].float(), cell, ceil_mode=True) > 0.25
-        grid = F.max_pool2d(grid.float(), 3, stride=1, padding=1)
-        grid = -F.max_pool2d(-grid, 3, stride=1, padding=1)
-        component = _largest_component(grid[0, 0].numpy() > 0)
-        component = np.repeat(np.repeat(component, cell, axis=0), cell, axis=1)[:H, :W]
-        ys, xs = np.nonzero(moving & component)
-        if len(ys) >= MIN_SECTOR_FRACTION * H * W:
-            # Hull of each row's extreme moving pixels: the same hull, far fewer points.
-            order = np.lexsort((xs, ys))
-            ys, xs = ys[order], xs[order]
-            first = np.r_[True, ys[1:] != ys[:-1]]
-            last = np.r_[ys[1:] != ys[:-1], True]
-            points = np.concatenate([np.stack([xs[first], ys[first]], 1), np.stack([xs[last], ys[last]], 1)])
-            image = Image.new("L", (W, H), 0)
-            ImageDraw.Draw(image).polygon([tuple(p) for p in _convex_hull(points).tolist()], fill=1, outline=1)
-            return np.asarray(image, dtype=bool) & allowed
-    return allowed if regions and allowed.any() else None
-
-
-def crop_to_mask(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Zero the pixels outside `mask` and crop (T, H, W) frames to the mask's bounding box."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    return np.where(mask[None], frames, 0)[:, y0:y1, x0:x1]
-
-
-def fit_to_square(frames: np.ndarray, size: int, chunk: int = 64) -> np.ndarray:
-    """Resize grey (T, H, W) uint8 frames to fit `size` keeping aspect (antialiased bilinear), zero-pad to square."""
-    T, H, W = frames.shape
-    if H == W == size:
-        return frames
-    scale = size / max(H, W)
-    h, w = max(1, round(H * scale)), max(1, round(W * scale))
-    out = np.zeros((T, size, size), dtype=np.uint8)
-    top, left = (size - h) // 2, (size - w) // 2
-    for start in range(0, T, chunk):  # chunks bound the float copy of long, large cines
-        x = torch.from_numpy(np.ascontiguousarray(frames[start : start + chunk]))[:, None].float()
-        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True)
-        out[start : start + chunk, top : top + h, left : left + w] = x[:, 0].round().clamp(0, 255).byte().numpy()
-    return out
 
 
 def _avi_rate(frame_rate: float) -> Fraction:
@@ -343,15 +239,6 @@ class Source:
     kind: str  # "video" or "dicom"
 
 
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def list_sources(inputs: Sequence[str | os.PathLike]) -> tuple[list[Source], int]:
     """Videos and DICOM files under `inputs` (recursive), in a fixed order; also the count of other files."""
     sources, ignored = [], 0
@@ -360,9 +247,7 @@ def list_sources(inputs: Sequence[str | os.PathLike]) -> tuple[list[Source], int
             raise FileNotFoundError(f"{root} is not a folder: expected folders of AVI, MP4 or DICOM files")
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             suffix = path.suffix.lower()
-            kind = "video" if suffix in VIDEO_EXTENSIONS else "dicom" if suffix in DICOM_EXTENSIONS else None
-            if kind is None and _is_dicom_file(path):
-                kind = "dicom"
+            kind = "video" if suffix in VIDEO_EXTENSIONS else "dicom" if is_dicom(path) else None
             if kind is None:
                 ignored += 1
                 continue
@@ -431,120 +316,18 @@ def _prepare_video(path: str, image_size: int) -> tuple[bytes, int, float | None
     return data, num_frames, frame_rate
 
 
-def dicom_frame_rate(ds) -> float | None:
-    """Frames per second from the DICOM timing tags, or None when none is usable (see the module docstring)."""
-    for keyword, to_fps in (
-        ("FrameTime", lambda v: 1000.0 / v),
-        ("CineRate", lambda v: v),
-        ("RecommendedDisplayFrameRate", lambda v: v),
-    ):
-        try:
-            value = float(ds.get(keyword) or 0)
-        except (TypeError, ValueError):
-            continue
-        if value > 0 and math.isfinite(to_fps(value)):
-            return to_fps(value)
-    vector = ds.get("FrameTimeVector")
-    if vector is not None:
-        try:
-            intervals = [float(v) for v in list(vector)[1:] if float(v) > 0]  # the first entry is 0
-        except (TypeError, ValueError):
-            intervals = []
-        if intervals:
-            return 1000.0 / float(np.mean(intervals))
-    return None
-
-
-def _dicom_grey(ds, pixels: np.ndarray) -> np.ndarray:
-    """Decoded DICOM pixels -> grey uint8 (T, H, W)."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        pixels = apply_color_lut(pixels, ds)
-    bits = 8 if photometric == "PALETTE COLOR" and pixels.dtype == np.uint8 else int(ds.get("BitsStored", 8) or 8)
-    if photometric == "PALETTE COLOR" and pixels.dtype != np.uint8:
-        bits = 16  # LUT output spans 16 bits
-    if pixels.ndim == 4:  # (T, H, W, 3): RGB (pydicom converts YBR to RGB): ITU-R BT.601 luma
-        pixels = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    pixels = pixels.astype(np.float32)
-    if bits != 8:
-        pixels = pixels * (255.0 / (2**bits - 1))
-    grey = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
-    return 255 - grey if photometric == "MONOCHROME1" else grey
-
-
-def _ultrasound_regions(ds) -> list[tuple[int, int, int, int]]:
-    regions = []
-    for item in ds.get("SequenceOfUltrasoundRegions", None) or []:
-        try:
-            box = tuple(int(item.get(k)) for k in ("RegionLocationMinX0", "RegionLocationMinY0",
-                                                    "RegionLocationMaxX1", "RegionLocationMaxY1"))  # fmt: skip
-        except (TypeError, ValueError):
-            continue
-        if int(item.get("RegionSpatialFormat", 1) or 0) == 1:  # 1 = 2D tissue/flow image; skip M-mode, Doppler
-            regions.append(box)
-    return regions
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    logger_, level = logging.getLogger(name), logging.getLogger(name).level
-    logger_.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger_.setLevel(level)
-
-
 def _prepare_dicom(path: str, image_size: int, salt: str) -> tuple[bytes, int, float | None, str | None, str | None]:
     """Multi-frame ultrasound DICOM -> (corpus bytes, frames, frame rate or None, view, group hash or None)."""
-    import pydicom
-
     try:
-        # Read from memory, warnings off: pydicom's warnings and log lines quote the file's path (PHI).
-        with warnings.catch_warnings(), _quiet_logger("pydicom"):
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(Path(path).read_bytes()))
-    except Exception as error:  # noqa: BLE001 -- any parser failure means "unreadable"; its text may quote PHI
-        raise _Skip("unreadable DICOM") from error
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if not modality and "PixelData" not in ds:
-        raise _Skip("unreadable DICOM")
-    if modality != "US":
-        raise _Skip(f"not ultrasound (Modality {modality[:16] or 'missing'})")
-    if "PixelData" not in ds:
-        raise _Skip("DICOM without pixel data")
-    try:
-        num_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        num_frames = 1
-    if num_frames < 2:
-        raise _Skip("single-frame image")
-    try:
-        with warnings.catch_warnings(), _quiet_logger("pydicom"):
-            warnings.simplefilter("ignore")
-            pixels = ds.pixel_array
-    except Exception as error:  # noqa: BLE001 -- missing handler or corrupt data; both are "cannot decode"
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        raise _Skip(
-            f"DICOM pixel data not decodable ({getattr(syntax, 'name', 'unknown transfer syntax')})"
-        ) from error
-    frames = _dicom_grey(ds, pixels)
-    if frames.ndim != 3 or len(frames) < 2:
-        raise _Skip("single-frame image")
-    mask = sector_mask(frames, _ultrasound_regions(ds))
-    if mask is None:
-        raise _Skip("no moving ultrasound sector found")
-    frame_rate = dicom_frame_rate(ds)
-    data = encode_clip(fit_to_square(crop_to_mask(frames, mask), image_size), frame_rate or DEFAULT_FRAME_RATE)
-    view = None
-    codes = ds.get("ViewCodeSequence", None)
-    if codes:
-        view = str(codes[0].get("CodeMeaning", "") or "") or None
-    uid = ds.get("StudyInstanceUID") or ds.get("SeriesInstanceUID")
-    group = salted_hash(salt, f"uid:{uid}") if uid else None
-    return data, len(frames), frame_rate, view, group
+        cine = read_dicom(path)
+    except VideoDecodingError as error:
+        if error.kind == NO_DICOM_SUPPORT:
+            raise ImportError(f"DICOM sources need pydicom and Pillow: {INSTALL_HINT}") from error
+        raise _Skip(_VIDEO_SKIP_REASONS.get(error.kind, error.reason)) from error  # fixed phrases, no PHI
+    frame_rate = cine.frame_rate
+    data = encode_clip(fit_to_square(cine.frames, image_size), frame_rate or DEFAULT_FRAME_RATE)
+    group = salted_hash(salt, f"uid:{cine.group_uid}") if cine.group_uid else None
+    return data, len(cine.frames), frame_rate, cine.view, group
 
 
 def prepare_source(task: tuple[Source, int, str]) -> dict:

@@ -7,7 +7,7 @@ train / val / test) is a folder::
                         FrameWidth (112), FPS, NumberOfFrames, Split (TRAIN / VAL / TEST)
     VolumeTracings.csv  FileName (*with* ".avi"), X1, Y1, X2, Y2, Frame: two traced frames per
                         video; per frame the first row is the long axis, the others short-axis chords
-    Videos/<FileName>.avi
+    Videos/<FileName>.avi   (or a multi-frame ultrasound DICOM: <FileName>.dcm, or <FileName> itself)
 
 `load_echonet_dynamic` reads it into a `datasets.DatasetDict` with splits `train`, `validation` and
 `test`, one row per video:
@@ -53,11 +53,13 @@ from tqdm.auto import tqdm
 
 from synthetic_echonet import PHANTOM_VERSION, make_synthetic_echonet
 from video_io_echoai import (
+    DICOM_EXTENSIONS,
     VIDEO_EXTENSIONS,
     VideoDecodingError,
     VideoInfo,
-    VideoReader,
     decode_all_frames,
+    is_dicom,
+    open_video,
     probe_video,
 )
 from video_processing_echoai import EchoAIVideoProcessor
@@ -209,6 +211,11 @@ def _with_videos(table: pd.DataFrame, videos_dir: Path, report: LoadReport, chec
     """`table`'s rows whose video is in `videos_dir` (matched case-insensitively) and readable, with their
     `video_path`; the others are excluded in `report`."""
     on_disk = {p.stem.lower(): p for p in videos_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS}
+    for p in videos_dir.iterdir():  # DICOM cines where no video has the name: <name>.dcm, or <name> by its preamble
+        if p.suffix.lower() in DICOM_EXTENSIONS:
+            on_disk.setdefault(p.stem.lower(), p)
+        elif p.suffix.lower() not in VIDEO_EXTENSIONS and is_dicom(p):
+            on_disk.setdefault(p.name.lower(), p)
     paths = table["FileName"].str.lower().map(lambda stem: on_disk.get(stem))
     report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
     table, paths = table[paths.notna()], paths[paths.notna()]
@@ -389,7 +396,7 @@ def row_pixel_values(
     Raises:
         VideoDecodingError: the video cannot be decoded (named by its path, or a corpus row's `video_id`).
     """
-    with VideoReader(*row_video(row)) as reader:
+    with open_video(*row_video(row)) as reader:
         clips = processor(
             reader,
             clip_sampling="random" if training else "uniform",

@@ -1,8 +1,10 @@
 """Video input for EchoAI: open a video file or its bytes, read its frame rate and length, decode only the
 frames a clip needs, as grey uint8.
 
-Every reader in EchoAI goes through `VideoReader`: the video processor (files and a prepared corpus's bytes),
+Every reader in EchoAI goes through `open_video`: the video processor (files and a prepared corpus's bytes),
 the EchoNet-Dynamic and video-folder loaders (which check each file once), corpus preparation and prediction.
+It returns a `VideoReader` (AVI, MP4: PyAV) or, for a DICOM file (by its .dcm / .dicom extension or the
+"DICM" preamble, `is_dicom`), a `dicom_echoai.DicomReader` with the same interface and error vocabulary.
 
 * Sources: a path (`str` / `os.PathLike`) or the bytes of a whole file (a corpus row's `video` column).
 * Frame rate (`frame_rate`): the stream's average rate, else FFmpeg's guess from its timestamps; None when
@@ -18,8 +20,8 @@ the EchoNet-Dynamic and video-folder loaders (which check each file once), corpu
   for bytes), what is wrong (`file not found`, `empty file`, `not a video`, `truncated after frame k`,
   `corrupt data at frame k`) and the fix. `kind` holds that phrase alone, for callers that count reasons.
 
-This file imports only the standard library, numpy and PyAV: it ships beside `video_processing_echoai.py` as
-Hub remote code.
+This file imports only the standard library, numpy and PyAV (and `dicom_echoai` when a DICOM is opened): it
+ships beside `video_processing_echoai.py` as Hub remote code.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 
 
 VIDEO_EXTENSIONS = (".avi", ".mp4")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
 VideoSource = str | os.PathLike | bytes
 
 # The kinds of `VideoDecodingError`, the first words of its reason.
@@ -111,16 +114,31 @@ def grey_frame(frame: av.VideoFrame) -> np.ndarray:
     return np.clip(np.round((luma.astype(np.float32) - 16.0) * (255.0 / 219.0)), 0, 255).astype(np.uint8)
 
 
-def _open_container(source: VideoSource, name: str) -> av.container.InputContainer:
+def is_dicom(source: VideoSource) -> bool:
+    """Whether a path or a file's bytes is DICOM: the "DICM" preamble at byte 128, or a .dcm / .dicom name."""
     if isinstance(source, bytes):
-        size, opened = len(source), io.BytesIO(source)
-    else:
-        opened = os.fspath(source)
-        if not os.path.exists(opened):
-            raise VideoDecodingError(name, NOT_FOUND, fix="check the path (and `--data_dir`)")
-        size = os.path.getsize(opened)
-    if size == 0:
+        return source[128:132] == b"DICM"
+    if os.fspath(source).lower().endswith(DICOM_EXTENSIONS):
+        return True
+    try:
+        with open(source, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def check_source(source: VideoSource, name: str) -> None:
+    """Raise `VideoDecodingError` for a path that does not exist and for an empty file or empty bytes."""
+    if not isinstance(source, bytes) and not os.path.exists(source):
+        raise VideoDecodingError(name, NOT_FOUND, fix="check the path (and `--data_dir`)")
+    if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
         raise VideoDecodingError(name, f"{EMPTY} (0 bytes)", kind=EMPTY)
+
+
+def _open_container(source: VideoSource, name: str) -> av.container.InputContainer:
+    check_source(source, name)
+    opened = io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)
     try:
         container = av.open(opened)
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
@@ -278,13 +296,28 @@ class VideoReader:
             )
 
 
+def open_video(source: VideoSource, name: str | None = None):
+    """An open video: a `dicom_echoai.DicomReader` for DICOM (`is_dicom`), else a `VideoReader`.
+
+    Both have `name`, `num_frames`, `rate`, `info`, `read`, `read_all` and `close`, and raise `VideoDecodingError`.
+    """
+    if isinstance(source, bytes) or not os.fspath(source).lower().endswith(VIDEO_EXTENSIONS):
+        if is_dicom(source):
+            try:  # loaded as Hub remote code, beside this file
+                from .dicom_echoai import DicomReader
+            except ImportError:  # installed as top-level modules
+                from dicom_echoai import DicomReader
+            return DicomReader(source, name)
+    return VideoReader(source, name)
+
+
 def probe_video(source: VideoSource, check_last_frame: bool = False, name: str | None = None) -> VideoInfo:
-    """Read a video's header (cheap); with `check_last_frame`, also decode its last frame.
+    """Read a video's header (cheap); with `check_last_frame`, also decode its last frame. A DICOM is decoded whole.
 
     Decoding the last frame (a seek and a few frames' decode) catches truncated files whose header still
     announces the full length, which a header read alone cannot.
     """
-    with VideoReader(source, name) as reader:
+    with open_video(source, name) as reader:
         if check_last_frame:
             reader.read([reader.num_frames - 1])
         return reader.info
@@ -293,44 +326,59 @@ def probe_video(source: VideoSource, check_last_frame: bool = False, name: str |
 def decode_video_frames(
     source: VideoSource, frame_indices: Sequence[int] | np.ndarray, name: str | None = None
 ) -> DecodedFrames:
-    """Decode only the frames at `frame_indices` of a video: `VideoReader(source).read(frame_indices)`."""
-    with VideoReader(source, name) as reader:
+    """Decode only the frames at `frame_indices` of a video: `open_video(source).read(frame_indices)`."""
+    with open_video(source, name) as reader:
         return reader.read(frame_indices)
 
 
 def decode_all_frames(source: VideoSource, name: str | None = None) -> np.ndarray:
     """Every frame of a video, grey (T, H, W) uint8."""
-    with VideoReader(source, name) as reader:
+    with open_video(source, name) as reader:
         return reader.read_all()
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 30, codec: str = "mpeg4", gop_size: int = 12):
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: int = 30,
+    codec: str = "mpeg4",
+    gop_size: int = 12,
+    pix_fmt: str = "yuv420p",
+):
     """Write grey (T, H, W) uint8 frames with an inter-frame codec (a key frame every `gop_size` frames).
 
     The counterpart of EchoNet-style MJPEG (see `corpus_echoai.encode_clip`): videos whose decoding must seek
-    to a key frame and decode forward, for tests and benchmarks.
+    to a key frame and decode forward, for tests and benchmarks. `codec="ffv1", pix_fmt="gray"` stores the
+    frames losslessly (they decode to the same bytes).
     """
     with av.open(os.fspath(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
         stream.height, stream.width = frames.shape[1:]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.codec_context.gop_size = gop_size
         for frame in frames:
-            rgb = np.repeat(frame[:, :, None], 3, axis=2)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            if pix_fmt == "gray":
+                image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")
+            else:
+                image = av.VideoFrame.from_ndarray(np.repeat(frame[:, :, None], 3, axis=2), format="rgb24")
+            container.mux(stream.encode(image))
         container.mux(stream.encode())
 
 
 __all__ = [
+    "DICOM_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "DecodedFrames",
     "VideoDecodingError",
     "VideoInfo",
     "VideoReader",
+    "check_source",
     "decode_all_frames",
     "decode_video_frames",
     "frame_rate",
     "grey_frame",
+    "is_dicom",
+    "open_video",
     "probe_video",
     "write_video",
 ]

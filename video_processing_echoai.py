@@ -56,10 +56,10 @@ from transformers.video_processing_utils import BaseVideoProcessor
 
 try:  # loaded as Hub remote code, beside the model's files
     from .configuration_echoai import EchoAIConfig
-    from .video_io_echoai import VideoDecodingError, VideoReader, decode_all_frames
+    from .video_io_echoai import VideoDecodingError, VideoReader, decode_all_frames, open_video
 except ImportError:  # installed as top-level modules
     from configuration_echoai import EchoAIConfig
-    from video_io_echoai import VideoDecodingError, VideoReader, decode_all_frames
+    from video_io_echoai import VideoDecodingError, VideoReader, decode_all_frames, open_video
 
 
 logger = logging.getLogger(__name__)
@@ -299,10 +299,11 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         generator: torch.Generator | None = None,
     ) -> np.ndarray:
         """Clips of one video as grey uint8 frames, (K, T, H, W); a file, a file's bytes or an open `VideoReader`
-        decodes only the frames the clips use."""
+        decodes only the frames the clips use. A DICOM file or its bytes is read by `video_io_echoai.open_video`:
+        its ultrasound sector, padded to a square (`dicom_echoai.DicomReader`)."""
         sampling = (self.num_frames, self.period, clip_sampling, clip_start, num_clips, generator)
         if isinstance(video, (str, os.PathLike, bytes, VideoReader)):
-            with contextlib.nullcontext(video) if isinstance(video, VideoReader) else VideoReader(video) as reader:
+            with contextlib.nullcontext(video) if isinstance(video, VideoReader) else open_video(video) as reader:
                 indices = clip_frame_indices(reader.num_frames, *sampling)  # (K, T)
                 frames = reader.read(indices.reshape(-1)).frames
             return rearrange(frames, "(k t) h w -> k t h w", k=len(indices))

@@ -5,7 +5,10 @@
     python scripts/predict.py videos/ --model_name_or_path outputs/finetune --protocol all_clips --output ef.csv
     python scripts/predict.py video.avi --model_name_or_path outputs/finetune --saliency_dir saliency/
 
-VIDEO_OR_DIR is one video or a folder searched recursively for .avi / .mp4 files. Each video's EF is
+VIDEO_OR_DIR is one video or a folder searched recursively for .avi / .mp4 files and DICOM files (.dcm, or
+any file with the DICOM preamble; multi-frame ultrasound, read as `prepare_corpus.py` reads it: the sector
+cropped, burnt-in text and ECG outside it blanked, the frame rate from its tags; needs the `dicom` extra,
+`pip install "echoai[dicom]"`). No DICOM attribute is printed or written. Each video's EF is
 the mean over the protocol's clips (`one_clip`, `all_clips` -- EchoNet's test protocol, the default --
 or `k_clips` with `--num_clips`); the clip spread is the standard deviation of the clip predictions,
 a rough indicator of how much the estimate depends on where the clip starts. Preprocessing is the
@@ -35,7 +38,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from data_echoai import VIDEO_EXTENSIONS
+from corpus_echoai import list_sources
 from inference_echoai import (
     ModelLoadingError,
     add_prediction_arguments,
@@ -76,12 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def find_videos(video_or_dir: str) -> list[Path]:
-    """The file itself, or every .avi / .mp4 under the folder (sorted)."""
+    """The file itself, or every video and DICOM file under the folder (sorted), as corpus preparation finds them."""
     path = Path(video_or_dir).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        return [Path(source.path) for source in list_sources([path])[0]]
     return []
 
 
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     videos = find_videos(args.video_or_dir)
     if not videos:
         print(
-            f"error: no video found at {args.video_or_dir} (a file, or a folder with {VIDEO_EXTENSIONS})",
+            f"error: no video found at {args.video_or_dir} (a file, or a folder with .avi, .mp4 or DICOM files)",
             file=sys.stderr,
         )
         return 2

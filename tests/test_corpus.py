@@ -4,7 +4,6 @@ masking, resuming, dedupe, and reading it back map-style, streamed, split across
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import logging
 import shutil
@@ -24,90 +23,12 @@ from video_io_echoai import decode_video_frames, write_video
 from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
 
-pydicom = pytest.importorskip("pydicom", reason="pydicom is needed for the DICOM cases (pip install -e .[dicom])")
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import (  # noqa: E402
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    UltrasoundMultiFrameImageStorage,
-    generate_uid,
-)
+pytest.importorskip("pydicom", reason="pydicom is needed for the DICOM cases (pip install -e .[dicom])")
+from dicom_fixtures import PHI, PHI_IN_PATHS, TEXT, echo_frames, fan_mask, write_dicom  # noqa: E402
 
 
 SALT = "test-salt-not-secret"
 IMAGE_SIZE = 64
-PHI = {
-    "PatientName": "Doe^Jane",
-    "PatientID": "PID998877",
-    "PatientBirthDate": "19700101",
-    "InstitutionName": "Saint Example Hospital",
-    "AccessionNumber": "ACC554433",
-    "ReferringPhysicianName": "Who^Doctor",
-    "StudyInstanceUID": "1.2.826.0.1.3680043.99.12345",
-    "SeriesInstanceUID": "1.2.826.0.1.3680043.99.67890",
-}
-PHI_IN_PATHS = ["Doe_Jane", "PID998877"]  # the DICOM folder and file names carry PHI too
-# The DICOM phantom: a fan (apex at the top centre) of boiling speckle on a 120 x 160 canvas, burnt-in
-# text inside the fan's bounding box but outside the fan, a moving ECG trace below it.
-H, W, APEX, RADIUS, HALF_ANGLE = 120, 160, (80, 6), 100, np.deg2rad(40)
-TEXT = (slice(10, 22), slice(18, 46))  # rows, columns
-
-
-def fan_mask() -> np.ndarray:
-    y, x = np.mgrid[:H, :W]
-    dy, dx = y - APEX[1], x - APEX[0]
-    return (np.hypot(dx, dy) < RADIUS) & (np.abs(np.arctan2(dx, np.maximum(dy, 1e-6))) < HALF_ANGLE) & (dy > 0)
-
-
-def echo_frames(num_frames: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    frames = np.zeros((num_frames, H, W), dtype=np.uint8)
-    fan = fan_mask()
-    frames[:, fan] = rng.integers(40, 220, size=(num_frames, fan.sum()))
-    frames[:, TEXT[0], TEXT[1]] = np.where(np.arange(TEXT[1].stop - TEXT[1].start) % 4 < 2, 255, 0)  # "text"
-    for t in range(num_frames):  # ECG: a sweeping trace under the sector
-        columns = np.arange((t * 7) % W + 1)
-        frames[t, 115 + np.round(3 * np.sin(columns / 5 + t)).astype(int), columns] = 200
-    return frames
-
-
-def write_dicom(path: Path, frames: np.ndarray, modality: str = "US", jpeg: bool = False, regions: bool = False):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if modality == "US" else CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    for keyword, value in PHI.items():
-        setattr(ds, keyword, value)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.StudyDescription = modality, f"Echo of {PHI['PatientName']}"
-    ds.Rows, ds.Columns = frames.shape[1:]
-    if len(frames) > 1:
-        ds.NumberOfFrames, ds.FrameTime = len(frames), "20"  # 50 fps
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    if regions:
-        region = pydicom.Dataset()
-        region.RegionSpatialFormat = 1
-        region.RegionLocationMinX0, region.RegionLocationMinY0 = 10, 4
-        region.RegionLocationMaxX1, region.RegionLocationMaxY1 = 150, 108
-        ds.SequenceOfUltrasoundRegions = [region]
-    if jpeg:
-        from PIL import Image
-
-        encoded = []
-        for frame in frames:
-            buffer = io.BytesIO()
-            Image.fromarray(frame, mode="L").save(buffer, format="JPEG", quality=95)
-            encoded.append(buffer.getvalue())
-        ds.PixelData = encapsulate(encoded)
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    else:
-        ds.PixelData = frames.tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def grey_video(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
