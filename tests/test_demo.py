@@ -79,6 +79,19 @@ def test_the_analysis_is_predict_py(model_dir, videos, tmp_path):
     assert not failure.summary
 
 
+def test_a_dicom_upload_is_predict_py(model_dir, tmp_path):
+    pytest.importorskip("pydicom", reason="pydicom is needed for DICOM (pip install -e .[dicom])")
+    from dicom_fixtures import echo_frames, write_dicom
+
+    cine = tmp_path / "IM_0001"  # no extension, as DICOMDIR exports name them
+    write_dicom(cine, echo_frames(24, seed=1))
+    analysis = load_demo().EchoAIDemo(str(model_dir), work_dir=tmp_path / "work").analyse(cine)
+    assert analysis.error is None and analysis.saliency is not None
+    assert float(re.search(r"EF ([\d.]+) %", analysis.summary).group(1)) == round(
+        predicted(model_dir, cine, tmp_path)["EF"], 1
+    )
+
+
 def test_a_pretraining_checkpoint_shows_its_reconstruction(videos, tmp_path):
     good, bad = videos
     EchoAIForPreTraining(tiny_config()).save_pretrained(tmp_path / "pretrained")
