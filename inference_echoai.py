@@ -514,8 +514,9 @@ def predict_videos(
 ) -> list[VideoPrediction]:
     """The model's per-video prediction: its logits averaged over the protocol's clips (see the module docstring
     for how clips are built and batched) -- EF (%) for a regression model. One result per video (a file, or an
-    array of frames as `VideoClips` takes it), in order; unreadable videos come back with `error` set and NaN EF. Fine-tuning validation
-    (`training_echoai.predict_split`), `scripts/evaluate.py` and `scripts/predict.py` all predict through it.
+    array of frames as `VideoClips` takes it), in order; unreadable videos come back with `error` set and NaN EF.
+    Fine-tuning validation (`training_echoai.predict_split`), `scripts/evaluate.py`, `scripts/predict.py` and the
+    EF pipeline (through `predict_decoded`) all predict through it.
 
     Args:
         model: a regression `EchoAIForVideoClassification` (logits (B, 1) in EF %) or a classifier (logits
@@ -575,7 +576,8 @@ def _clip_logits(
     compile_backend: str | Callable | None,
 ) -> dict[tuple[int, str], np.ndarray]:
     """Run the model over `_clip_batches`: (video index, clip set) -> (K, num_labels) float64 logits per clip."""
-    device = next(model.parameters()).device
+    weight = next(model.parameters())  # its device, and its dtype: a model loaded in bfloat16 takes bfloat16 clips
+    device = weight.device
     forward = compile_for_inference(model, compile_backend) if compile_backend else model
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     rows: dict[tuple[int, str], list[torch.Tensor]] = {}
@@ -584,7 +586,9 @@ def _clip_logits(
             padding = pixel_values[-1:].expand(batch_size - len(pixel_values), *pixel_values.shape[1:])
             pixel_values = torch.cat([pixel_values, padding])
         with autocast:
-            logits = forward(pixel_values=pixel_values.to(device, non_blocking=True)).logits  # (B, num_labels)
+            logits = forward(
+                pixel_values=pixel_values.to(device, weight.dtype, non_blocking=True)
+            ).logits  # (B, labels)
         logits = logits.float()[: len(owners)].cpu()
         for row, owner in zip(logits, owners, strict=True):
             rows.setdefault(owner, []).append(row)

@@ -420,7 +420,7 @@ def save_outputs(args, accelerator, model, processor, result, all_results: dict,
         save_model(accelerator, model, processor, args.output_dir)
     if not accelerator.is_main_process:
         return
-    if not args.baseline and args.num_labels == 1:  # `pipeline(model=output_dir, trust_remote_code=True)`: EF
+    if not args.baseline and args.num_labels == 1 and args.label_column == "EF":  # `pipeline(model=output_dir, ...)`
         save_ef_pipeline(result.model, args.output_dir)
     (Path(args.output_dir) / "all_results.json").write_text(json.dumps(all_results, indent=2))
     if not args.baseline:  # the card describes an EchoAI model

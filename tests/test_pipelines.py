@@ -109,6 +109,11 @@ def test_ef_pipeline_takes_a_list_of_paths_and_frame_arrays(regression, videos):
     assert rgb["EF"] == pytest.approx(grey["EF"], abs=1e-5)
     with pytest.raises(ValueError, match="protocol must be one of"):
         pipe(videos[0], protocol="every_clip")
+    # A model loaded in bfloat16 (`pipeline(..., dtype=torch.bfloat16)`) gets its clips in bfloat16.
+    bf16 = EchoAIForVideoClassification.from_pretrained(regression, dtype=torch.bfloat16).eval()
+    half = EchoAIEFPipeline(model=bf16, video_processor=processor)(videos[0], protocol="one_clip")
+    (one_clip,) = predict_videos(model, processor, videos[:1], protocol="one_clip", progress=False)
+    assert half["EF"] == pytest.approx(one_clip.ef, abs=0.5) and half["EF"] != one_clip.ef
 
 
 def test_processor_takes_base_video_processor_keywords(videos):
