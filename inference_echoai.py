@@ -9,7 +9,7 @@
 * `detect_beats` -- segmentation-free cardiac-cycle detection from the frames themselves; with
   `beat_by_beat=True` one clip is centred on every detected beat (EchoNet's beat-by-beat estimate,
   with cycles found from image periodicity instead of a segmentation network).
-* `predict_videos` -- the one per-video predictor (validation, evaluation, prediction): every video decoded once (only the frames some clip needs), resized and
+* `predict_videos` -- the one per-video predictor (validation, evaluation, prediction, the EF pipeline): every video decoded once (only the frames some clip needs), resized and
   normalised once, its clips built by indexing those frames, and clips of consecutive videos packed
   into model batches of a fixed size; logits averaged per video. Decoding runs in DataLoader
   workers when `num_workers > 0`. An unreadable video becomes a result with its error, not a crash.
@@ -25,7 +25,7 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +36,18 @@ from transformers import AutoModelForVideoClassification
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor  # the top-level name needs torchvision
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
-import modeling_echoai  # noqa: F401  registers EchoAI with the Auto classes
-from baselines_echoai import CONFIG_FILE as BASELINE_CONFIG_FILE
-from baselines_echoai import load_baseline
-from video_io_echoai import VideoDecodingError, decode_video_frames, probe_video
-from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
+
+try:  # loaded as Hub remote code, beside a fine-tuned model, by the EF pipeline (`pipeline_echoai.py`)
+    from .baselines_echoai import CONFIG_FILE as BASELINE_CONFIG_FILE
+    from .baselines_echoai import load_baseline
+    from .video_io_echoai import VideoDecodingError, decode_video_frames, probe_video
+    from .video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
+except ImportError:  # installed as top-level modules
+    import modeling_echoai  # noqa: F401  registers EchoAI with the Auto classes
+    from baselines_echoai import CONFIG_FILE as BASELINE_CONFIG_FILE
+    from baselines_echoai import load_baseline
+    from video_io_echoai import VideoDecodingError, decode_video_frames, probe_video
+    from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
 
 
 PROTOCOLS = ("one_clip", "all_clips", "k_clips")
@@ -308,47 +315,60 @@ class DecodedVideo:
 
 
 class VideoClips(torch.utils.data.Dataset):
-    """Map-style dataset over video files yielding `DecodedVideo`s, for a DataLoader with `batch_size=None`.
+    """Map-style dataset over videos yielding `DecodedVideo`s, for a DataLoader with `batch_size=None`.
 
-    Each video is probed and decoded once -- every frame when `beat_by_beat` (the detector needs them
-    all), else only the frames the protocol's clips use -- then resized and normalised by the processor
-    in one pass. Clip sets: "protocol", and "beats" with `beat_by_beat`.
+    A video is a file or an array of frames (T, H, W) or (T, H, W, C) uint8, as the processor takes it; an
+    array has no frame rate (0, as a file that states none) and is named `<array i>` in the results. Each video is
+    probed and decoded once -- every frame when `beat_by_beat` (the detector needs them all), else only the frames
+    the protocol's clips use -- then resized and normalised by the processor in one pass. Clip sets: "protocol",
+    and "beats" with `beat_by_beat`.
     """
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike],
+        videos: Sequence[str | os.PathLike | np.ndarray | torch.Tensor],
         processor: EchoAIVideoProcessor,
         protocol: str = "all_clips",
         num_clips: int = 1,
         beat_by_beat: bool = False,
     ):
         protocol_clip_indices(1, processor, protocol, num_clips)  # validate early, in the main process
-        self.paths = [os.fspath(p) for p in paths]
+        self.videos = list(videos)
+        self.paths = [
+            f"<array {i}>" if isinstance(video, (np.ndarray, torch.Tensor)) else os.fspath(video)
+            for i, video in enumerate(self.videos)
+        ]
         self.processor, self.protocol, self.num_clips, self.beat_by_beat = processor, protocol, num_clips, beat_by_beat
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def frame_source(self, video) -> tuple[float, int, Callable[[np.ndarray], np.ndarray]]:
+        """(frame rate, frame count, read(sorted frame numbers) -> grey uint8 frames (N, H, W)) of one video."""
+        if isinstance(video, (np.ndarray, torch.Tensor)):
+            frames = self.processor._as_grey_frames(video)  # the processor's own reading of an array
+            return 0.0, len(frames), frames.__getitem__
+        info = probe_video(video)
+        return info.fps, info.num_frames, lambda wanted: decode_video_frames(video, wanted).frames
+
     def __getitem__(self, i: int) -> DecodedVideo:
         item = DecodedVideo(index=i, path=self.paths[i])
         try:
-            info = probe_video(item.path)
-            item.fps, item.num_video_frames = info.fps, info.num_frames
+            item.fps, item.num_video_frames, read = self.frame_source(self.videos[i])
             clip_sets = {
-                "protocol": protocol_clip_indices(info.num_frames, self.processor, self.protocol, self.num_clips)
+                "protocol": protocol_clip_indices(item.num_video_frames, self.processor, self.protocol, self.num_clips)
             }
             if self.beat_by_beat:
-                wanted = np.arange(info.num_frames)
-                frames = decode_video_frames(item.path, wanted).frames  # (N, H, W)
-                item.beats = detect_beats(frames, info.fps) if len(frames) >= 4 else None
+                wanted = np.arange(item.num_video_frames)
+                frames = read(wanted)  # (N, H, W)
+                item.beats = detect_beats(frames, item.fps) if len(frames) >= 4 else None
                 beats = item.beats.beats if item.beats else []
                 clip_sets["beats"] = beat_clip_indices(
-                    beats, info.num_frames, self.processor.num_frames, self.processor.period
+                    beats, item.num_video_frames, self.processor.num_frames, self.processor.period
                 )
             else:
                 wanted = np.unique(clip_sets["protocol"])
-                frames = decode_video_frames(item.path, wanted).frames  # (U, H, W)
+                frames = read(wanted)  # (U, H, W)
         except VideoDecodingError as error:
             item.error = error.reason
             return item
@@ -482,7 +502,7 @@ def compile_for_inference(model: torch.nn.Module, backend: str | Callable = "ind
 def predict_videos(
     model: torch.nn.Module,
     processor: EchoAIVideoProcessor,
-    paths: Sequence[str | os.PathLike],
+    videos: Sequence[str | os.PathLike | np.ndarray],
     protocol: str = "all_clips",
     num_clips: int = 1,
     beat_by_beat: bool = False,
@@ -493,9 +513,10 @@ def predict_videos(
     compile_backend: str | Callable | None = None,
 ) -> list[VideoPrediction]:
     """The model's per-video prediction: its logits averaged over the protocol's clips (see the module docstring
-    for how clips are built and batched) -- EF (%) for a regression model. One result per path, in order;
-    unreadable videos come back with `error` set and NaN EF. Fine-tuning validation
-    (`training_echoai.predict_split`), `scripts/evaluate.py` and `scripts/predict.py` all predict through it.
+    for how clips are built and batched) -- EF (%) for a regression model. One result per video (a file, or an
+    array of frames as `VideoClips` takes it), in order; unreadable videos come back with `error` set and NaN EF.
+    Fine-tuning validation (`training_echoai.predict_split`), `scripts/evaluate.py`, `scripts/predict.py` and the
+    EF pipeline (through `predict_decoded`) all predict through it.
 
     Args:
         model: a regression `EchoAIForVideoClassification` (logits (B, 1) in EF %) or a classifier (logits
@@ -510,28 +531,41 @@ def predict_videos(
             `compile_for_inference`). The first batch pays the compilation; the last batch is padded to
             `batch_size` with copies of its last clip, whose predictions are discarded.
     """
-    dataset = VideoClips(paths, processor, protocol, num_clips, beat_by_beat)
-    results = [VideoPrediction(path=p) for p in dataset.paths]
-    bar = tqdm(total=len(dataset), desc=f"EF ({protocol})", unit="video", disable=not progress)
-
-    def on_video(video: DecodedVideo) -> None:
-        result = results[video.index]
-        result.fps, result.num_video_frames, result.error, result.beats = (
-            video.fps, video.num_video_frames, video.error, video.beats,
-        )  # fmt: skip
-        bar.update(1)
-
+    dataset = VideoClips(videos, processor, protocol, num_clips, beat_by_beat)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_single,
         prefetch_factor=2 if num_workers else None, persistent_workers=False,
     )  # fmt: skip
-    clip_logits = _clip_logits(model, _clip_batches(iter(loader), batch_size, on_video), batch_size, bf16,
+    decoded = tqdm(loader, total=len(dataset), desc=f"EF ({protocol})", unit="video", disable=not progress)
+    return predict_decoded(model, decoded, beat_by_beat, batch_size, bf16, compile_backend)
+
+
+@torch.no_grad()
+def predict_decoded(
+    model: torch.nn.Module,
+    videos: Iterable[DecodedVideo],
+    beat_by_beat: bool = False,
+    batch_size: int = 64,
+    bf16: bool = False,
+    compile_backend: str | Callable | None = None,
+) -> list[VideoPrediction]:
+    """`predict_videos` from `VideoClips`' decoded videos on: the model over their clips, packed into batches of
+    `batch_size`, averaged per video; one result per video, in order. The EF pipeline (`pipeline_echoai`)
+    decodes in its `preprocess` and predicts through here, one video at a time."""
+    described: list[tuple[int, VideoPrediction]] = []
+
+    def on_video(video: DecodedVideo) -> None:
+        described.append((video.index, VideoPrediction(
+            path=video.path, fps=video.fps, num_video_frames=video.num_video_frames, error=video.error,
+            beats=video.beats,
+        )))  # fmt: skip
+
+    clip_logits = _clip_logits(model, _clip_batches(iter(videos), batch_size, on_video), batch_size, bf16,
                                compile_backend)  # fmt: skip
-    bar.close()
-    for i, result in enumerate(results):
+    for i, result in described:
         if result.error is None:
             _average_clips(result, clip_logits[(i, "protocol")], clip_logits.get((i, "beats")), beat_by_beat)
-    return results
+    return [result for _, result in described]
 
 
 def _clip_logits(
@@ -542,7 +576,8 @@ def _clip_logits(
     compile_backend: str | Callable | None,
 ) -> dict[tuple[int, str], np.ndarray]:
     """Run the model over `_clip_batches`: (video index, clip set) -> (K, num_labels) float64 logits per clip."""
-    device = next(model.parameters()).device
+    weight = next(model.parameters())  # its device, and its dtype: a model loaded in bfloat16 takes bfloat16 clips
+    device = weight.device
     forward = compile_for_inference(model, compile_backend) if compile_backend else model
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     rows: dict[tuple[int, str], list[torch.Tensor]] = {}
@@ -551,7 +586,9 @@ def _clip_logits(
             padding = pixel_values[-1:].expand(batch_size - len(pixel_values), *pixel_values.shape[1:])
             pixel_values = torch.cat([pixel_values, padding])
         with autocast:
-            logits = forward(pixel_values=pixel_values.to(device, non_blocking=True)).logits  # (B, num_labels)
+            logits = forward(
+                pixel_values=pixel_values.to(device, weight.dtype, non_blocking=True)
+            ).logits  # (B, labels)
         logits = logits.float()[: len(owners)].cpu()
         for row, owner in zip(logits, owners, strict=True):
             rows.setdefault(owner, []).append(row)
@@ -589,7 +626,10 @@ def make_figure(size: tuple[float, float], dpi: float = 120):
     (`matplotlib.use`), and pyplot keeps no reference to it, so nothing needs closing and a caller's own
     pyplot session (a notebook) is left alone.
     """
-    from matplotlib.figure import Figure
+    try:  # optional: the EF pipeline ships this module as remote code, where figures are never drawn
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("EchoAI's figures need matplotlib: pip install matplotlib") from error
 
     return Figure(figsize=size, dpi=dpi)
 
@@ -649,6 +689,7 @@ __all__ = [
     "load_model_and_processor",
     "make_figure",
     "nearest_frame_error",
+    "predict_decoded",
     "predict_videos",
     "protocol_clip_indices",
     "scatter_plot",

@@ -274,21 +274,59 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         num_clips: int = 1,
         do_augment: bool | None = None,
         generator: torch.Generator | None = None,
+        num_frames: int | None = None,
+        do_sample_frames: bool = True,
         return_tensors: str | None = "pt",
+        device: str | torch.device | None = None,
+        **kwargs,
     ) -> BatchFeature:
-        """Turn videos into `pixel_values`; see the class docstring for the call convention."""
+        """Turn videos into `pixel_values`; see the class docstring for the call convention.
+
+        transformers' `BaseVideoProcessor` keywords keep their meaning, so its pipelines can call this processor:
+        `num_frames` is the clip length for this call (default: the processor's, which the model was trained with);
+        `do_sample_frames=False` takes each video whole, every frame once in order, as one clip (the clip sampling
+        arguments are then unused); `return_tensors` is "pt", "np" or None (torch tensors); `device` moves the
+        output there. The other `BaseVideoProcessor` keywords (resizing, normalisation, `fps`) would change the
+        training preprocessing per call, so they are an error naming the saved setting to change instead.
+        """
+        if kwargs:
+            raise TypeError(
+                f"EchoAIVideoProcessor takes no {', '.join(sorted(kwargs))} per call: its preprocessing is the saved "
+                "training preprocessing; set num_frames / period / image_size / image_mean / image_std with "
+                "EchoAIVideoProcessor.from_pretrained(folder, name=value) instead"
+            )
         if isinstance(videos, (str, os.PathLike, bytes, VideoReader, np.ndarray, torch.Tensor)):
             videos = [videos]
         do_augment = self.do_augment if do_augment is None else do_augment
+        if do_sample_frames:
+            sampler = self._with_clip_length(self.num_frames if num_frames is None else num_frames, self.period)
+            sampling = (clip_sampling, clip_start, num_clips, generator)
+        else:  # every frame once: one-frame clips at every start, regrouped below into one clip per video
+            sampler, sampling = self._with_clip_length(1, 1), ("all", 0, 1, None)
         clips, video_index = [], []
         for i, video in enumerate(videos):
-            frames = self.sample_clips(video, clip_sampling, clip_start, num_clips, generator)  # (K, T, H, W)
+            frames = sampler.sample_clips(video, *sampling)  # (K, T, H, W)
+            if not do_sample_frames:
+                frames = rearrange(frames, "t 1 h w -> 1 t h w")
             clips.append(self.frames_to_pixel_values(frames, do_augment=do_augment, generator=generator))
             video_index += [i] * len(frames)
+        if len({clip.shape[1] for clip in clips}) > 1:
+            raise ValueError(
+                "do_sample_frames=False takes each video whole, and these videos differ in length: pass them one at "
+                "a time, or sample clips of one length (do_sample_frames=True)"
+            )
         data = {"pixel_values": clips[0] if len(clips) == 1 else torch.cat(clips)}
-        if clip_sampling == "all" or (clip_sampling == "uniform" and num_clips > 1):
+        if do_sample_frames and (clip_sampling == "all" or (clip_sampling == "uniform" and num_clips > 1)):
             data["video_index"] = torch.tensor(video_index, dtype=torch.int64)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        features = BatchFeature(data=data, tensor_type=return_tensors)
+        return features.to(device) if device is not None else features
+
+    def _with_clip_length(self, num_frames: int, period: int) -> EchoAIVideoProcessor:
+        """This processor, or for one call a copy that samples clips of `num_frames` frames every `period`-th (the
+        processor's own settings, which are saved with the model, stay as they are)."""
+        if (num_frames, period) == (self.num_frames, self.period):
+            return self
+        return type(self).from_dict(self.to_dict(), num_frames=num_frames, period=period)
 
     def sample_clips(
         self,

@@ -39,7 +39,10 @@ spaced clips averaged per video), through `inference_echoai.predict_videos` -- t
 reports with, so the kept model is chosen by the number evaluation measures -- gathered across processes. The
 best weights by validation MAE (accuracy for classification) are kept in memory and in every checkpoint; at the
 end they are evaluated once on the test split and saved into `--output_dir` with the processor, `all_results.json`
-and the model card, so `--output_dir` loads directly with `AutoModelForVideoClassification.from_pretrained`.
+and the model card, so `--output_dir` loads directly with `AutoModelForVideoClassification.from_pretrained`, and
+with transformers' `pipeline(model=output_dir, trust_remote_code=True)`: an EF model is saved with the EF pipeline
+(`pipeline_echoai`; per video EF, clip spread and clip count) and answers `pipeline("video-classification", ...)`
+as `[{"label": "EF", "score": EF}]`, a classifier with the probabilities of its classes (`id2label`: "EF < 50", ...).
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
@@ -66,6 +69,7 @@ from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForVideoClassification
 from perf_echoai import keep_freed_memory, use_fastest_attention
+from pipeline_echoai import save_ef_pipeline
 from training_echoai import (
     BestModel,
     TrainingClips,
@@ -176,7 +180,7 @@ def load_splits(args: argparse.Namespace, accelerator) -> tuple[Path, DatasetDic
             f"--label_column {args.label_column!r} is not a column of {data_dir}: {splits['train'].column_names}"
         )
     if args.class_boundaries:
-        boundaries = [float(b) for b in args.class_boundaries.split(",")]
+        boundaries = class_boundaries(args)
         if len(boundaries) != args.num_labels - 1 or boundaries != sorted(boundaries):
             raise ValueError(f"--class_boundaries needs {args.num_labels - 1} ascending values, got {boundaries}")
         splits = DatasetDict(
@@ -192,6 +196,22 @@ def load_splits(args: argparse.Namespace, accelerator) -> tuple[Path, DatasetDic
         if len(splits[name]) < 2:
             raise ValueError(f"{data_dir}: the {name} split has {len(splits[name])} video(s); evaluation needs two.")
     return data_dir, splits
+
+
+def class_boundaries(args: argparse.Namespace) -> list[float]:
+    return [float(b) for b in args.class_boundaries.split(",")]
+
+
+def label_names(args: argparse.Namespace) -> dict[int, str] | None:
+    """The model's `id2label`, the names transformers' pipelines answer with: the target for regression ("EF"),
+    the bins of `--class_boundaries` for classification ("EF < 50", "EF >= 50"); None keeps transformers' LABEL_i."""
+    if args.num_labels == 1:
+        return {0: args.label_column}
+    if not args.class_boundaries:
+        return None
+    edges, name = [f"{b:g}" for b in class_boundaries(args)], args.label_column
+    inner = [f"{low} <= {name} < {high}" for low, high in zip(edges, edges[1:], strict=False)]
+    return dict(enumerate([f"{name} < {edges[0]}", *inner, f"{name} >= {edges[-1]}"]))
 
 
 def build_model(args: argparse.Namespace, train: Dataset) -> torch.nn.Module:
@@ -213,6 +233,9 @@ def build_model(args: argparse.Namespace, train: Dataset) -> torch.nn.Module:
     overrides = {**head, **parse_config_overrides(args.config_overrides)}
     if args.baseline:
         return build_baseline(args.baseline, **overrides)
+    names = label_names(args)
+    if names:
+        overrides.update(id2label=names)
     if args.from_scratch:
         return EchoAIForVideoClassification(EchoAIConfig.from_preset(args.config_name, **overrides))
     return from_pretrained_with_geometry(EchoAIForVideoClassification, args.model_name_or_path, overrides)
@@ -386,8 +409,8 @@ def collect_results(args, result, best: BestModel, last: dict, test_metrics: dic
 
 
 def save_outputs(args, accelerator, model, processor, result, all_results: dict, card: dict) -> None:
-    """The kept model (or the baseline's state dict), its processor, `all_results.json`, the model card (`card`:
-    `render_model_card`'s arguments) and the Hub upload."""
+    """The kept model (or the baseline's state dict), its processor, the EF pipeline (`pipeline_echoai`, with an EF
+    model), `all_results.json`, the model card (`card`: `render_model_card`'s arguments) and the Hub upload."""
     if args.baseline:
         state_dict = model_state_dict(accelerator, model)  # on every process (gathered under FSDP)
         if accelerator.is_main_process:
@@ -397,6 +420,8 @@ def save_outputs(args, accelerator, model, processor, result, all_results: dict,
         save_model(accelerator, model, processor, args.output_dir)
     if not accelerator.is_main_process:
         return
+    if not args.baseline and args.num_labels == 1 and args.label_column == "EF":  # `pipeline(model=output_dir, ...)`
+        save_ef_pipeline(result.model, args.output_dir)
     (Path(args.output_dir) / "all_results.json").write_text(json.dumps(all_results, indent=2))
     if not args.baseline:  # the card describes an EchoAI model
         render_model_card(result.model, args, train_result=result, **card).save(Path(args.output_dir) / "README.md")

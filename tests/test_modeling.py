@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from einops import rearrange
 from huggingface_hub.errors import StrictDataclassError
+from remote_code import run_without_echoai
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVideoClassification
 
 from configuration_echoai import PRESETS, EchoAIConfig
@@ -509,25 +507,11 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
     with torch.no_grad():
         torch.save(model(x).logits, tmp_path / "expected.pt")
 
-    script = textwrap.dedent(
+    stdout = run_without_echoai(
         f"""
-        import importlib.abc, sys
-
-        class HideEchoAI(importlib.abc.MetaPathFinder):
-            # Stand in for a machine where EchoAI is not installed.
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("configuration_echoai", "modeling_echoai", "video_processing_echoai", "video_io_echoai", "data_echoai"):
-                    raise ModuleNotFoundError(name)
-
-        sys.meta_path.insert(0, HideEchoAI())
         import torch
         from transformers import AutoModelForVideoClassification, AutoModelForPreTraining
         from transformers.models.auto.video_processing_auto import AutoVideoProcessor
-        try:
-            import modeling_echoai
-            raise SystemExit("EchoAI is still importable")
-        except ModuleNotFoundError:
-            pass
         model = AutoModelForVideoClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
@@ -547,14 +531,10 @@ def test_saved_folder_loads_as_remote_code_without_echoai_installed(tmp_path):
         assert type(processor).__name__ == "EchoAIVideoProcessor" and processor.image_mean == [0.25] * 3
         assert processor({str(tmp_path / "clip.mp4")!r})["pixel_values"].shape == (1, 4, 3, 32, 32)  # decodes
         print("remote code OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote code OK" in result.stdout
+    assert "remote code OK" in stdout
 
 
 # --------------------------------------------------------------------------------------------------
