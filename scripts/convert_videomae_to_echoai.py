@@ -19,9 +19,11 @@ What is checked, each failure a one-line error: the folder holds a VideoMAE (`co
 safetensors weights; its geometry is one EchoAI can express (square frames and patches, a final encoder
 LayerNorm); every VideoMAE tensor maps to an EchoAI one of the same shape, none missing, none left over; and the
 converted model's outputs equal VideoMAE's (transformers' own `VideoMAE*` classes on the same weights) on a
-masked random clip: encoder states and decoder predictions within `--atol`. The pretraining losses differ only
-by where each adds its 1e-6 to the target's std (VideoMAE un-normalises to [0, 1] pixels first); the
-difference is printed.
+masked random clip: encoder states and decoder predictions within `--atol` (relative where they exceed 1).
+The pretraining losses differ only by where each adds its 1e-6 to the target's per-channel std (VideoMAE
+un-normalises to [0, 1] pixels first and divides by std + 1e-6; EchoAI divides `pixel_values`' deviations by
+sqrt(var + 1e-6)): a few 1e-5 relative on synthetic echo clips, printed, not checked. Matching it exactly would change
+EchoAI's default target or put ImageNet statistics inside the loss, which EchoAI keeps out of the model.
 """
 
 from __future__ import annotations
@@ -242,10 +244,16 @@ def imagenet_processor(config: EchoAIConfig) -> EchoAIVideoProcessor:
     )  # fmt: skip
 
 
+def scaled_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Largest absolute difference, divided by the reference's largest magnitude where that exceeds 1: fp32
+    rounding grows with the values a deep encoder carries."""
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1.0))
+
+
 @torch.no_grad()
 def compare_outputs(folder: Path, model, processor: EchoAIVideoProcessor, seed: int = 0) -> dict[str, float]:
-    """Largest differences between transformers' VideoMAE (on the source folder) and the converted model, on one
-    random clip normalised as the processor normalises and VideoMAE's 90 % tube mask."""
+    """Differences (`scaled_difference`) between transformers' VideoMAE (on the source folder) and the converted
+    model, on one random clip normalised as the processor normalises and a 90 % tube mask."""
     from transformers import VideoMAEForPreTraining, VideoMAEModel
 
     config = model.config
@@ -257,16 +265,19 @@ def compare_outputs(folder: Path, model, processor: EchoAIVideoProcessor, seed: 
     pixels = (torch.rand(shape, generator=generator) - mean) / std
     side = config.image_size // config.patch_size
     mask = make_mask(1, (config.num_frames // config.tubelet_size, side, side), 0.9, generator=generator)
-    encoder = model.echoai if pretraining else model
-    videomae_encoder = reference.videomae if pretraining else reference
-    expected = videomae_encoder(pixels, bool_masked_pos=mask).last_hidden_state
+    encoder, videomae_encoder = (model.echoai, reference.videomae) if pretraining else (model, reference)
     differences = {
-        "last_hidden_state": (encoder(pixels, bool_masked_pos=mask).last_hidden_state - expected).abs().max()
+        "last_hidden_state": scaled_difference(
+            encoder(pixels, bool_masked_pos=mask).last_hidden_state,
+            videomae_encoder(pixels, bool_masked_pos=mask).last_hidden_state,
+        )
     }
     if pretraining:
         ours, theirs = model(pixels, bool_masked_pos=mask), reference(pixels, bool_masked_pos=mask)
-        differences.update(logits=(ours.logits - theirs.logits).abs().max(), loss=(ours.loss - theirs.loss).abs())
-    return {name: float(value) for name, value in differences.items()}
+        differences.update(
+            logits=scaled_difference(ours.logits, theirs.logits), loss=scaled_difference(ours.loss, theirs.loss)
+        )
+    return differences
 
 
 def convert(source: str, output_dir: str, atol: float = 1e-4) -> dict[str, float]:
@@ -290,7 +301,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--videomae", required=True, help="A VideoMAE checkpoint folder or Hub id (safetensors).")
     parser.add_argument("--output_dir", required=True, help="Where the EchoAI checkpoint and processor are saved.")
     parser.add_argument(
-        "--atol", type=float, default=1e-4, help="Largest output difference from VideoMAE accepted (fp32)."
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="Largest output difference from VideoMAE accepted (fp32; relative where an output exceeds 1).",
     )
     return parser.parse_args(argv)
 
