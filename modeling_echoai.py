@@ -266,8 +266,9 @@ class EchoAISinusoidalPositionEmbeddings(nn.Module):
         super().__init__()
         self.grid = (config.image_size // config.patch_size,) * 2  # (h0, w0) of the table
         self.num_slices = config.num_frames // config.tubelet_size  # T'0
-        # Filled by `_init_weights` (`sinusoidal_table`) or from a checkpoint.
-        self.register_buffer("table", torch.zeros(self.num_slices * self.grid[0] * self.grid[1], width))  # (L0, w)
+        # Built here and again by `_init_weights` (which a model created on the meta device needs), or loaded.
+        num_positions = self.num_slices * self.grid[0] * self.grid[1]
+        self.register_buffer("table", sinusoidal_table(num_positions, width))  # (L0, width)
 
     @torch.no_grad()
     def resize(self, num_slices: int, grid: tuple[int, int]) -> None:
