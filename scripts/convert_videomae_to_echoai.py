@@ -16,14 +16,15 @@ of a query equally, so it never changes attention). An `EchoAIVideoProcessor` wi
 mean/std is saved beside the weights, so EchoAI's `pixel_values` are VideoMAE's.
 
 What is checked, each failure a one-line error: the folder holds a VideoMAE (`config.json` `model_type`) with
-safetensors weights; its geometry is one EchoAI can express (square frames and patches, a final encoder
-LayerNorm); every VideoMAE tensor maps to an EchoAI one of the same shape, none missing, none left over; and the
-converted model's outputs equal VideoMAE's (transformers' own `VideoMAE*` classes on the same weights) on a
-masked random clip: encoder states and decoder predictions within `--atol` (relative where they exceed 1).
-The pretraining losses differ only by where each adds its 1e-6 to the target's per-channel std (VideoMAE
-un-normalises to [0, 1] pixels first and divides by std + 1e-6; EchoAI divides `pixel_values`' deviations by
-sqrt(var + 1e-6)): a few 1e-5 relative on synthetic echo clips, printed, not checked. Matching it exactly would change
-EchoAI's default target or put ImageNet statistics inside the loss, which EchoAI keeps out of the model.
+safetensors weights; EchoAI can express it (square frames and patches, a final encoder LayerNorm, a decoder trained
+on the norm-pix target); every VideoMAE tensor maps to an EchoAI one of the same shape, none missing, none left
+over; and the converted model's outputs equal VideoMAE's (transformers' own `VideoMAE*` classes on the same
+weights) on a masked random clip: encoder states and decoder predictions within `--atol` (relative where they
+exceed 1). The pretraining losses differ only by where each adds its 1e-6 to the target's per-channel std
+(VideoMAE un-normalises to [0, 1] pixels first and divides by std + 1e-6; EchoAI divides the deviations of
+`pixel_values` by sqrt(var + 1e-6)): a few 1e-5 relative on synthetic echo clips, printed, not checked. Matching it
+exactly would change EchoAI's default target or put ImageNet statistics inside the loss, which EchoAI keeps out of
+the model.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -113,11 +115,15 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not all((folder / name).is_file() for name in files):
         other = sorted(p.name for p in folder.glob("*.bin")) or "no weights at all"
         raise ConversionError(
-            f"{folder} has no {files[0]} ({other}); save the VideoMAE with save_pretrained(safe_serialization=True)"
+            f"{folder} has no {files[0]} ({other}); load it with transformers' VideoMAE class and save_pretrained "
+            "it to a folder (safetensors), then convert that folder"
         )
     weights = {}
     for name in files:
-        weights.update(load_file(folder / name))
+        try:
+            weights.update(load_file(folder / name))
+        except (OSError, SafetensorError) as error:
+            raise ConversionError(f"{folder / name} is not a readable safetensors file ({error})") from None
     return config, weights
 
 
@@ -134,6 +140,11 @@ def echoai_config(videomae: dict, has_decoder: bool, has_final_norm: bool) -> Ec
         raise ConversionError(
             "this VideoMAE encoder ends without a LayerNorm (use_mean_pooling=True, a fine-tuning layout) and "
             "EchoAI's always has one; convert the pretraining checkpoint (e.g. MCG-NJU/videomae-base)"
+        )
+    if has_decoder and not videomae.get("norm_pix_loss", True):
+        raise ConversionError(
+            "this VideoMAE's decoder regresses raw pixels un-normalised with ImageNet statistics (norm_pix_loss=False), "
+            "a target EchoAI does not compute; convert its encoder (VideoMAEModel) or a norm_pix_loss=True checkpoint"
         )
     fields = {name: videomae[name] for name in SHARED_FIELDS if name in videomae}
     fields.update(
@@ -204,7 +215,8 @@ def convert_state_dict(
         tensor = fuse_qkv([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
         if tensor.shape != target[name].shape:
             raise ConversionError(
-                f"{' + '.join(names)} has shape {tuple(tensor.shape)}, EchoAI's {name} {tuple(target[name].shape)}"
+                f"{' + '.join(names)} has shape {tuple(tensor.shape)}, EchoAI's {name} {tuple(target[name].shape)}: "
+                "config.json and the weights disagree (patch_size, tubelet_size or a width)"
             )
         converted[name] = tensor.to(target[name].dtype)
     return converted

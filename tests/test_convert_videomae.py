@@ -260,6 +260,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
         ({"tubelet_size": 4}, r"projection.weight has shape \(32, 3, 2, 8, 8\), EchoAI's .* \(32, 3, 4, 8, 8\)"),
         ({"patch_size": [8, 4]}, r"patch_size=\[8, 4\] is not square"),
         ({"num_frames": 7}, r"cannot be expressed .*num_frames=7 must be divisible by tubelet_size=2"),
+        ({"norm_pix_loss": False}, r"regresses raw pixels .*\(norm_pix_loss=False\)"),
     ],
 )
 def test_a_geometry_the_weights_or_echoai_cannot_hold_is_refused(videomae, tmp_path, config_fields, message):
@@ -284,13 +285,15 @@ def test_an_encoder_without_its_final_layernorm_is_refused(tmp_path):
     assert "ends without a LayerNorm (use_mean_pooling=True" in conversion_error(tmp_path / "videomae", tmp_path / "o")
 
 
-def test_a_folder_without_weights_or_config_is_refused(videomae, tmp_path):
+def test_missing_or_unreadable_weights_and_a_missing_config_are_refused(videomae, tmp_path):
     folder = tmp_path / "no_weights"
     folder.mkdir()
     (folder / "config.json").write_bytes((videomae / "config.json").read_bytes())
     (folder / "pytorch_model.bin").write_bytes(b"")
     message = conversion_error(folder, tmp_path / "out")
-    assert "has no model.safetensors (['pytorch_model.bin'])" in message and "safe_serialization" in message
+    assert "has no model.safetensors (['pytorch_model.bin'])" in message and "save_pretrained" in message
+    (folder / "model.safetensors").write_bytes(b"not a tensor file")
+    assert "model.safetensors is not a readable safetensors file" in conversion_error(folder, tmp_path / "out")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "has no config.json" in conversion_error(empty, tmp_path / "out")
