@@ -393,3 +393,17 @@ def test_per_channel_norm_pix_target_and_its_inverse():
     torch.testing.assert_close(reconstruction, x, atol=1e-4, rtol=1e-4)
     with pytest.raises(Exception, match="norm_pix_per_channel=True .* needs norm_pix_loss=True"):
         tiny_config(norm_pix_per_channel=True, norm_pix_loss=False)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"position_embedding_type": "flat"}, "position_embedding_type"),
+        ({"decoder_layer_norm_eps": 0.0}, "decoder_layer_norm_eps must be positive, got 0.0"),
+        ({"layer_norm_eps": -1e-6}, "layer_norm_eps must be positive"),
+    ],
+)
+def test_the_new_config_fields_are_validated(fields, message):
+    with pytest.raises(Exception, match=message):
+        tiny_config(**fields)
+    assert tiny_config().decoder_layer_norm_eps is None  # the default: the decoder's LayerNorm uses layer_norm_eps
