@@ -79,7 +79,8 @@ DIVISIBLE_FIELDS = (
 class EchoAIConfig(PreTrainedConfig):
     r"""
     Configuration of an EchoAI model: a ViViT-style video encoder with separable (spatial + temporal)
-    learned position embeddings, pretrained as a VideoMAE-style masked autoencoder.
+    learned position embeddings (or VideoMAE's fixed sinusoidal table, for converted VideoMAE weights),
+    pretrained as a VideoMAE-style masked autoencoder.
 
     Geometry:
         image_size (`int`, defaults to 112): height and width of the input frames (EchoNet-Dynamic's 112 px).
@@ -92,6 +93,12 @@ class EchoAIConfig(PreTrainedConfig):
             Conv3d (3 x 3 x 3, spatial stride 2) + GroupNorm + ReLU block per entry with that many channels
             (early convolutions, Xiao et al. 2021). `patch_size` must be divisible by 2 ** len(stem_channels);
             the token grid is unchanged. None (the default) is the plain ViViT / VideoMAE linear projection.
+        position_embedding_type (`str`, defaults to `"separable"`): `"separable"`: learned spatial and temporal
+            tables, token (t, n) gets `spatial[n] + temporal[t]` (ViViT). `"sinusoidal"`: VideoMAE's fixed
+            sin-cos table over all L tokens in (slice, row, column) order, not trained, built as transformers'
+            `VideoMAEModel` builds it, so converted VideoMAE weights give VideoMAE's outputs
+            (`scripts/convert_videomae_to_echoai.py`). Both are resampled the same way to other clip lengths
+            and sizes (linearly in time, bicubically in space) and are saved with the weights.
 
     Encoder:
         hidden_size (`int`, defaults to 384): width D of the encoder.
@@ -104,15 +111,21 @@ class EchoAIConfig(PreTrainedConfig):
         drop_path_rate (`float`, defaults to 0.0): stochastic-depth rate of the last encoder layer, rising
             linearly from 0 at the first (as in timm / the MAE fine-tuning recipe).
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal initialiser.
-        layer_norm_eps (`float`, defaults to 1e-6): epsilon of every LayerNorm.
+        layer_norm_eps (`float`, defaults to 1e-6): epsilon of every LayerNorm (but see `decoder_layer_norm_eps`).
         qkv_bias (`bool`, defaults to `True`): bias in the fused query/key/value projection.
 
     Masked-autoencoder pretraining:
         decoder_hidden_size (`int`, defaults to 192), decoder_num_hidden_layers (`int`, defaults to 4),
         decoder_num_attention_heads (`int`, defaults to 3), decoder_intermediate_size (`int`, defaults to 768):
             the VideoMAE-style decoder, used only by `EchoAIForPreTraining`.
+        decoder_layer_norm_eps (`float`, *optional*): epsilon of the decoder's final LayerNorm; None (the default)
+            is `layer_norm_eps`. transformers' VideoMAE leaves that one LayerNorm at torch's 1e-5 while its others
+            use `layer_norm_eps`, so converted VideoMAE weights set 1e-5 here.
         norm_pix_loss (`bool`, defaults to `True`): regress each tubelet's pixels normalised by their own
             mean and variance (MAE's "norm-pix" target), instead of raw pixel values.
+        norm_pix_per_channel (`bool`, defaults to `False`): with `norm_pix_loss`, normalise each channel of a
+            tubelet by that channel's own mean and variance (the target of transformers'
+            `VideoMAEForPreTraining`, set for converted VideoMAE weights) instead of all its pixels together (MAE).
         mask_ratio (`float`, defaults to 0.9): fraction of tubelets hidden from the encoder; in (0, 1).
         mask_strategy (`str`, defaults to `"tube"`): `"tube"` hides the same spatial patches in every
             tubelet slice (VideoMAE's tube masking, which stops the model copying a patch from its temporal
@@ -145,6 +158,7 @@ class EchoAIConfig(PreTrainedConfig):
     num_frames: int = 16
     tubelet_size: int = 2
     stem_channels: list[int] | None = None
+    position_embedding_type: Literal["separable", "sinusoidal"] = "separable"
     hidden_size: int = 384
     num_hidden_layers: int = 12
     num_attention_heads: int = 6
@@ -160,7 +174,9 @@ class EchoAIConfig(PreTrainedConfig):
     decoder_num_hidden_layers: int = 4
     decoder_num_attention_heads: int = 3
     decoder_intermediate_size: int = 768
+    decoder_layer_norm_eps: float | int | None = None
     norm_pix_loss: bool = True
+    norm_pix_per_channel: bool = False
     mask_ratio: float | int = 0.9
     mask_strategy: Literal["tube", "random"] = "tube"
     use_mean_pooling: bool = True
@@ -175,8 +191,8 @@ class EchoAIConfig(PreTrainedConfig):
         The one place EchoAIConfig is validated: `@strict` runs every `validate_*` method once after `__init__`
         (wrapping the `ValueError` in its `StrictDataclassClassValidationError`) and again when `save_pretrained`
         writes the config, so a config edited by hand is re-checked before it is saved. Types, and the choices
-        of the `Literal` fields (`mask_strategy`, `pooling`, `regression_loss`), `@strict` checks itself on
-        every assignment.
+        of the `Literal` fields (`position_embedding_type`, `mask_strategy`, `pooling`, `regression_loss`), `@strict`
+        checks itself on every assignment.
         """
         for name in POSITIVE_FIELDS:
             if getattr(self, name) <= 0:
@@ -197,6 +213,14 @@ class EchoAIConfig(PreTrainedConfig):
                     f"EchoAIConfig.patch_size={self.patch_size} must be divisible by 2 ** len(stem_channels) = "
                     f"{2 ** len(self.stem_channels)}: each stem block halves the frame side."
                 )
+        for name in ("layer_norm_eps", "decoder_layer_norm_eps"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"EchoAIConfig.{name} must be positive, got {getattr(self, name)!r}.")
+        if self.norm_pix_per_channel and not self.norm_pix_loss:
+            raise ValueError(
+                "EchoAIConfig.norm_pix_per_channel=True normalises the norm-pix target per channel; it needs "
+                "norm_pix_loss=True."
+            )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"EchoAIConfig.mask_ratio must lie in (0, 1), got {self.mask_ratio!r}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):

@@ -8,6 +8,8 @@ Architecture
   `spatial[n] + temporal[t]`, so frame order is encoded independently of position in the frame, and
   each table can be resampled on its own axis (`interpolate_pos_encoding=True`): bicubic over the 2-D
   patch grid, linear over time.
+  `position_embedding_type="sinusoidal"` holds VideoMAE's fixed sin-cos table over all tokens instead, so
+  converted VideoMAE weights run exactly; it is resampled over the (T', h, w) grid the same way.
 * **Encoder**: pre-norm ViT blocks (fused QKV, stochastic depth), a final LayerNorm. With a mask it encodes only
   the visible tokens (MAE). The attention kernel is whatever `config._attn_implementation` names in transformers'
   `AttentionInterface`: "sdpa" (the default), "eager", or `"echoai_chunked"`, registered by this file on import
@@ -110,28 +112,41 @@ def unpatchify(patches: torch.Tensor, tubelet_size: int, patch_size: int, grid: 
     )  # fmt: skip
 
 
-def _centered_patches(patches: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, patches - mean, std) per tubelet, std from the unbiased variance + eps (as in MAE).
+def _centered_patches(
+    patches: torch.Tensor, eps: float, groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, patches - mean, std) per tubelet, std from the unbiased variance + eps (as in MAE); with `groups`
+    = C, per channel of each tubelet (P's last axis is the channel). Returned as (..., C, P / C): the layout
+    `ungroup_patches` turns back into (t p q c).
 
     Two explicit passes (the mean, then the norm of the deviations) rather than `Tensor.var`: the same values
     within 1e-6, and measured faster on CPU for the (B, M, P) target of a pretraining step (docs/BENCHMARKS.md).
     """
+    patches = rearrange(patches, "... (x g) -> ... g x", g=groups)  # a view when groups == 1
     mean = patches.mean(dim=-1, keepdim=True)
     centered = patches - mean
     variance = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square() / (patches.shape[-1] - 1)
     return mean, centered, (variance + eps).sqrt()
 
 
-def patch_statistics(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each tubelet's pixel mean and std (unbiased variance + eps, as in MAE), shaped to broadcast over P."""
-    mean, _, std = _centered_patches(patches, eps)
-    return mean, std
+def ungroup_patches(grouped: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., g, x) or a (..., g, 1) statistic -> (..., P) in patchify's (t p q c) layout, P = `size`."""
+    grouped = grouped.expand(*grouped.shape[:-1], size // grouped.shape[-2])  # a statistic over its group
+    return rearrange(grouped, "... g x -> ... (x g)")
 
 
-def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """MAE's norm-pix target: each tubelet's pixels minus their mean, over their std."""
-    _, centered, std = _centered_patches(patches, eps)
-    return centered / std
+def patch_statistics(patches: torch.Tensor, eps: float = 1e-6, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each tubelet's (or with `groups` = C, each tubelet channel's) pixel mean and std (unbiased variance +
+    eps, as in MAE), shaped as `patches` (B, M, P)."""
+    mean, _, std = _centered_patches(patches, eps, groups)
+    return ungroup_patches(mean, patches.shape[-1]), ungroup_patches(std, patches.shape[-1])
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6, groups: int = 1) -> torch.Tensor:
+    """MAE's norm-pix target: each tubelet's pixels minus their mean, over their std. `groups` = C normalises
+    each channel of a tubelet on its own (transformers' `VideoMAEForPreTraining` target)."""
+    _, centered, std = _centered_patches(patches, eps, groups)
+    return ungroup_patches(centered / std, patches.shape[-1])
 
 
 def make_mask(
@@ -185,6 +200,32 @@ def resample_spatial(table: torch.Tensor, grid: tuple[int, int], new_grid: tuple
     return rearrange(resampled, "1 d h w -> (h w) d").to(table.dtype)
 
 
+def resample_table(table: torch.Tensor, grid: tuple[int, int, int], new_grid: tuple[int, int, int]) -> torch.Tensor:
+    """Resample a full (T'0 * h0 * w0, D) position table to another (T', h, w) token grid: bicubically over the
+    patch grid, linearly over time, as the separable tables are (and for a table that is temporal[t] + spatial[n],
+    the same result, the resampling being linear). Identity when the grid matches."""
+    if tuple(grid) == tuple(new_grid):
+        return table
+    num_slices, h0, w0 = grid
+    frames = rearrange(table, "(T n) d -> n (T d)", T=num_slices)  # each slice's table as channels of one image
+    frames = resample_spatial(frames, (h0, w0), new_grid[1:])  # (h * w, T'0 * D)
+    slices = rearrange(frames, "n (T d) -> T (n d)", T=num_slices)
+    slices = resample_temporal(slices, new_grid[0])  # (T', h * w * D)
+    return rearrange(slices, "T (n d) -> (T n) d", d=table.shape[-1])
+
+
+def sinusoidal_table(num_positions: int, width: int) -> torch.Tensor:
+    """The fixed (num_positions, width) sin-cos table of "Attention Is All You Need", built as transformers'
+    VideoMAE builds it: position i, channel j holds sin (even j) or cos (odd j) of i / 10000^(2 * (j // 2) / width),
+    computed in float64 and rounded to float32."""
+    positions = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    exponents = (2 * (torch.arange(width) // 2)).to(torch.float64) / width
+    angles = positions / torch.pow(10000.0, exponents)  # (num_positions, width)
+    table = torch.empty_like(angles)
+    table[:, 0::2], table[:, 1::2] = angles[:, 0::2].sin(), angles[:, 1::2].cos()
+    return table.float()
+
+
 # --------------------------------------------------------------------------------------------------
 # Embeddings
 # --------------------------------------------------------------------------------------------------
@@ -213,6 +254,35 @@ class EchoAIPositionEmbeddings(nn.Module):
         spatial = resample_spatial(self.spatial, self.grid, (h, w))  # (N, width)
         temporal = resample_temporal(self.temporal, num_slices)  # (T', width)
         return rearrange(temporal[:, None, :] + spatial[None, :, :], "T n d -> (T n) d")
+
+
+class EchoAISinusoidalPositionEmbeddings(nn.Module):
+    """VideoMAE's position embeddings: one fixed sin-cos table over all L tokens of the config's grid, in the
+    tokens' (slice, row, column) order (`position_embedding_type="sinusoidal"`). A buffer, never trained, saved
+    with the weights so a table resampled by `resize` reloads as it was; other grids are resampled from it
+    (`resample_table`). Same interface as `EchoAIPositionEmbeddings`."""
+
+    def __init__(self, config: EchoAIConfig, width: int):
+        super().__init__()
+        self.grid = (config.image_size // config.patch_size,) * 2  # (h0, w0) of the table
+        self.num_slices = config.num_frames // config.tubelet_size  # T'0
+        # Built here and again by `_init_weights` (which a model created on the meta device needs), or loaded.
+        num_positions = self.num_slices * self.grid[0] * self.grid[1]
+        self.register_buffer("table", sinusoidal_table(num_positions, width))  # (L0, width)
+
+    @torch.no_grad()
+    def resize(self, num_slices: int, grid: tuple[int, int]) -> None:
+        """Resample the table in place to `num_slices` token slices and an (h, w) patch grid."""
+        self.table = resample_table(self.table, (self.num_slices, *self.grid), (num_slices, *grid))
+        self.num_slices, self.grid = num_slices, tuple(grid)
+
+    def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The (L, width) table for a (T', h, w) token grid, resampled if it differs from the table's own."""
+        return resample_table(self.table, (self.num_slices, *self.grid), grid)
+
+
+# `config.position_embedding_type` -> the module holding the encoder's and the decoder's position tables.
+POSITION_EMBEDDINGS = {"separable": EchoAIPositionEmbeddings, "sinusoidal": EchoAISinusoidalPositionEmbeddings}
 
 
 class EchoAIConvStem(nn.Module):
@@ -334,13 +404,14 @@ class EchoAIPatchEmbeddings(nn.Module):
 
 
 class EchoAIEmbeddings(nn.Module):
-    """Tubelet embedding + separable position embeddings, of the visible tubelets only when masked."""
+    """Tubelet embedding + position embeddings (`config.position_embedding_type`), of the visible tubelets only
+    when masked."""
 
     def __init__(self, config: EchoAIConfig):
         super().__init__()
         self.config = config
         self.patch_embeddings = EchoAIPatchEmbeddings(config)
-        self.position_embeddings = EchoAIPositionEmbeddings(config, config.hidden_size)
+        self.position_embeddings = POSITION_EMBEDDINGS[config.position_embedding_type](config, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -632,7 +703,7 @@ class EchoAIPreTrainedModel(PreTrainedModel):
         EchoAIConfig(**{**config.to_diff_dict(), "num_frames": num_frames, "image_size": image_size})
         side = image_size // config.patch_size
         for module in self.modules():
-            if isinstance(module, EchoAIPositionEmbeddings):
+            if isinstance(module, tuple(POSITION_EMBEDDINGS.values())):
                 module.resize(num_frames // config.tubelet_size, (side, side))
         config.num_frames, config.image_size = num_frames, image_size
 
@@ -649,6 +720,8 @@ class EchoAIPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EchoAIPositionEmbeddings):
             init.trunc_normal_(module.spatial, std=std)
             init.trunc_normal_(module.temporal, std=std)
+        elif isinstance(module, EchoAISinusoidalPositionEmbeddings):
+            init.copy_(module.table, sinusoidal_table(*module.table.shape))
         elif isinstance(module, EchoAIForPreTraining):
             init.normal_(module.mask_token, std=std)
 
@@ -702,7 +775,8 @@ class EchoAIDecoder(nn.Module):
             )
             for _ in range(config.decoder_num_hidden_layers)
         )  # fmt: skip
-        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        eps = config.layer_norm_eps if config.decoder_layer_norm_eps is None else config.decoder_layer_norm_eps
+        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=eps)
         self.head = nn.Linear(
             config.decoder_hidden_size, config.tubelet_size * config.patch_size**2 * config.num_channels
         )
@@ -727,8 +801,12 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         self.echoai = EchoAIModel(config)
         self.encoder_to_decoder = nn.Linear(config.hidden_size, config.decoder_hidden_size, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
-        self.decoder_position_embeddings = EchoAIPositionEmbeddings(config, config.decoder_hidden_size)
+        self.decoder_position_embeddings = POSITION_EMBEDDINGS[config.position_embedding_type](
+            config, config.decoder_hidden_size
+        )
         self.decoder = EchoAIDecoder(config)
+        # The norm-pix target's statistics: over each tubelet (1 group) or each of its channels.
+        self.norm_pix_groups = config.num_channels if config.norm_pix_per_channel else 1
         self.post_init()
 
     def make_mask(
@@ -772,12 +850,12 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         return F.mse_loss(logits.float(), target.float())
 
     def reconstruction_target(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.Tensor:
-        """The (B, M, P) pixels the decoder must predict: the masked tubelets, per-tubelet normalised if
-        `norm_pix_loss`. Computed from `pixel_values` as given (already normalised by the processor), so no
+        """The (B, M, P) pixels the decoder must predict: the masked tubelets, per-tubelet (or, with
+        `norm_pix_per_channel`, per tubelet channel) normalised if `norm_pix_loss`. Computed from `pixel_values` as given (already normalised by the processor), so no
         dataset statistics are hidden in the model."""
         patches = patchify(pixel_values, self.config.tubelet_size, self.config.patch_size)  # (B, L, P)
         patches = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=pixel_values.shape[0])
-        return normalize_patches(patches) if self.config.norm_pix_loss else patches
+        return normalize_patches(patches, groups=self.norm_pix_groups) if self.config.norm_pix_loss else patches
 
     @can_return_tuple
     def forward(
@@ -823,7 +901,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         prediction = logits.to(patches.dtype)
         if config.norm_pix_loss:
             true = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
-            mean, std = patch_statistics(true)  # the inverse of `normalize_patches`
+            mean, std = patch_statistics(true, groups=self.norm_pix_groups)  # the inverse of `normalize_patches`
             prediction = prediction * std + mean
         masked = patches.masked_fill(bool_masked_pos[..., None], 0.0)
         reconstruction = patches.clone()
