@@ -40,13 +40,13 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 try:  # loaded as Hub remote code, beside a fine-tuned model, by the EF pipeline (`pipeline_echoai.py`)
     from .baselines_echoai import CONFIG_FILE as BASELINE_CONFIG_FILE
     from .baselines_echoai import load_baseline
-    from .video_io_echoai import VideoDecodingError, decode_video_frames, probe_video
+    from .video_io_echoai import VideoDecodingError, open_video
     from .video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
 except ImportError:  # installed as top-level modules
     import modeling_echoai  # noqa: F401  registers EchoAI with the Auto classes
     from baselines_echoai import CONFIG_FILE as BASELINE_CONFIG_FILE
     from baselines_echoai import load_baseline
-    from video_io_echoai import VideoDecodingError, decode_video_frames, probe_video
+    from video_io_echoai import VideoDecodingError, open_video
     from video_processing_echoai import EchoAIVideoProcessor, clip_frame_indices
 
 
@@ -343,32 +343,42 @@ class VideoClips(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def frame_source(self, video) -> tuple[float, int, Callable[[np.ndarray], np.ndarray]]:
-        """(frame rate, frame count, read(sorted frame numbers) -> grey uint8 frames (N, H, W)) of one video."""
+    @contextlib.contextmanager
+    def frame_source(self, video) -> Iterator[tuple[float, int, Callable[[np.ndarray], np.ndarray]]]:
+        """(frame rate, frame count, read(sorted frame numbers) -> grey uint8 frames (N, H, W)) of one video, with
+        the file opened once for both (a DICOM is decoded whole when opened)."""
         if isinstance(video, (np.ndarray, torch.Tensor)):
             frames = self.processor._as_grey_frames(video)  # the processor's own reading of an array
-            return 0.0, len(frames), frames.__getitem__
-        info = probe_video(video)
-        return info.fps, info.num_frames, lambda wanted: decode_video_frames(video, wanted).frames
+            yield 0.0, len(frames), frames.__getitem__
+            return
+        with open_video(video) as reader:
+            yield reader.info.fps, reader.num_frames, lambda wanted: reader.read(wanted).frames
+
+    def _read_clips(self, item: DecodedVideo, read: Callable[[np.ndarray], np.ndarray]):
+        """(frames, their frame numbers, clip sets) of one video: every frame with `beat_by_beat`, else only the
+        frames the protocol's clips use."""
+        clip_sets = {
+            "protocol": protocol_clip_indices(item.num_video_frames, self.processor, self.protocol, self.num_clips)
+        }
+        if self.beat_by_beat:
+            wanted = np.arange(item.num_video_frames)
+            frames = read(wanted)  # (N, H, W)
+            item.beats = detect_beats(frames, item.fps) if len(frames) >= 4 else None
+            beats = item.beats.beats if item.beats else []
+            clip_sets["beats"] = beat_clip_indices(
+                beats, item.num_video_frames, self.processor.num_frames, self.processor.period
+            )
+        else:
+            wanted = np.unique(clip_sets["protocol"])
+            frames = read(wanted)  # (U, H, W)
+        return frames, wanted, clip_sets
 
     def __getitem__(self, i: int) -> DecodedVideo:
         item = DecodedVideo(index=i, path=self.paths[i])
         try:
-            item.fps, item.num_video_frames, read = self.frame_source(self.videos[i])
-            clip_sets = {
-                "protocol": protocol_clip_indices(item.num_video_frames, self.processor, self.protocol, self.num_clips)
-            }
-            if self.beat_by_beat:
-                wanted = np.arange(item.num_video_frames)
-                frames = read(wanted)  # (N, H, W)
-                item.beats = detect_beats(frames, item.fps) if len(frames) >= 4 else None
-                beats = item.beats.beats if item.beats else []
-                clip_sets["beats"] = beat_clip_indices(
-                    beats, item.num_video_frames, self.processor.num_frames, self.processor.period
-                )
-            else:
-                wanted = np.unique(clip_sets["protocol"])
-                frames = read(wanted)  # (U, H, W)
+            with self.frame_source(self.videos[i]) as (fps, num_frames, read):
+                item.fps, item.num_video_frames = fps, num_frames
+                frames, wanted, clip_sets = self._read_clips(item, read)
         except VideoDecodingError as error:
             item.error = error.reason
             return item
