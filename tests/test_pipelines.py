@@ -172,3 +172,16 @@ def test_pipelines_run_by_remote_code_without_echoai(regression, classification,
         tmp_path,
     )
     assert "pipelines OK" in stdout
+
+
+def test_ef_pipeline_reads_dicom_as_predict_does(regression, tmp_path):
+    pytest.importorskip("pydicom", reason="pydicom is needed for DICOM (pip install -e .[dicom])")
+    from dicom_fixtures import echo_frames, write_dicom
+
+    cine = tmp_path / "IM_0001"  # no extension: found by its DICOM preamble
+    write_dicom(cine, echo_frames(24, seed=2))
+    model, processor = load_model_and_processor(regression)
+    answer = EchoAIEFPipeline(model=model, video_processor=processor)(str(cine))
+    (expected,) = predict_videos(model, processor, [cine], progress=False)
+    assert answer["error"] is None and expected.error is None
+    assert answer["EF"] == pytest.approx(expected.ef, abs=1e-5) and answer["num_clips"] == expected.num_clips
