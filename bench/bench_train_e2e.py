@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -50,8 +51,11 @@ def load_pretrain():
     return module
 
 
-def end_to_end_step_times(corpus: Path, precision: str, steps: int, warmup: int, args) -> list[float]:
-    """Seconds between consecutive optimizer steps of a real `scripts/pretrain.py` run, after `warmup` steps."""
+def end_to_end_step_times(
+    corpus: Path, precision: str, steps: int, warmup: int, args, extra_argv: Sequence[str] = ()
+) -> list[float]:
+    """Seconds between consecutive optimizer steps of a real `scripts/pretrain.py` run, after `warmup` steps
+    (`extra_argv`: more pretrain.py flags)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a new mixed-precision setting per run
@@ -63,7 +67,7 @@ def end_to_end_step_times(corpus: Path, precision: str, steps: int, warmup: int,
             "--data_dir", str(corpus), "--output_dir", output_dir, "--config_name", args.preset,
             "--per_device_train_batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
             "--mixed_precision", "bf16" if precision == "bf16" else "no", "--max_train_steps", str(warmup + steps + 1),
-            "--reconstruction_steps", "1", "--logging_steps", "1000", "--seed", str(args.seed),
+            "--reconstruction_steps", "1", "--logging_steps", "1000", "--seed", str(args.seed), *extra_argv,
         ])  # fmt: skip
     return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False)]
 

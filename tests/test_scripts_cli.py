@@ -26,3 +26,18 @@ def test_every_script_runs_from_the_command_line():
         if process.returncode != 0 or "usage:" not in out:
             failures[name] = err[-1500:]
     assert not failures, failures
+
+
+def test_gpu_check_dry_run_prints_its_table(tmp_path_factory):
+    """`bench/gpu_check.sh --dry_run`: the GPU check's every row, at tiny shapes on whatever device there is, so
+    the command stays working between the runs that have a GPU."""
+    from data_fixtures import tiny_corpus
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    corpus = tiny_corpus(tmp_path_factory)
+    done = subprocess.run(["bash", str(script), "--dry_run", "--data_dir", str(corpus)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("bf16 matmul peak", "pretraining step: EchoAI", "pretraining step: VideoMAE", "largest EchoAI batch",
+                "pretrain.py end to end", "model-only step", "evaluate (all clips"):  # fmt: skip
+        assert f"| {row}" in done.stdout, row
