@@ -18,11 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from data_fixtures import tiny_corpus
+from data_fixtures import tiny_corpus, truncate
 from test_evaluation import load_script, tiny_regression_model
 from test_modeling import tiny_config
 
 from modeling_echoai import EchoAIForPreTraining
+from video_io_echoai import decode_all_frames, write_video
 from video_processing_echoai import EchoAIVideoProcessor
 
 
@@ -74,9 +75,19 @@ def test_the_analysis_is_predict_py(model_dir, videos, tmp_path):
         shown = float(re.search(r"EF ([\d.]+) %", analysis.summary).group(1))
         assert shown == round(predicted(model_dir, good, tmp_path, protocol)["EF"], 1)
         assert Path(analysis.curve).stat().st_size > 1000 and Path(analysis.saliency).stat().st_size > 1000
-    failure = demo.analyse(bad)
-    assert failure.error == predicted(model_dir, bad, tmp_path)["error"].replace(str(bad), bad.name)
-    assert not failure.summary
+    cut, empty, short = tmp_path / "cut.avi", tmp_path / "empty.avi", tmp_path / "two_frames.avi"
+    shutil.copy(good, cut)
+    truncate(cut)
+    empty.write_bytes(b"")
+    write_video(short, decode_all_frames(good)[:2], fps=50)
+    for upload in (bad, cut, empty):  # predict.py's one-line reason, the file named but not its folder
+        failure = demo.analyse(upload)
+        assert failure.error == predicted(model_dir, upload, tmp_path)["error"].replace(str(upload), upload.name)
+        assert not failure.summary
+    two = demo.analyse(short)  # a 2-frame clip: predict.py scores it (the frames repeat), and so does the page
+    assert float(re.search(r"EF ([\d.]+) %", two.summary).group(1)) == round(
+        predicted(model_dir, short, tmp_path)["EF"], 1
+    )
 
 
 def test_a_dicom_upload_is_predict_py(model_dir, tmp_path):
