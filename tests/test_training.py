@@ -134,11 +134,11 @@ def test_resume_after_sigterm_ends_with_the_weights_of_a_straight_run(corpus, tm
 
 def test_resume_errors_name_what_is_missing(corpus, tmp_path):
     pretrain = load_script("pretrain")
-    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+    with pytest.raises(training_echoai.CheckpointError, match="no usable checkpoint under"):
         pretrain.main(
             pretrain_argv(corpus, tmp_path / "a", "--max_train_steps", "1", "--resume_from_checkpoint", "latest")
         )
-    with pytest.raises(FileNotFoundError, match="is not an EchoAI checkpoint"):
+    with pytest.raises(training_echoai.CheckpointError, match="is not an EchoAI checkpoint"):
         pretrain.main(
             pretrain_argv(corpus, tmp_path / "b", "--max_train_steps", "1", "--resume_from_checkpoint", str(tmp_path))
         )
