@@ -14,8 +14,12 @@ The two scripts differ only in their model, data and loss; everything else lives
 * `param_groups`, `build_optimizer` -- AdamW groups with no weight decay on norms, biases, position tables and
   the mask token (MAE), optional layer-wise learning-rate decay (BEiT / MAE fine-tuning); warm-up + cosine, over
   the steps or, with `--max_train_seconds`, over whichever of steps and seconds is further spent.
-* `Checkpoints` -- `accelerator.save_state` written to a temporary folder and renamed into place (a
-  killed save never leaves a half checkpoint), rotated, and found again by `latest`.
+* `Checkpoints` -- `accelerator.save_state` written to a temporary folder, sealed by a manifest and renamed into
+  place (a killed save never leaves a half checkpoint), rotated, and found again by `latest` (the newest that
+  verifies).
+* `RunError` and its kinds (`CheckpointError`, `DiskFullError`, `BadDataError`, `HubError`) -- the faults a long
+  run meets, each one line for the user (`exit_on_run_error`); `disk_full_guard`, `create_hub_repo`
+  (docs/RELIABILITY.md).
 * `train` -- the loop (`TrainingLoop`: setup, epoch, step, checkpointing): accumulation, clipping, skipping of
   non-finite losses, SIGTERM/SIGINT handling, checkpoints, a time budget (`TrainingClock`), progress bar and
   tracker logging. Its data comes through one small interface with two implementations, `MapSource` (a
@@ -1123,7 +1127,7 @@ class TrainingLoop:
         batch = send_to_device(batch, accelerator.device)  # a prepared loader's already are
         state.batches_in_epoch += 1
         indices = batch.pop("index")
-        self.unreadable += batch.pop("skipped")
+        self.unreadable = (self.unreadable + batch.pop("skipped"))[:10]  # a few to name; the count is the state's
         skipped, kept = self.sum_over_processes(torch.stack([batch.pop("num_skipped"), torch.tensor(len(indices))]))
         state.videos_skipped, state.videos_seen = state.videos_skipped + skipped, state.videos_seen + skipped + kept
         self.check_bad_share(whole_pass=False)

@@ -122,6 +122,19 @@ def test_a_named_damaged_checkpoint_is_one_line_naming_the_file(corpus, straight
     assert not (run / "model.safetensors").exists()
 
 
+def test_a_checkpoint_that_verifies_but_does_not_load_is_one_line(corpus, straight, tmp_path):
+    run = copy_run(straight, tmp_path / "run")
+    damaged = run / "checkpoints" / "step_0000006"
+    (damaged / "model.safetensors").write_bytes(b"\xff" * 64)  # garbage, then sealed as if it were whole
+    training_echoai.write_manifest(damaged)
+    argv = pretrain_argv(corpus, run, "--max_train_steps", STEPS, "--resume_from_checkpoint", str(damaged))
+    with pytest.raises(training_echoai.CheckpointError) as raised:
+        load_script("pretrain").main(argv)
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {damaged} cannot be loaded (SafetensorError: ") and "\n" not in message
+    assert Checkpoints.problem(run / "checkpoints" / "step_0000003") is None
+
+
 def test_a_checkpoint_from_before_manifests_is_resumed_with_a_warning(corpus, straight, tmp_path, caplog):
     run = copy_run(straight, tmp_path / "run")
     for step in ("step_0000003", "step_0000006"):
