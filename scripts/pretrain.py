@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache_dir", default=None, help="Where a map-style corpus's Arrow copy is cached (default: datasets')."
     )
-    parser.set_defaults(output_dir="outputs/pretrain", learning_rate=1e-3, num_train_epochs=16)
+    # damaged_shards: a corpus's shards left out as damaged ({file: reason}, `load_videos`), for all_results.json
+    parser.set_defaults(output_dir="outputs/pretrain", learning_rate=1e-3, num_train_epochs=16, damaged_shards={})
     args = parser.parse_args(argv)
     if args.dataset_path and args.data_dir:
         parser.error("give --data_dir or --dataset_path, not both")
@@ -210,7 +211,7 @@ def collect_results(args: argparse.Namespace, result) -> dict:
         "train_seconds": round(state.train_seconds, 2), "stopped_by_time": result.stopped_by_time,
         "first_loss": result.losses[0] if result.losses else None, "last_loss": result.losses[-1] if result.losses else None,
         "videos_seen": state.videos_seen, "videos_skipped": state.videos_skipped,
-        "damaged_shards": sorted(getattr(args, "damaged_shards", {})), "nonfinite_skipped": state.nonfinite_skipped,
+        "damaged_shards": sorted(args.damaged_shards), "nonfinite_skipped": state.nonfinite_skipped,
     }  # fmt: skip
 
 
