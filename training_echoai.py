@@ -621,12 +621,21 @@ def ensure_free_space(path: str | os.PathLike, needed: int) -> None:
 
 
 def is_disk_full(error: BaseException) -> bool:
-    """A write failed for want of space: ENOSPC / EDQUOT, or torch's zip writer, which reports a short write as a
-    RuntimeError ("unexpected pos ..." / "file write failed") without the errno."""
-    if isinstance(error, OSError):
+    """A write failed for want of space: ENOSPC / EDQUOT, or a writer that reports it without the errno --
+    safetensors' `SafetensorError` ("I/O error: No space left on device (os error 28)"), torch's zip writer's
+    RuntimeError ("unexpected pos ..." / "file write failed")."""
+    if isinstance(error, OSError) and error.errno is not None:
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, RuntimeError) and any(
-        text in str(error) for text in ("unexpected pos", "file write failed", "No space left")
+    text = str(error)
+    return any(
+        words in text
+        for words in (
+            "No space left on device",
+            "os error 28",
+            "Disk quota exceeded",
+            "unexpected pos",
+            "file write failed",
+        )
     )
 
 
@@ -636,7 +645,7 @@ def disk_full_guard(path: str | os.PathLike, needed: int, cleanup: Callable[[], 
     half written); other errors pass unchanged."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
         if not is_disk_full(error):
             raise
         free = free_bytes(path)  # before the cleanup gives space back: what the write met

@@ -220,7 +220,7 @@ def test_too_little_free_space_stops_before_writing_a_checkpoint(corpus, tmp_pat
     )
     line = error_line(result)
     assert f"error: No space left for {run / 'checkpoints'}: it needs about " in line and "4096 bytes" in line, line
-    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+    assert not (run / "checkpoints").exists(), "nothing was written"
 
 
 def test_a_full_disk_while_saving_the_final_model_or_results_is_one_line(corpus, tmp_path, monkeypatch):
@@ -259,17 +259,23 @@ def mount_small_tmpfs(path: Path, size: str) -> bool:
 
 
 def test_a_real_small_filesystem_stops_the_run_with_one_line(corpus, tmp_path):
-    """The same fault on a real 64 KiB filesystem (needs root and mount rights: skipped elsewhere)."""
+    """The same faults on a real 3.5 MiB filesystem, which holds one tiny checkpoint (about 2.2 MiB) but not two
+    (needs root and mount rights: skipped elsewhere). First with the free-space check switched off, so the
+    writers themselves meet the full disk; then a second run, which the check stops before writing."""
     disk = tmp_path / "disk"
-    if not mount_small_tmpfs(disk, "64k"):
+    if not mount_small_tmpfs(disk, "3500k"):
         pytest.skip("cannot mount a tmpfs here (not root, or no mount rights)")
     try:
-        result = run_script(
-            "pretrain", pretrain_argv(corpus, disk / "run", "--max_train_steps", "2", "--checkpointing_steps", "1")
-        )
-        line = error_line(result)
-        assert f"error: No space left for {disk / 'run'}" in line and "iB) are free" in line, line
-        assert not list((disk / "run" / "checkpoints").glob(".partial-*"))
+        argv = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"]
+        no_check = "import training_echoai\ntraining_echoai.ensure_free_space = lambda path, needed: None"
+        line = error_line(run_script("pretrain", pretrain_argv(corpus, disk / "a", *argv), patch=no_check))
+        assert line.startswith(f"error: No space left for {disk / 'a' / 'checkpoints' / '.partial-step_0000002'}: ")
+        assert [p.name for p in (disk / "a" / "checkpoints").iterdir()] == ["step_0000001"], "partial removed"
+        assert Checkpoints.problem(disk / "a" / "checkpoints" / "step_0000001") is None
+
+        line = error_line(run_script("pretrain", pretrain_argv(corpus, disk / "b", *argv)))
+        assert line.startswith(f"error: No space left for {disk / 'b' / 'checkpoints'}: it needs about "), line
+        assert not (disk / "b" / "checkpoints").exists(), "nothing was written"
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
 
