@@ -755,9 +755,12 @@ class Checkpoints:
 
     def resolve(self, value: str) -> Path:
         """`latest` or a folder -> a usable checkpoint folder, with an error naming what was looked for or is damaged."""
-        path = self.latest() if value == "latest" else Path(value)
-        if path is None:
-            raise CheckpointError(f"--resume_from_checkpoint latest: no usable checkpoint under {self.root}")
+        if value == "latest":
+            path = self.latest()
+            if path is None:
+                raise CheckpointError(f"--resume_from_checkpoint latest: no usable checkpoint under {self.root}")
+            return path
+        path = Path(value)
         if not (path / STATE_FILE).is_file():
             raise CheckpointError(f"{path} is not an EchoAI checkpoint (no {STATE_FILE}); pass a step_<N> folder.")
         problem = self.problem(path)
