@@ -796,14 +796,18 @@ class Checkpoints:
 
     def rotate(self) -> None:
         """Keep the newest `total_limit` checkpoints, and always the newest verified one: an older checkpoint is
-        never deleted to make room for one that does not verify."""
+        never deleted to make room for one that does not verify. A checkpoint is renamed out of `all`'s sight
+        before it is deleted, so a process killed part-way leaves no half-deleted `step_<N>` (a leftover
+        `.removing-*` folder is deleted at the next rotation)."""
         if not self.total_limit:
             return
         found = self.all()
         keep = next((path for path in reversed(found) if manifest_problem(path) is None), None)
         for old in found[: -self.total_limit]:
             if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                old.rename(old.with_name(f".removing-{old.name}"))
+        for removing in self.root.glob(".removing-*"):
+            shutil.rmtree(removing, ignore_errors=True)
 
     @staticmethod
     def load(accelerator: Accelerator, path: Path) -> TrainingState:
