@@ -577,13 +577,11 @@ class CheckpointError(RunError):
 
 
 def human_bytes(count: int) -> str:
-    return (
-        f"{count / 2**30:.1f} GiB"
-        if count >= 2**30
-        else f"{count / 2**20:.1f} MiB"
-        if count >= 2**20
-        else f"{count / 2**10:.1f} KiB"
-    )
+    """1536 -> '1.5 KiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
 
 
 class DiskFullError(RunError):
