@@ -645,21 +645,42 @@ def corpus_data_files(path: str | os.PathLike) -> str | list[str]:
     return f"{path.rstrip('/')}/{DATA_DIR}/*.parquet"
 
 
+def check_shards(path: str | os.PathLike) -> tuple[int, dict[str, str]]:
+    """A local corpus's shard count and its damaged shards ({file: reason}), found by reading each parquet
+    footer (a few KiB: a truncated or overwritten shard has none, and `datasets` would fail on it part-way
+    through a run). A remote corpus is not read here: (0, {})."""
+    files = corpus_data_files(path)
+    if isinstance(files, str):
+        return 0, {}
+    damaged = {}
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except (OSError, pa.ArrowException) as error:
+            damaged[file] = str(error).splitlines()[0]
+    return len(files), damaged
+
+
 def load_corpus(
     path: str | os.PathLike,
     streaming: bool = False,
     cache_dir: str | os.PathLike | None = None,
     storage_options: dict | None = None,
+    exclude: Iterable[str] = (),
 ) -> Dataset | IterableDataset:
     """A prepared corpus as a `datasets.Dataset` (map-style) or, with `streaming=True`, an `IterableDataset`.
 
     `path` is a local corpus folder, a remote one (`hf://datasets/org/name`, `s3://bucket/name`, any
     fsspec URL; credentials through `storage_options` or the usual environment) or a parquet glob.
-    A streamed corpus has one shard per parquet file (`num_shards`).
+    A streamed corpus has one shard per parquet file (`num_shards`). `exclude`: a local corpus's shard files
+    to leave out (the damaged ones `check_shards` found).
     """
+    files, exclude = corpus_data_files(path), set(exclude)
+    if exclude:
+        files = [file for file in files if file not in exclude]
     return load_dataset(
         "parquet",
-        data_files=corpus_data_files(path),
+        data_files=files,
         split="train",
         streaming=streaming,
         cache_dir=None if cache_dir is None else os.fspath(cache_dir),
@@ -702,6 +723,7 @@ __all__ = [
     "CORPUS_SCHEMA",
     "PrepareReport",
     "Source",
+    "check_shards",
     "corpus_data_files",
     "crop_to_mask",
     "dicom_frame_rate",

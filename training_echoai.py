@@ -14,8 +14,12 @@ The two scripts differ only in their model, data and loss; everything else lives
 * `param_groups`, `build_optimizer` -- AdamW groups with no weight decay on norms, biases, position tables and
   the mask token (MAE), optional layer-wise learning-rate decay (BEiT / MAE fine-tuning); warm-up + cosine, over
   the steps or, with `--max_train_seconds`, over whichever of steps and seconds is further spent.
-* `Checkpoints` -- `accelerator.save_state` written to a temporary folder and renamed into place (a
-  killed save never leaves a half checkpoint), rotated, and found again by `latest`.
+* `Checkpoints` -- `accelerator.save_state` written to a temporary folder, sealed by a manifest and renamed into
+  place (a killed save never leaves a half checkpoint), rotated, and found again by `latest` (the newest that
+  verifies).
+* `RunError` and its kinds (`CheckpointError`, `DiskFullError`, `BadDataError`, `HubError`) -- the faults a long
+  run meets, each one line for the user (`exit_on_run_error`); `disk_full_guard`, `create_hub_repo`
+  (docs/RELIABILITY.md).
 * `train` -- the loop (`TrainingLoop`: setup, epoch, step, checkpointing): accumulation, clipping, skipping of
   non-finite losses, SIGTERM/SIGINT handling, checkpoints, a time budget (`TrainingClock`), progress bar and
   tracker logging. Its data comes through one small interface with two implementations, `MapSource` (a
@@ -30,12 +34,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -58,6 +66,7 @@ from accelerate.utils import (
 )
 from datasets import Dataset, IterableDataset
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -70,9 +79,12 @@ from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
 logger = logging.getLogger(__name__)
 
+HUB_IGNORE_PATTERNS = ("checkpoints/*", "logs/*", "reconstructions/*", ".partial-*")  # what a Hub upload leaves out
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 STATE_FILE = "training_state.json"
 DATA_STATE_FILE = "data_state_{rank}.json"  # a stream's position, one per process
+MANIFEST_FILE = "manifest.json"  # written last: a checkpoint without a verifying one is not whole
+CHECKSUM_SPAN = 2**20  # bytes hashed at each end of a checkpoint file (`file_checksum`)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,6 +182,11 @@ def add_run_args(add: Callable) -> None:
     add("--checkpoints_total_limit", type=int, default=3, help="Keep only the newest N checkpoints.")
     add("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
     add("--max_consecutive_nonfinite", type=int, default=5, help="Stop after this many non-finite losses in a row.")
+    add(
+        "--max_bad_fraction", type=float, default=0.01,
+        help="Stop when more than this share of the training videos (or of a corpus's shards) cannot be read; "
+        "fewer are skipped, counted and logged (docs/RELIABILITY.md).",
+    )  # fmt: skip
     add("--with_tracking", action="store_true", help="Log to the trackers named by --report_to.")
     add("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all', ...")
     add("--logging_steps", type=int, default=10)
@@ -355,9 +372,11 @@ class StreamingClips(torch.utils.data.IterableDataset):
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-    """`EchoAIDataCollator` (drops and counts unreadable videos) plus the dataset index of each kept row."""
+    """`EchoAIDataCollator` (drops and counts unreadable videos) plus the dataset index of each kept row and the
+    errors of the dropped ones (`skipped`), which name their videos for `--max_bad_fraction`'s error."""
     batch = EchoAIDataCollator()(features)
     batch["index"] = torch.tensor([f["index"] for f in features if f["pixel_values"] is not None], dtype=torch.int64)
+    batch["skipped"] = [f["error"] for f in features if f["pixel_values"] is None]
     return batch
 
 
@@ -539,7 +558,8 @@ class TrainingState:
     epoch: int = 0
     batches_in_epoch: int = 0  # batches of this epoch already consumed, per process
     nonfinite_skipped: int = 0
-    videos_skipped: int = 0
+    videos_skipped: int = 0  # training items whose video could not be read
+    videos_seen: int = 0  # training items drawn, read or not: the denominator of --max_bad_fraction
     best_metric: float | None = None
     train_seconds: float = 0.0  # seconds of training so far (evaluation and checkpoints not counted): the time budget
     # This process's position in a stream (`StreamingClips.state_dict`), None for a map-style dataset. Each
@@ -547,8 +567,161 @@ class TrainingState:
     data_state: dict | None = None
 
 
+class RunError(RuntimeError):
+    """A fault a user meets and can act on (a damaged checkpoint, a full disk, bad data, an unreachable Hub): the
+    scripts print its one-line message and exit non-zero (`exit_on_run_error`), with no traceback."""
+
+
+class CheckpointError(RunError):
+    pass
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
+
+
+class DiskFullError(RunError):
+    def __init__(self, path: str | os.PathLike, needed: int, free: int):
+        super().__init__(
+            f"No space left for {path}: it needs about {needed} bytes ({human_bytes(needed)}) and {free} bytes "
+            f"({human_bytes(free)}) are free. Free some space or pass another --output_dir; what was saved "
+            "before is kept."
+        )
+        self.path, self.needed, self.free = Path(path), needed, free
+
+
+@contextlib.contextmanager
+def exit_on_run_error():
+    """Around a script's `main`: a `RunError` ends the process with its one line (`error: ...`) and status 1."""
+    try:
+        yield
+    except RunError as error:
+        sys.exit(f"error: {error}")
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the filesystem that holds `path` (or would, for a path not yet created)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def ensure_free_space(path: str | os.PathLike, needed: int) -> None:
+    """Raise `DiskFullError` before a save of about `needed` bytes that the disk cannot hold."""
+    free = free_bytes(path)
+    if free < needed:
+        raise DiskFullError(path, needed, free)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write failed for want of space: ENOSPC / EDQUOT, or a writer that reports it without the errno --
+    safetensors' `SafetensorError` ("I/O error: No space left on device (os error 28)"), torch's zip writer's
+    RuntimeError ("unexpected pos ..." / "file write failed")."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return any(
+        words in text
+        for words in (
+            "No space left on device",
+            "os error 28",
+            "Disk quota exceeded",
+            "unexpected pos",
+            "file write failed",
+        )
+    )
+
+
+@contextlib.contextmanager
+def disk_full_guard(path: str | os.PathLike, needed: int, cleanup: Callable[[], None] | None = None):
+    """Turn a full disk met while writing `path` into `DiskFullError` (after `cleanup`, which removes what was
+    half written); other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if not is_disk_full(error):
+            raise
+        free = free_bytes(path)  # before the cleanup gives space back: what the write met
+        if cleanup is not None:
+            cleanup()
+        raise DiskFullError(path, needed, free) from None
+
+
+def nbytes(*state_dicts: dict) -> int:
+    """Bytes of the tensors in (nested) state dicts: the size of a save, known without writing it."""
+    total = 0
+    for value in state_dicts:
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            total += nbytes(*value.values())
+        elif isinstance(value, (list, tuple)):
+            total += nbytes(*value)
+    return total
+
+
+def file_checksum(path: Path, size: int) -> str:
+    """blake2b of a file's size and its first and last MiB.
+
+    Not a hash of the whole file: `latest` checks each checkpoint it considers and rotation checks the newest at
+    every save, and reading multi-GB optimizer states whole each time would cost minutes on network storage. The
+    damage checkpoints meet -- a truncated or interrupted copy, a write cut short by a full disk, a file missing
+    or replaced -- changes the size or the ends; a flipped bit in the middle is the storage's own checksums' job.
+    """
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        digest.update(f.read(CHECKSUM_SPAN))
+        if size > CHECKSUM_SPAN:
+            f.seek(max(CHECKSUM_SPAN, size - CHECKSUM_SPAN))
+            digest.update(f.read(CHECKSUM_SPAN))
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """`manifest.json`: every file of `folder` with its size and `file_checksum`, written last (a checkpoint is
+    whole only when its manifest is there and verifies)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        size = path.stat().st_size
+        files[path.relative_to(folder).as_posix()] = {"size": size, "checksum": file_checksum(path, size)}
+    manifest = {"version": 1, "checksum": "blake2b of the size, first and last MiB", "files": files}
+    with open(folder / MANIFEST_FILE, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """None when `folder`'s manifest verifies, else what is wrong, naming the file."""
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"{folder / MANIFEST_FILE} is missing"
+    except (ValueError, KeyError, TypeError):
+        return f"{folder / MANIFEST_FILE} is unreadable"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{path} has {size} bytes where its manifest says {entry['size']}"
+        if file_checksum(path, size) != entry["checksum"]:
+            return f"{path} does not match its manifest's checksum"
+    return None
+
+
 class Checkpoints:
-    """Resumable checkpoints `<output_dir>/checkpoints/step_<N>`, written atomically and rotated."""
+    """Resumable checkpoints `<output_dir>/checkpoints/step_<N>`, written to a `.partial-step_<N>` folder, sealed
+    by a manifest (`write_manifest`) and renamed into place, rotated, and found again by `latest`.
+
+    A checkpoint without a manifest was written before manifests existed: it is accepted, with a warning, since
+    the rename already kept half-written ones out; it counts as unverified when rotating."""
 
     def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None):
         self.root = Path(output_dir) / "checkpoints"
@@ -560,43 +733,89 @@ class Checkpoints:
         found = [p for p in self.root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
         return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
+    @staticmethod
+    def problem(path: Path) -> str | None:
+        """What makes `path` unusable (None: usable); warns once about a checkpoint from before manifests."""
+        if not (path / MANIFEST_FILE).is_file() and (path / STATE_FILE).is_file():
+            logger.warning("%s has no %s (written before checkpoint manifests): resuming unverified.", path,
+                           MANIFEST_FILE)  # fmt: skip
+            return None
+        return manifest_problem(path)
+
     def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1] if found else None
+        """The newest usable checkpoint; each damaged one after it is skipped with one warning naming what is wrong."""
+        for path in reversed(self.all()):
+            problem = self.problem(path)
+            if problem is None:
+                return path
+            logger.warning("Skipping damaged checkpoint %s: %s; trying the one before.", path.name, problem)
+        return None
 
     def resolve(self, value: str) -> Path:
-        """`latest` or a folder -> a checkpoint folder, with an error naming what was looked for."""
-        path = self.latest() if value == "latest" else Path(value)
-        if path is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint under {self.root}")
+        """`latest` or a folder -> a usable checkpoint folder, with an error naming what was looked for or is damaged."""
+        if value == "latest":
+            path = self.latest()
+            if path is None:
+                raise CheckpointError(f"--resume_from_checkpoint latest: no usable checkpoint under {self.root}")
+            return path
+        path = Path(value)
         if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not an EchoAI checkpoint (no {STATE_FILE}); pass a step_<N> folder.")
+            raise CheckpointError(f"{path} is not an EchoAI checkpoint (no {STATE_FILE}); pass a step_<N> folder.")
+        problem = self.problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}. Resume from an earlier one or 'latest'.")
         return path
 
-    def save(self, accelerator: Accelerator, state: TrainingState) -> Path:
+    def save(self, accelerator: Accelerator, state: TrainingState, needed: int) -> Path:
+        """Write a checkpoint of about `needed` bytes; a full disk is a `DiskFullError` that leaves no partial
+        folder and the earlier checkpoints as they were."""
         final = self.root / f"step_{state.global_step:07d}"
         partial = self.root / f".partial-{final.name}"
+        ensure_free_space(self.root, needed)
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))  # every process writes its RNG state
-        if state.data_state is not None:
-            (partial / DATA_STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(state.data_state))
-        accelerator.wait_for_everyone()
+        with disk_full_guard(partial, needed, cleanup=lambda: shutil.rmtree(partial, ignore_errors=True)):
+            accelerator.save_state(str(partial))  # every process writes its RNG state
+            if state.data_state is not None:
+                data_state = partial / DATA_STATE_FILE.format(rank=accelerator.process_index)
+                data_state.write_text(json.dumps(state.data_state))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (partial / STATE_FILE).write_text(json.dumps({**asdict(state), "data_state": None}, indent=2))
+                write_manifest(partial)
         if accelerator.is_main_process:
-            (partial / STATE_FILE).write_text(json.dumps({**asdict(state), "data_state": None}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-            if self.total_limit:
-                for old in self.all()[: -self.total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self.rotate()
         accelerator.wait_for_everyone()
         return final
 
+    def rotate(self) -> None:
+        """Keep the newest `total_limit` checkpoints, and always the newest verified one: an older checkpoint is
+        never deleted to make room for one that does not verify. A checkpoint is renamed out of `all`'s sight
+        before it is deleted, so a process killed part-way leaves no half-deleted `step_<N>` (a leftover
+        `.removing-*` folder is deleted at the next rotation)."""
+        if not self.total_limit:
+            return
+        found = self.all()
+        keep = next((path for path in reversed(found) if manifest_problem(path) is None), None)
+        for old in found[: -self.total_limit]:
+            if old != keep:
+                old.rename(old.with_name(f".removing-{old.name}"))
+        for removing in self.root.glob(".removing-*"):
+            shutil.rmtree(removing, ignore_errors=True)
+
     @staticmethod
     def load(accelerator: Accelerator, path: Path) -> TrainingState:
-        accelerator.load_state(str(path))
+        try:
+            accelerator.load_state(str(path))
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+            raise CheckpointError(
+                f"checkpoint {path} cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0]}). "
+                "Resume from an earlier one."
+            ) from None
         state = TrainingState(**json.loads((path / STATE_FILE).read_text()))
         data_state = path / DATA_STATE_FILE.format(rank=accelerator.process_index)
         state.data_state = json.loads(data_state.read_text()) if data_state.is_file() else None
@@ -649,6 +868,34 @@ class TrainResult:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class BadDataError(RunError):
+    pass
+
+
+def bad_share_error(what: str, bad: int, total: int, limit: float, names: Sequence[str]) -> BadDataError:
+    shown = "; ".join(names[:3]) + (f"; and {len(names) - 3} more" if len(names) > 3 else "")
+    return BadDataError(
+        f"{bad} of {total} {what} ({bad / total:.1%}) cannot be read, more than --max_bad_fraction {limit:g}: "
+        f"{shown}. Re-copy or re-prepare them (scripts/prepare_corpus.py), or raise --max_bad_fraction."
+    )
+
+
+def skip_damaged_shards(damaged: dict[str, str], num_shards: int, max_bad_fraction: float) -> None:
+    """Log each damaged corpus shard (`corpus_echoai.check_shards`) as skipped; stop with `BadDataError` naming
+    them when they are more than `max_bad_fraction` of the shards."""
+    for shard, reason in damaged.items():
+        logger.warning("Skipping damaged corpus shard %s: %s", shard, reason)
+    if len(damaged) > max_bad_fraction * num_shards:
+        raise bad_share_error("corpus shards", len(damaged), num_shards, max_bad_fraction, list(damaged))
+
+
+def min_items_for_share(max_bad_fraction: float) -> int:
+    """Items to see before a share of unreadable ones is judged against `max_bad_fraction` mid-epoch: enough for
+    the limit to mean five bad items, so that one unlucky early batch does not stop a run (a whole pass is
+    judged whatever its size)."""
+    return math.ceil(5 / max_bad_fraction) if max_bad_fraction > 0 else 1
 
 
 class MapSource:
@@ -828,6 +1075,7 @@ class TrainingLoop:
         self.checkpoint_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
         self.result = TrainResult(state=self.state)
         self.consecutive_nonfinite, self.window_videos = 0, 0
+        self.unreadable: list[str] = []  # this process's skipped videos' errors, for `check_bad_share`
         schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps a prepared scheduler
         self.spend = getattr(schedule, "spend", never_spent)
         self.budget_spent = self.spend(self.state.train_seconds)
@@ -842,12 +1090,11 @@ class TrainingLoop:
     def run(self, compute_loss, on_step=None, on_epoch_end=None) -> TrainResult:
         self.compute_loss, self.on_step, self.on_epoch_end = compute_loss, on_step, on_epoch_end
         self.model.train()
-        with StopRequest() as self.stop:
+        with StopRequest() as self.stop, contextlib.closing(self.progress):  # closed: an error starts its own line
             for epoch in self.source.epochs(self.state.epoch, self.args):
                 self.run_epoch(epoch)
                 if self.result.stopped_by_signal or self.finished():
                     break
-        self.progress.close()
         self.result.seconds = self.clock.elapsed()
         self.log_end()
         return self.result
@@ -878,6 +1125,7 @@ class TrainingLoop:
         else:
             exhausted = True
         if self.source.epoch_ended(state, exhausted):
+            self.check_bad_share(whole_pass=True)
             if self.on_epoch_end is not None:
                 with self.clock.paused():
                     self.on_epoch_end(epoch, state)
@@ -892,8 +1140,11 @@ class TrainingLoop:
         accelerator, state, model = self.accelerator, self.state, self.model
         batch = send_to_device(batch, accelerator.device)  # a prepared loader's already are
         state.batches_in_epoch += 1
-        state.videos_skipped += self.sum_over_processes(batch.pop("num_skipped"))
         indices = batch.pop("index")
+        self.unreadable = (self.unreadable + batch.pop("skipped"))[:10]  # a few to name; the count is the state's
+        skipped, kept = self.sum_over_processes(torch.stack([batch.pop("num_skipped"), torch.tensor(len(indices))]))
+        state.videos_skipped, state.videos_seen = state.videos_skipped + skipped, state.videos_seen + skipped + kept
+        self.check_bad_share(whole_pass=False)
         empty = batch["pixel_values"].numel() == 0
         with accelerator.accumulate(model):
             loss, outputs = (None, None) if empty else self.compute_loss(model, batch, state.global_step)
@@ -916,10 +1167,20 @@ class TrainingLoop:
             self.after_update(float(loss.detach()), batch, outputs)
         return stop_now
 
-    def sum_over_processes(self, count: torch.Tensor) -> int:
+    def sum_over_processes(self, counts: torch.Tensor) -> list[int]:
         if self.accelerator.num_processes > 1:
-            return int(self.accelerator.reduce(count.to(self.accelerator.device), "sum"))
-        return int(count)
+            counts = self.accelerator.reduce(counts.to(self.accelerator.device), "sum")
+        return [int(count) for count in counts]
+
+    def check_bad_share(self, whole_pass: bool) -> None:
+        """Stop with `BadDataError`, naming this process's unreadable videos, once more than `--max_bad_fraction`
+        of the items seen could not be read -- judged after a whole pass or `min_items_for_share` items."""
+        state, limit = self.state, self.args.max_bad_fraction
+        if not state.videos_skipped or not (whole_pass or state.videos_seen >= min_items_for_share(limit)):
+            return
+        if state.videos_skipped > limit * state.videos_seen:
+            names = [error.splitlines()[0] for error in self.unreadable]
+            raise bad_share_error("training videos", state.videos_skipped, state.videos_seen, limit, names)
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward, clipping and the optimizer and schedule steps (accumulated until `sync_gradients`)."""
@@ -973,7 +1234,8 @@ class TrainingLoop:
     def save_checkpoint(self) -> Path:
         self.state.data_state = self.source.state_dict()
         with self.clock.paused():
-            return self.checkpoints.save(self.accelerator, self.state)
+            needed = nbytes(self.model.state_dict(), self.optimizer.state_dict())
+            return self.checkpoints.save(self.accelerator, self.state, needed)
 
     def log_end(self) -> None:
         state = self.state
@@ -985,8 +1247,9 @@ class TrainingLoop:
             )  # fmt: skip
         if state.videos_skipped:
             logger.warning(
-                "%d unreadable videos were skipped during training (see the warnings above).", state.videos_skipped
-            )
+                "%d of %d training videos could not be read and were skipped (see the warnings above).",
+                state.videos_skipped, state.videos_seen,
+            )  # fmt: skip
 
 
 def schedule_steps(args: argparse.Namespace, dataloader_len: int | None) -> None:
@@ -1104,15 +1367,34 @@ def model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[s
 def save_model(
     accelerator: Accelerator, model: torch.nn.Module, processor: EchoAIVideoProcessor, output_dir: str | os.PathLike
 ) -> None:
-    """`save_pretrained` of model (safetensors, with remote code) and processor, from the main process."""
+    """`save_pretrained` of model (safetensors, with remote code) and processor, from the main process. A disk too
+    full for the weights is a `DiskFullError`, before writing when the free space is short, else with the
+    half-written weight files removed (a truncated `model.safetensors` would look like a finished run)."""
     accelerator.wait_for_everyone()
-    unwrap(accelerator, model).save_pretrained(
-        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict=model_state_dict(accelerator, model),
-    )  # fmt: skip
-    if accelerator.is_main_process:
-        processor.save_pretrained(output_dir)
+    state_dict = model_state_dict(accelerator, model)
+    needed = nbytes(state_dict)
+    ensure_free_space(output_dir, needed)
+
+    def remove_weights() -> None:
+        for path in Path(output_dir).glob("model*.safetensors*"):
+            path.unlink(missing_ok=True)
+
+    with disk_full_guard(output_dir, needed, cleanup=remove_weights):
+        unwrap(accelerator, model).save_pretrained(
+            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+            state_dict=state_dict,
+        )  # fmt: skip
+        if accelerator.is_main_process:
+            processor.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
+
+
+def save_text(path: str | os.PathLike, text: str) -> None:
+    """Write a run's small outputs (results json, model card); a full disk is a `DiskFullError` naming `path`."""
+    needed = len(text.encode())
+    ensure_free_space(path, needed)
+    with disk_full_guard(path, needed, cleanup=lambda: Path(path).unlink(missing_ok=True)):
+        Path(path).write_text(text, encoding="utf-8")
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -1274,20 +1556,64 @@ def card_architecture(model: torch.nn.Module) -> dict:
     )  # fmt: skip
 
 
+class HubError(RunError):
+    pass
+
+
+def hub_failure(error: Exception) -> str:
+    """An exception of the Hub client, in a few words. The client raises from several libraries -- its own
+    `HfHubHTTPError` (a bad token, a name taken), `OfflineModeIsEnabled`, the HTTP library's connection errors,
+    `ValueError` for a malformed name -- so callers catch `Exception` around the one call and describe it here."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def create_hub_repo(args: argparse.Namespace, accelerator: Accelerator, api: HfApi | None = None) -> None:
+    """With `--push_to_hub`, check the token, the Hub and the repository before the first step by creating the
+    repository (`exist_ok`, as transformers' examples do): a failure costs seconds, not the run (`HubError`)."""
+    if not args.push_to_hub:
+        return
+    if not args.hub_model_id:
+        raise HubError("--push_to_hub needs --hub_model_id (e.g. my-org/echoai-small-ef)")
+    if not accelerator.is_main_process:
+        return
+    try:
+        (api or HfApi(token=args.hub_token)).create_repo(args.hub_model_id, exist_ok=True, repo_type="model")
+    except Exception as error:  # whichever library raised it (`hub_failure`), the run could not publish
+        raise HubError(
+            f"--push_to_hub: cannot create {args.hub_model_id} on the Hub ({hub_failure(error)}); nothing was "
+            "trained. Check the network, the token (--hub_token or `hf auth login`) and the name, or drop "
+            "--push_to_hub."
+        ) from None
+
+
+def upload_command(folder: str | os.PathLike, repo_id: str) -> str:
+    """The `hf` command (huggingface_hub's CLI) that uploads a saved run as `push_to_hub` does."""
+    excludes = " ".join(f"--exclude '{pattern}'" for pattern in HUB_IGNORE_PATTERNS)
+    return f"hf upload {repo_id} {shlex.quote(str(folder))} . {excludes}"
+
+
 def push_to_hub(
     folder: str | os.PathLike, repo_id: str | None, token: str | None = None, api: HfApi | None = None
 ) -> str:
-    """Create the repository if needed and upload `folder` (weights, processor, code, README.md card)."""
+    """Create the repository if needed and upload `folder` (weights, processor, code, README.md card). A failed
+    upload is a `HubError` whose line gives the command that uploads the folder later; the folder is kept."""
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/echoai-small-ef)")
     if not (Path(folder) / "README.md").is_file() or not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no saved model and card to upload")
     api = api or HfApi(token=token)
-    url = api.create_repo(repo_id, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message="Upload EchoAI model",
-        ignore_patterns=["checkpoints/*", "logs/*", "reconstructions/*", ".partial-*"],
-    )  # fmt: skip
+    try:
+        url = api.create_repo(repo_id, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message="Upload EchoAI model",
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),
+        )  # fmt: skip
+    except Exception as error:  # as in `create_hub_repo`
+        raise HubError(
+            f"Upload to {repo_id} failed ({hub_failure(error)}); the model is saved in {folder}. Upload it later "
+            f"with: {upload_command(folder, repo_id)}"
+        ) from None
     return str(url)
 
 

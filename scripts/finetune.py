@@ -78,7 +78,9 @@ from training_echoai import (
     build_optimizer,
     build_processor,
     count_parameters,
+    create_hub_repo,
     derive_seed,
+    exit_on_run_error,
     from_pretrained_with_geometry,
     make_dataloader,
     model_state_dict,
@@ -87,6 +89,7 @@ from training_echoai import (
     push_to_hub,
     render_model_card,
     save_model,
+    save_text,
     train,
     unwrap,
 )
@@ -396,6 +399,7 @@ def collect_results(args, result, best: BestModel, last: dict, test_metrics: dic
         "epochs": result.state.epoch, "steps": result.state.global_step, "seconds": round(result.seconds, 2),
         "train_seconds": round(result.state.train_seconds, 2), "max_train_seconds": args.max_train_seconds,
         "stopped_by_time": result.stopped_by_time, "train_videos": num_train,
+        "videos_seen": result.state.videos_seen, "videos_skipped": result.state.videos_skipped,
         "label_fraction": args.label_fraction, "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
         "learning_rate": args.learning_rate, "layer_decay": args.layer_decay, "drop_path_rate": args.drop_path_rate,
     }  # fmt: skip
@@ -422,9 +426,12 @@ def save_outputs(args, accelerator, model, processor, result, all_results: dict,
         return
     if not args.baseline and args.num_labels == 1 and args.label_column == "EF":  # `pipeline(model=output_dir, ...)`
         save_ef_pipeline(result.model, args.output_dir)
-    (Path(args.output_dir) / "all_results.json").write_text(json.dumps(all_results, indent=2))
+    save_text(Path(args.output_dir) / "all_results.json", json.dumps(all_results, indent=2))
     if not args.baseline:  # the card describes an EchoAI model
-        render_model_card(result.model, args, train_result=result, **card).save(Path(args.output_dir) / "README.md")
+        save_text(
+            Path(args.output_dir) / "README.md",
+            str(render_model_card(result.model, args, train_result=result, **card)),
+        )
     if args.push_to_hub:
         push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
 
@@ -432,6 +439,7 @@ def save_outputs(args, accelerator, model, processor, result, all_results: dict,
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     accelerator = build_accelerator(args)
+    create_hub_repo(args, accelerator)  # before anything costly: a bad token or no network fails in seconds
     keep_freed_memory()
     os.makedirs(args.output_dir, exist_ok=True)
     regression = args.num_labels == 1
@@ -485,4 +493,5 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_run_error():
+        main(sys.argv[1:])

@@ -28,6 +28,7 @@ Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, sched
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -37,7 +38,7 @@ import torch
 from datasets import Dataset
 
 from configuration_echoai import EchoAIConfig
-from corpus_echoai import load_corpus, shuffle_corpus, split_corpus_by_node
+from corpus_echoai import check_shards, load_corpus, shuffle_corpus, split_corpus_by_node
 from data_echoai import load_echonet_dynamic, load_video_folder, row_frames, synthetic_echonet_dir
 from modeling_echoai import EchoAIForPreTraining
 from perf_echoai import keep_freed_memory, use_fastest_attention
@@ -49,7 +50,9 @@ from training_echoai import (
     build_optimizer,
     build_processor,
     count_parameters,
+    create_hub_repo,
     derive_seed,
+    exit_on_run_error,
     from_pretrained_with_geometry,
     make_dataloader,
     parse_config_overrides,
@@ -57,6 +60,8 @@ from training_echoai import (
     render_model_card,
     save_model,
     save_reconstruction,
+    save_text,
+    skip_damaged_shards,
     train,
     unwrap,
 )
@@ -90,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache_dir", default=None, help="Where a map-style corpus's Arrow copy is cached (default: datasets')."
     )
-    parser.set_defaults(output_dir="outputs/pretrain", learning_rate=1e-3, num_train_epochs=16)
+    # damaged_shards: a corpus's shards left out as damaged ({file: reason}, `load_videos`), for all_results.json
+    parser.set_defaults(output_dir="outputs/pretrain", learning_rate=1e-3, num_train_epochs=16, damaged_shards={})
     args = parser.parse_args(argv)
     if args.dataset_path and args.data_dir:
         parser.error("give --data_dir or --dataset_path, not both")
@@ -105,11 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_videos(args: argparse.Namespace, accelerator):
     """The unlabeled videos: a prepared corpus (a table or a stream of rows), an EchoNet-layout folder, any
-    folder of videos, or the synthetic corpus."""
+    folder of videos, or the synthetic corpus. A corpus's damaged shards are left out and recorded in
+    `args.damaged_shards` (an error when they are more than --max_bad_fraction of the shards)."""
     with accelerator.main_process_first():  # one process generates / checks, the others reuse its cache
         if args.dataset_path:
+            num_shards, args.damaged_shards = check_shards(args.dataset_path)
+            skip_damaged_shards(args.damaged_shards, num_shards, args.max_bad_fraction)
             return args.dataset_path, load_corpus(
-                args.dataset_path, streaming=args.streaming, cache_dir=args.cache_dir
+                args.dataset_path, streaming=args.streaming, cache_dir=args.cache_dir, exclude=args.damaged_shards
             )
         data_dir = Path(args.data_dir) if args.data_dir else synthetic_echonet_dir(args.synthetic_num_videos)
         if (data_dir / "FileList.csv").is_file():
@@ -194,15 +203,29 @@ def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, pro
     return compute_loss, on_step
 
 
+def collect_results(args: argparse.Namespace, result) -> dict:
+    """`all_results.json`: the run's length, its losses and the data it could not read."""
+    state = result.state
+    return {
+        "steps": state.global_step, "epochs": state.epoch, "seconds": round(result.seconds, 2),
+        "train_seconds": round(state.train_seconds, 2), "stopped_by_time": result.stopped_by_time,
+        "first_loss": result.losses[0] if result.losses else None, "last_loss": result.losses[-1] if result.losses else None,
+        "videos_seen": state.videos_seen, "videos_skipped": state.videos_skipped,
+        "damaged_shards": sorted(args.damaged_shards), "nonfinite_skipped": state.nonfinite_skipped,
+    }  # fmt: skip
+
+
 def save_outputs(args: argparse.Namespace, accelerator, model, processor, result, data_dir, num_videos) -> None:
-    """The model (safetensors + remote code), its processor, the model card and the Hub upload."""
+    """The model (safetensors + remote code), its processor, `all_results.json`, the model card and the Hub
+    upload."""
     save_model(accelerator, model, processor, args.output_dir)
     if not accelerator.is_main_process:
         return
+    save_text(Path(args.output_dir) / "all_results.json", json.dumps(collect_results(args, result), indent=2))
     card = render_model_card(unwrap(accelerator, model), args, task="pretraining", dataset_dir=data_dir,
                              num_videos=num_videos, train_result=result,
                              dataset_name="prepared echo corpus" if args.dataset_path else None)  # fmt: skip
-    card.save(Path(args.output_dir) / "README.md")
+    save_text(Path(args.output_dir) / "README.md", str(card))
     if args.push_to_hub:
         push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
 
@@ -210,6 +233,7 @@ def save_outputs(args: argparse.Namespace, accelerator, model, processor, result
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     accelerator = build_accelerator(args)
+    create_hub_repo(args, accelerator)  # before anything costly: a bad token or no network fails in seconds
     keep_freed_memory()
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -244,4 +268,5 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_run_error():
+        main(sys.argv[1:])

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import math
+import random
 import signal
 import subprocess
 import sys
@@ -98,34 +99,55 @@ def test_checkpoints_are_rotated_and_never_left_half_written(corpus, tmp_path):
     assert (output / "checkpoints" / "step_0000004" / training_echoai.STATE_FILE).is_file()
 
 
-def test_resume_after_sigterm_ends_with_the_weights_of_a_straight_run(corpus, tmp_path):
-    """Kill a run with SIGTERM part-way: it saves a checkpoint and exits 0; resuming it must end bit-identical
-    to a run that was never interrupted (same data order, clip starts, augmentation and masks)."""
-    steps = "40"
+def newest_step(output_dir: Path) -> int:
+    found = training_echoai.Checkpoints(output_dir).all()
+    return int(found[-1].name.split("_")[1]) if found else 0
+
+
+def interrupt(command: list[str], output_dir: Path, at_step: int, sig: signal.Signals, delay: float) -> str:
+    """Start a pretraining process, wait for its checkpoint at `at_step` or later, then send `sig` after `delay` s."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while newest_step(output_dir) < at_step:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint at step {at_step} appeared"
+        time.sleep(0.01)
+    time.sleep(delay)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=240)
+    if sig == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+        return stdout
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "Stopped by signal at step" in stdout and "--resume_from_checkpoint" in stdout, stdout[-3000:]
+    assert not (output_dir / "model.safetensors").exists(), "the interrupted run must not look finished"
+    return stdout
+
+
+def test_repeated_preemption_ends_with_the_weights_of_a_straight_run(corpus, tmp_path):
+    """SIGTERM at three random steps and one SIGKILL between them, each time resumed with `latest`: the run must
+    end bit-identical to one never interrupted (same data order, clip starts, augmentation and masks). SIGTERM
+    saves a checkpoint and exits 0; SIGKILL loses the steps since the last checkpoint (and may cut a save or a
+    rotation short), which the resumed run trains again from the newest checkpoint that verifies."""
+    steps = 40
     straight = tmp_path / "straight"
-    load_script("pretrain").main(pretrain_argv(corpus, straight, "--max_train_steps", steps))
+    load_script("pretrain").main(pretrain_argv(corpus, straight, "--max_train_steps", str(steps)))
 
     interrupted = tmp_path / "interrupted"
-    command = [sys.executable, str(REPO / "scripts" / "pretrain.py"),
-               *pretrain_argv(corpus, interrupted, "--max_train_steps", steps, "--checkpointing_steps", "2")]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not (interrupted / "checkpoints" / "step_0000002").is_dir():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=240)
-    assert process.returncode == 0, output[-3000:]
-    assert "Stopped by signal at step" in output and "--resume_from_checkpoint" in output
-    assert not (interrupted / "model.safetensors").exists(), "the interrupted run must not look finished"
-    stopped_at = training_echoai.Checkpoints(interrupted).latest()
-    assert 2 <= int(stopped_at.name.split("_")[1]) < int(steps)
+    argv = pretrain_argv(corpus, interrupted, "--max_train_steps", str(steps), "--checkpointing_steps", "2",
+                         "--checkpoints_total_limit", "2")  # fmt: skip
+    rng = random.Random(17)
+    targets = sorted(rng.sample(range(2, 30, 2), 4))
+    signals = [signal.SIGTERM, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM]
+    for attempt, (target, sig) in enumerate(zip(targets, signals, strict=True)):
+        resume = ["--resume_from_checkpoint", "latest"] if attempt else []
+        command = [sys.executable, str(REPO / "scripts" / "pretrain.py"), *argv, *resume]
+        before = newest_step(interrupted)
+        interrupt(command, interrupted, max(target, before + 2), sig, rng.uniform(0.0, 0.05))
+        assert before < newest_step(interrupted) < steps, "each run trained on, and none ran to the end"
 
-    result = load_script("pretrain").main(
-        pretrain_argv(corpus, interrupted, "--max_train_steps", steps, "--resume_from_checkpoint", "latest")
-    )
-    assert result.state.global_step == int(steps)
+    result = load_script("pretrain").main([*argv, "--resume_from_checkpoint", "latest"])
+    assert result.state.global_step == steps
     expected, resumed = final_weights(straight), final_weights(interrupted)
     assert expected.keys() == resumed.keys()
     for name in expected:
@@ -134,11 +156,11 @@ def test_resume_after_sigterm_ends_with_the_weights_of_a_straight_run(corpus, tm
 
 def test_resume_errors_name_what_is_missing(corpus, tmp_path):
     pretrain = load_script("pretrain")
-    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+    with pytest.raises(training_echoai.CheckpointError, match="no usable checkpoint under"):
         pretrain.main(
             pretrain_argv(corpus, tmp_path / "a", "--max_train_steps", "1", "--resume_from_checkpoint", "latest")
         )
-    with pytest.raises(FileNotFoundError, match="is not an EchoAI checkpoint"):
+    with pytest.raises(training_echoai.CheckpointError, match="is not an EchoAI checkpoint"):
         pretrain.main(
             pretrain_argv(corpus, tmp_path / "b", "--max_train_steps", "1", "--resume_from_checkpoint", str(tmp_path))
         )
