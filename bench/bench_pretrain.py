@@ -225,12 +225,14 @@ def build_classifier(
     return VideoMAEForVideoClassification(videomae_config(config, videomae_attention, num_labels=1)).eval()
 
 
-def pretraining_step(model: torch.nn.Module, pixel_values: torch.Tensor, mask: torch.Tensor, precision: str):
+def pretraining_step(
+    model: torch.nn.Module, pixel_values: torch.Tensor, mask: torch.Tensor, precision: str, device_type: str = "cpu"
+):
     """A closure running one full optimisation step; AdamW keeps fp32 master weights in both precisions."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=0.05, fused=True)
 
     def step() -> None:
-        with precision_context(precision):
+        with precision_context(precision, device_type):
             loss = model(pixel_values=pixel_values, bool_masked_pos=mask).loss
         loss.backward()
         optimizer.step()

@@ -82,10 +82,10 @@ def alternate(steps: dict[str, Callable[[], None]], warmup: int, measured: int) 
     return times
 
 
-def precision_context(precision: str):
-    """bf16 autocast on CPU for "bf16", nothing for "fp32"."""
+def precision_context(precision: str, device_type: str = "cpu"):
+    """bf16 autocast on `device_type` for "bf16", nothing for "fp32"."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

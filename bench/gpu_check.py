@@ -35,13 +35,13 @@ from transformers import VideoMAEForPreTraining
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import pretrain_flops, videomae_config  # noqa: E402
+from bench_pretrain import inputs, pretrain_flops, pretraining_step, videomae_config  # noqa: E402
 from bench_train_e2e import end_to_end_step_times  # noqa: E402
 from common import markdown_table  # noqa: E402
 
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from inference_echoai import predict_videos  # noqa: E402
-from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask  # noqa: E402
+from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification  # noqa: E402
 from perf_echoai import use_fastest_attention  # noqa: E402
 from synthetic_echonet import make_synthetic_echonet  # noqa: E402
 from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
@@ -73,29 +73,15 @@ def matmul_peak(device: torch.device, size: int, repeats: int = 10) -> float:
     return 2 * size**3 / statistics.median(timed(lambda: a @ b, device) for _ in range(repeats)) / 1e9
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def training_step(model, pixel_values, mask, device: torch.device):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=0.05, fused=True)
-
-    def step():
-        with autocast(device):
-            loss = model(pixel_values=pixel_values, bool_masked_pos=mask).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    """`bench_pretrain.pretraining_step` in bf16 autocast on `device`."""
+    return pretraining_step(model, pixel_values, mask, "bf16", device.type)
 
 
 def batch_inputs(config: EchoAIConfig, batch: int, device: torch.device):
-    generator = torch.Generator().manual_seed(0)
-    shape = (batch, config.num_frames, config.num_channels, config.image_size, config.image_size)
-    grid = (config.num_frames // config.tubelet_size,) + (config.image_size // config.patch_size,) * 2
-    mask = make_mask(batch, grid, config.mask_ratio, config.mask_strategy, generator=generator)
-    return torch.randn(shape, generator=generator).to(device), mask.to(device)
+    """`bench_pretrain.inputs` (random clips and one tube mask) on `device`."""
+    pixel_values, mask = inputs(config, batch)
+    return pixel_values.to(device), mask.to(device)
 
 
 def pretraining_model(name: str, config: EchoAIConfig, device: torch.device) -> torch.nn.Module:
