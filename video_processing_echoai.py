@@ -299,13 +299,16 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
             videos = [videos]
         do_augment = self.do_augment if do_augment is None else do_augment
         if do_sample_frames:
-            sampler = self._with_clip_length(self.num_frames if num_frames is None else num_frames, self.period)
-            sampling = (clip_sampling, clip_start, num_clips, generator)
+            num_frames = self.num_frames if num_frames is None else num_frames
+            if not isinstance(num_frames, int) or num_frames < 1:
+                raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+            sampling = dict(clip_sampling=clip_sampling, clip_start=clip_start, num_clips=num_clips,
+                            generator=generator, num_frames=num_frames)  # fmt: skip
         else:  # every frame once: one-frame clips at every start, regrouped below into one clip per video
-            sampler, sampling = self._with_clip_length(1, 1), ("all", 0, 1, None)
+            sampling = dict(clip_sampling="all", num_frames=1, period=1)
         clips, video_index = [], []
         for i, video in enumerate(videos):
-            frames = sampler.sample_clips(video, *sampling)  # (K, T, H, W)
+            frames = self.sample_clips(video, **sampling)  # (K, T, H, W)
             if not do_sample_frames:
                 frames = rearrange(frames, "t 1 h w -> 1 t h w")
             clips.append(self.frames_to_pixel_values(frames, do_augment=do_augment, generator=generator))
@@ -321,13 +324,6 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         features = BatchFeature(data=data, tensor_type=return_tensors)
         return features.to(device) if device is not None else features
 
-    def _with_clip_length(self, num_frames: int, period: int) -> EchoAIVideoProcessor:
-        """This processor, or for one call a copy that samples clips of `num_frames` frames every `period`-th (the
-        processor's own settings, which are saved with the model, stay as they are)."""
-        if (num_frames, period) == (self.num_frames, self.period):
-            return self
-        return type(self).from_dict(self.to_dict(), num_frames=num_frames, period=period)
-
     def sample_clips(
         self,
         video: VideoLike,
@@ -335,11 +331,16 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         clip_start: int = 0,
         num_clips: int = 1,
         generator: torch.Generator | None = None,
+        num_frames: int | None = None,
+        period: int | None = None,
     ) -> np.ndarray:
         """Clips of one video as grey uint8 frames, (K, T, H, W); a file, a file's bytes or an open `VideoReader`
         decodes only the frames the clips use. A DICOM file or its bytes is read by `video_io_echoai.open_video`:
-        its ultrasound sector, padded to a square (`dicom_echoai.DicomReader`)."""
-        sampling = (self.num_frames, self.period, clip_sampling, clip_start, num_clips, generator)
+        its ultrasound sector, padded to a square (`dicom_echoai.DicomReader`). `num_frames` / `period` set the clip
+        length for this call only (default: the processor's, saved with the model)."""
+        num_frames = self.num_frames if num_frames is None else num_frames
+        period = self.period if period is None else period
+        sampling = (num_frames, period, clip_sampling, clip_start, num_clips, generator)
         if isinstance(video, (str, os.PathLike, bytes, VideoReader)):
             with contextlib.nullcontext(video) if isinstance(video, VideoReader) else open_video(video) as reader:
                 indices = clip_frame_indices(reader.num_frames, *sampling)  # (K, T)
