@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from einops import repeat
 
+from inference_echoai import DecodedVideo, VideoClips, make_figure
+
 
 DEFAULT_MAX_GROUPS = 50
 
@@ -163,24 +165,24 @@ class VideoSaliency:
     error: str | None = None
 
 
-def video_saliency(
+def decoded_saliency(
     model: torch.nn.Module,
     processor,
-    path: str | os.PathLike,
+    item: DecodedVideo,
     group_shape: Sequence[int] | None = None,
     max_groups: int = DEFAULT_MAX_GROUPS,
     batch_size: int = 16,
 ) -> VideoSaliency:
-    """Saliency of one clip of a video: the clip centred on the first cardiac cycle `detect_beats` finds (one
-    beat, ED to ES, in the middle of the clip), else the clip at frame 0. The video is read and normalised the way
-    `predict_videos` reads it (`inference_echoai.VideoClips`), so the clip is one the predictor scores."""
-    from inference_echoai import VideoClips
-
-    item = VideoClips([path], processor, protocol="one_clip", beat_by_beat=True)[0]
+    """Saliency of one clip of a video decoded by `inference_echoai.VideoClips` with `beat_by_beat=True` (every
+    frame, and the beat-centred clips): the clip centred on the first cardiac cycle `detect_beats` found (one beat,
+    ED to ES, in the middle of the clip), else the protocol's first clip, the clip at frame 0. A caller that also
+    predicts the video (`predict_decoded`) hands the same decoded video to both."""
     if item.error is not None:
         return VideoSaliency(path=item.path, error=item.error)
-    beats = item.clips.get("beats")
-    centred = beats is not None and len(beats) > 0
+    if "beats" not in item.clips:
+        raise ValueError("decoded_saliency needs a video decoded with VideoClips(..., beat_by_beat=True)")
+    beats = item.clips["beats"]
+    centred = len(beats) > 0
     clip = (beats if centred else item.clips["protocol"])[0]  # (T,) rows of item.pixel_values
     pixel_values = item.pixel_values[clip]  # (T, C, H, W)
     result = occlusion_saliency(model, pixel_values, group_shape, max_groups, batch_size)
@@ -189,6 +191,20 @@ def video_saliency(
     frames = (grey * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     # With beat_by_beat every frame is decoded, so a row of item.pixel_values is its frame number.
     return VideoSaliency(item.path, result, frames, clip.numpy(), item.fps, centred)
+
+
+def video_saliency(
+    model: torch.nn.Module,
+    processor,
+    path: str | os.PathLike,
+    group_shape: Sequence[int] | None = None,
+    max_groups: int = DEFAULT_MAX_GROUPS,
+    batch_size: int = 16,
+) -> VideoSaliency:
+    """`decoded_saliency` of a video file, read and normalised the way `predict_videos` reads it, so the clip is
+    one the predictor scores."""
+    item = VideoClips([path], processor, protocol="one_clip", beat_by_beat=True)[0]
+    return decoded_saliency(model, processor, item, group_shape, max_groups, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,8 +246,6 @@ def write_overlay_video(path: str | os.PathLike, rgb: np.ndarray, fps: float) ->
 
 def saliency_strip(path: str | os.PathLike, rgb: np.ndarray, frame_numbers: Sequence[int], title: str) -> Path:
     """A PNG row of the overlay frames, one per time slice, each labelled with its frame number."""
-    from inference_echoai import make_figure
-
     columns = len(rgb)
     figure = make_figure((1.6 * columns, 2.1))
     for i, (image, number) in enumerate(zip(rgb, frame_numbers, strict=True)):
@@ -286,6 +300,7 @@ __all__ = [
     "DEFAULT_MAX_GROUPS",
     "OcclusionSaliency",
     "VideoSaliency",
+    "decoded_saliency",
     "default_group_shape",
     "occlusion_groups",
     "occlusion_saliency",

@@ -9,7 +9,7 @@ app starts: never patient data) and shows, for a fine-tuned EF model:
 
 * EF (%) -- the mean over the chosen protocol's clips (EchoNet's all-clips by default) -- with the spread over
   the clips and their number, exactly as `scripts/predict.py` reports it (the same predictor,
-  `inference_echoai.predict_videos`);
+  `inference_echoai.predict_decoded`, the core of `predict_videos`);
 * the EF of every clip along the video, with the heart beats `inference_echoai.detect_beats` found;
 * where the estimate came from: the occlusion saliency of the clip centred on the first beat
   (`saliency_echoai`), blended into the clip as a video.
@@ -50,12 +50,13 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor  #
 from inference_echoai import (  # noqa: E402
     PROTOCOLS,
     ModelLoadingError,
+    VideoClips,
     load_model_and_processor,
     make_figure,
-    predict_videos,
+    predict_decoded,
     protocol_clip_indices,
 )
-from saliency_echoai import overlay_frames, video_saliency, write_overlay_video  # noqa: E402
+from saliency_echoai import decoded_saliency, overlay_frames, write_overlay_video  # noqa: E402
 from synthetic_echonet import render_phantom, write_avi  # noqa: E402
 from video_io_echoai import VideoDecodingError  # noqa: E402
 
@@ -101,8 +102,9 @@ class EchoAIDemo:
         output = Path(tempfile.mkdtemp(dir=self.work_dir))
         if self.pretraining:
             return self._reconstruction(path, output)
-        result = predict_videos(self.model, self.processor, [path], protocol, NUM_CLIPS, beat_by_beat=True,
-                                progress=False)[0]  # fmt: skip
+        # Decoded once (every frame: the beats need them) for both the EF and the saliency map.
+        item = VideoClips([path], self.processor, protocol, NUM_CLIPS, beat_by_beat=True)[0]
+        result = predict_decoded(self.model, [item], beat_by_beat=True)[0]
         if result.error is not None:  # the reason predict.py gives, naming the file but not our temporary folder
             return Analysis(error=result.error.replace(os.fspath(path), Path(path).name))
         summary = (
@@ -112,13 +114,11 @@ class EchoAIDemo:
         if result.num_beats:
             summary += f" · beat by beat {result.ef_beat_by_beat:.1f} % over {result.num_beats} beat(s)"
         curve = self._clip_curve(result, protocol, output / "clips.png")
-        saliency = video_saliency(self.model, self.processor, path)
-        movie = None
-        if saliency.result is not None:
-            movie = write_overlay_video(
-                output / "saliency.mp4", overlay_frames(saliency.frames, saliency.result.saliency), saliency.fps
-            )
-        return Analysis(summary=summary, curve=str(curve), saliency=str(movie) if movie else None)
+        saliency = decoded_saliency(self.model, self.processor, item)
+        movie = write_overlay_video(
+            output / "saliency.mp4", overlay_frames(saliency.frames, saliency.result.saliency), saliency.fps
+        )
+        return Analysis(summary=summary, curve=str(curve), saliency=str(movie))
 
     def _clip_curve(self, result, protocol: str, path: Path) -> Path:
         starts = protocol_clip_indices(result.num_video_frames, self.processor, protocol, NUM_CLIPS)[:, 0]
