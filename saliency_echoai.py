@@ -41,6 +41,7 @@ import torch
 from einops import repeat
 
 from inference_echoai import DecodedVideo, VideoClips, make_figure
+from modeling_echoai import token_grid
 
 
 DEFAULT_MAX_GROUPS = 50
@@ -62,12 +63,6 @@ class OcclusionSaliency:
     ef: float
     group_shape: tuple[int, int, int]
     num_forward_passes: int
-
-
-def token_grid(config) -> tuple[int, int, int]:
-    """(T', h, w): tubelets of a clip along time, height and width for a model config."""
-    side = config.image_size // config.patch_size
-    return config.num_frames // config.tubelet_size, side, side
 
 
 def default_group_shape(grid: Sequence[int], max_groups: int = DEFAULT_MAX_GROUPS) -> tuple[int, int, int]:
@@ -111,7 +106,7 @@ def occlusion_saliency(
     if config.num_labels != 1:
         raise ValueError(f"saliency needs a regression (EF) model with one output, this one has {config.num_labels}")
     clip = pixel_values if pixel_values.ndim == 5 else pixel_values[None]  # (1, T, C, H, W)
-    grid = token_grid(config)
+    grid = token_grid(config, clip, interpolate_pos_encoding=False)  # (T', h, w); checks the clip's shape
     group_shape = tuple(group_shape) if group_shape else default_group_shape(grid, max_groups)
     if group_shape[0] < grid[0] and config.pooling != "mean":
         raise ValueError(
@@ -119,7 +114,8 @@ def occlusion_saliency(
             f"{config.pooling!r}, which summarises each time slice: use group_shape=({grid[0]}, h, w)"
         )
     token_group = occlusion_groups(grid, group_shape)  # (L,)
-    occluded = sorted(set(range(int(token_group.max()) + 1)) if groups is None else set(groups))
+    sizes = torch.bincount(token_group)  # (G,) tokens per group
+    occluded = range(len(sizes)) if groups is None else sorted(set(groups))
     device = next(model.parameters()).device
     clip = clip.to(device)
 
@@ -131,10 +127,10 @@ def occlusion_saliency(
         return torch.cat(rows)[:, 0].float().cpu()
 
     reference = float(ef(torch.zeros(1, len(token_group), dtype=torch.bool))[0])
-    change = torch.zeros(int(token_group.max()) + 1)
+    change = torch.zeros(len(sizes))
     by_size: dict[int, list[int]] = {}
     for g in occluded:
-        by_size.setdefault(int((token_group == g).sum()), []).append(g)
+        by_size.setdefault(int(sizes[g]), []).append(g)
     for same_size in by_size.values():  # every sample of a batch hides the same number of tokens
         masks = token_group[None, :] == torch.tensor(same_size)[:, None]  # (V, L)
         change[same_size] = reference - ef(masks)
@@ -289,13 +285,6 @@ def save_saliency(
     }
 
 
-def saliency_grid_to_pixels(saliency: np.ndarray, config) -> np.ndarray:
-    """(T', h, w) map -> (T, H, W) at the model's input geometry (each tubelet's value over its pixels)."""
-    return repeat(
-        saliency, "s h w -> (s t) (h p) (w q)", t=config.tubelet_size, p=config.patch_size, q=config.patch_size
-    )
-
-
 __all__ = [
     "DEFAULT_MAX_GROUPS",
     "OcclusionSaliency",
@@ -306,8 +295,6 @@ __all__ = [
     "occlusion_saliency",
     "overlay_frames",
     "save_saliency",
-    "saliency_grid_to_pixels",
-    "token_grid",
     "video_saliency",
     "write_overlay_video",
 ]
