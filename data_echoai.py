@@ -210,12 +210,16 @@ def _checked_video(path: Path, name: str, report: LoadReport) -> VideoInfo | Non
 def _with_videos(table: pd.DataFrame, videos_dir: Path, report: LoadReport, check_videos: bool) -> pd.DataFrame:
     """`table`'s rows whose video is in `videos_dir` (matched case-insensitively) and readable, with their
     `video_path`; the others are excluded in `report`."""
-    on_disk = {p.stem.lower(): p for p in videos_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS}
-    for p in videos_dir.iterdir():  # DICOM cines where no video has the name: <name>.dcm, or <name> by its preamble
-        if p.suffix.lower() in DICOM_EXTENSIONS:
-            on_disk.setdefault(p.stem.lower(), p)
-        elif p.suffix.lower() not in VIDEO_EXTENSIONS and is_dicom(p):
-            on_disk.setdefault(p.name.lower(), p)
+    videos, cines = {}, {}  # by lower-case FileName; a DICOM cine counts where no video has the name
+    for p in videos_dir.iterdir():
+        suffix = p.suffix.lower()
+        if suffix in VIDEO_EXTENSIONS:
+            videos[p.stem.lower()] = p
+        elif suffix in DICOM_EXTENSIONS:
+            cines.setdefault(p.stem.lower(), p)  # <name>.dcm
+        elif is_dicom(p):
+            cines.setdefault(p.name.lower(), p)  # <name> itself, by its preamble
+    on_disk = {**cines, **videos}
     paths = table["FileName"].str.lower().map(lambda stem: on_disk.get(stem))
     report.exclude("video missing from Videos/", table.loc[paths.isna(), "FileName"].tolist())
     table, paths = table[paths.notna()], paths[paths.notna()]
