@@ -18,8 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import test_evaluation
 from data_fixtures import tiny_corpus, truncate
-from test_evaluation import load_script, tiny_regression_model
+from test_evaluation import load_script
 from test_modeling import tiny_config
 
 from modeling_echoai import EchoAIForPreTraining
@@ -29,6 +30,7 @@ from video_processing_echoai import EchoAIVideoProcessor
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+tiny_model_dir = test_evaluation.model_dir  # the fixture: a tiny saved EF model (4 frames of 32²)
 
 
 def load_demo():
@@ -40,15 +42,10 @@ def load_demo():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny regression model; `ECHOAI_DEMO_MODEL=<fine-tuned folder>` runs the tests (and takes the README's
-    screenshot, with `ECHOAI_DEMO_SCREENSHOT=docs/images/demo.png`) on a real one."""
-    if os.environ.get("ECHOAI_DEMO_MODEL"):
-        return Path(os.environ["ECHOAI_DEMO_MODEL"])
-    folder = tmp_path_factory.mktemp("demo_model")
-    tiny_regression_model().save_pretrained(folder)
-    EchoAIVideoProcessor(num_frames=4, image_size=32).save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir) -> Path:
+    """The tiny saved EF model of the evaluation tests; `ECHOAI_DEMO_MODEL=<fine-tuned folder>` runs the tests (and
+    takes the README's screenshot, with `ECHOAI_DEMO_SCREENSHOT=docs/images/demo.png`) on a real one."""
+    return Path(os.environ["ECHOAI_DEMO_MODEL"]) if os.environ.get("ECHOAI_DEMO_MODEL") else tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,19 @@ import shutil
 
 import numpy as np
 import pytest
+import test_evaluation
 import torch
 from data_fixtures import tiny_corpus
 from einops import rearrange
-from test_evaluation import load_script, tiny_regression_model
+from test_evaluation import load_script
 from test_modeling import tiny_config
 
 from modeling_echoai import EchoAIForVideoClassification
 from saliency_echoai import default_group_shape, occlusion_groups, occlusion_saliency, save_saliency
 from video_io_echoai import decode_all_frames
-from video_processing_echoai import EchoAIVideoProcessor
+
+
+model_dir = test_evaluation.model_dir  # the fixture: a tiny saved EF model (4 frames of 32²)
 
 
 def regression_model(**overrides) -> EchoAIForVideoClassification:
@@ -105,11 +108,8 @@ def test_saved_pictures(tmp_path):
     assert paths["png"].stat().st_size > 1000
 
 
-def test_predict_writes_saliency_for_each_readable_video(tmp_path, tmp_path_factory, capsys):
+def test_predict_writes_saliency_for_each_readable_video(model_dir, tmp_path, tmp_path_factory, capsys):
     corpus = tiny_corpus(tmp_path_factory)
-    model_dir = tmp_path / "model"
-    tiny_regression_model().save_pretrained(model_dir)
-    EchoAIVideoProcessor(num_frames=4, image_size=32).save_pretrained(model_dir)
     folder = tmp_path / "videos"
     folder.mkdir()
     source = sorted((corpus / "Videos").glob("*.avi"))[0]
