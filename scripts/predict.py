@@ -90,7 +90,7 @@ def find_videos(video_or_dir: str) -> list[Path]:
 
 def write_saliency(model, processor, results: list, args: argparse.Namespace) -> None:
     """Occlusion saliency of each predicted video into --saliency_dir (see the module docstring)."""
-    if not model.config.num_labels == 1:
+    if model.config.num_labels != 1:
         print("\nsaliency skipped: it explains an EF estimate, and this model classifies", file=sys.stderr)
         return
     print(f"\nSaliency maps -> {args.saliency_dir}")
