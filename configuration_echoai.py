@@ -130,6 +130,14 @@ class EchoAIConfig(PreTrainedConfig):
         mask_strategy (`str`, defaults to `"tube"`): `"tube"` hides the same spatial patches in every
             tubelet slice (VideoMAE's tube masking, which stops the model copying a patch from its temporal
             neighbour); `"random"` hides tubelets independently.
+        decoder_mask_ratio (`float`, defaults to 0.0): VideoMAE V2's decoder masking ("dual masking"): the fraction of
+            the M hidden tubelets the decoder leaves out in training, int(decoder_mask_ratio * M) per sample, drawn
+            at random among each sample's hidden tubelets (`modeling_echoai.make_decoder_mask`). The decoder then
+            sees the visible tokens and mask tokens for the other K = M - int(decoder_mask_ratio * M) only, and the
+            loss covers those K. VideoMAE V2's 0.5 hides half of all tokens from its decoder independently of the
+            encoder's mask, which leaves out half of the hidden ones on average: the count this field gives at 0.5.
+            In [0, 1); 0.0 (the default) is the full decoder. In eval mode the full decoder runs unless a decoder
+            mask is passed, so held-out reconstruction losses and pictures cover every hidden tubelet.
 
     Heads:
         use_mean_pooling (`bool`, defaults to `True`): whether the head applies a LayerNorm (`fc_norm`) to the
@@ -179,6 +187,7 @@ class EchoAIConfig(PreTrainedConfig):
     norm_pix_per_channel: bool = False
     mask_ratio: float | int = 0.9
     mask_strategy: Literal["tube", "random"] = "tube"
+    decoder_mask_ratio: float | int = 0.0
     use_mean_pooling: bool = True
     pooling: Literal["mean", "mean_max_min"] = "mean"
     regression_loss: Literal["mse", "l1", "huber"] = "mse"
@@ -223,7 +232,7 @@ class EchoAIConfig(PreTrainedConfig):
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"EchoAIConfig.mask_ratio must lie in (0, 1), got {self.mask_ratio!r}.")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "decoder_mask_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"EchoAIConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}.")
         if not self.regression_target_std > 0:

@@ -74,19 +74,24 @@ class EchoAIForPreTrainingOutput(ModelOutput):
     Output of `EchoAIForPreTraining`.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`): norm-pix MSE over the masked tubelets.
+        loss (`torch.FloatTensor` of shape `()`): norm-pix MSE over the masked tubelets the decoder predicted.
         logits (`torch.FloatTensor` of shape `(B, M, P)`): predicted pixels of the masked tubelets, in the
             order of the mask's hidden entries (ascending token index); P = tubelet * patch² * channels,
-            laid out as (t p q c). With `norm_pix_loss` they are per-tubelet normalised pixels.
+            laid out as (t p q c). With `norm_pix_loss` they are per-tubelet normalised pixels. Under decoder
+            masking (B, K, P): only the K hidden tubelets `decoder_mask` keeps, in the same order.
         mask (`torch.FloatTensor` of shape `(B, L)`): the mask used, 1.0 = hidden and 0.0 = visible, as
             `ViTMAEForPreTrainingOutput.mask`; returned so a mask the model drew itself can be inspected or
             visualised (`mask.bool()` is the `bool_masked_pos` to pass back in).
+        decoder_mask (`torch.FloatTensor` of shape `(B, L)`, *optional*): under decoder masking, 1.0 = a hidden
+            tubelet the decoder left out (not predicted, not in the loss); `mask - decoder_mask` marks the K
+            predicted ones. None when the full decoder ran.
         hidden_states, attentions: the encoder's, when requested.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     mask: torch.FloatTensor | None = None
+    decoder_mask: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -171,12 +176,66 @@ def make_mask(
     num_masked = int(mask_ratio * positions)
     rng_device = generator.device if generator is not None else device
     noise = torch.rand(batch_size, positions, generator=generator, device=rng_device)
-    # Rank of each position's noise: the num_masked lowest-noise positions are hidden.
-    ranks = noise.argsort(dim=1).argsort(dim=1)
-    mask = ranks < num_masked
+    mask = lowest_noise(noise, num_masked)
     if strategy == "tube":
         mask = repeat(mask, "b n -> b (T n)", T=num_slices)
     return mask.to(device)
+
+
+def lowest_noise(noise: torch.Tensor, count: int) -> torch.BoolTensor:
+    """(B, K) noise -> (B, K) bool, True at each row's `count` lowest values: for uniform noise, `count` positions
+    per row chosen uniformly at random (MAE's random masking, by rank)."""
+    return noise.argsort(dim=1).argsort(dim=1) < count
+
+
+def make_decoder_mask(
+    bool_masked_pos: torch.BoolTensor, decoder_mask_ratio: float, generator: torch.Generator | None = None
+) -> torch.BoolTensor:
+    """
+    Draw a decoder mask (VideoMAE V2's "dual masking") for an encoder mask (B, L): True = a tubelet hidden from
+    the encoder that the decoder leaves out too (no mask token, no loss), False = every other token.
+
+    int(decoder_mask_ratio * M) of each sample's M hidden tubelets are left out, chosen uniformly at random per
+    sample, so every sample keeps the same K = M - int(decoder_mask_ratio * M) for the decoder to predict (a dense
+    (B, K, P) prediction; K >= 1 as the ratio is below 1). VideoMAE V2 draws its decoder mask over all tokens
+    ("running cell") independently of the encoder's, which leaves out the same fraction of the hidden ones on
+    average; choosing among the hidden ones directly fixes K for any token grid. Uses `generator` if given
+    (reproducible masks), else torch's global RNG.
+    """
+    num_dropped = int(decoder_mask_ratio * int(bool_masked_pos[0].sum()))
+    rng_device = generator.device if generator is not None else bool_masked_pos.device
+    noise = torch.rand(bool_masked_pos.shape, generator=generator, device=rng_device).to(bool_masked_pos.device)
+    # Visible tokens rank last, so only hidden ones are left out (num_dropped < M).
+    return lowest_noise(noise.masked_fill(~bool_masked_pos, float("inf")), num_dropped)
+
+
+def decoded_positions(
+    bool_masked_pos: torch.BoolTensor, decoder_bool_masked_pos: torch.BoolTensor | None
+) -> torch.BoolTensor:
+    """(B, L) True at the hidden tubelets the decoder predicts: all of `bool_masked_pos`'s, less those the decoder
+    mask leaves out. Its entries at visible tokens are ignored (visible tokens always enter the decoder, as in
+    VideoMAE V2); every sample must keep the same number, at least one."""
+    if decoder_bool_masked_pos is None:
+        return bool_masked_pos
+    if decoder_bool_masked_pos.shape != bool_masked_pos.shape or decoder_bool_masked_pos.dtype != torch.bool:
+        raise ValueError(
+            f"decoder_bool_masked_pos must be a bool tensor shaped as bool_masked_pos {tuple(bool_masked_pos.shape)}, "
+            f"got {decoder_bool_masked_pos.dtype} {tuple(decoder_bool_masked_pos.shape)}."
+        )
+    predicted = bool_masked_pos & ~decoder_bool_masked_pos
+    if torch.compiler.is_compiling():  # as in `check_mask`: reading the counts would break the graph
+        return predicted
+    counts = predicted.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(
+            f"decoder_bool_masked_pos leaves a different number of hidden tokens per sample to the decoder "
+            f"({counts.tolist()}); every sample must keep the same count."
+        )
+    if int(counts[0]) == 0:
+        raise ValueError(
+            "decoder_bool_masked_pos leaves out every hidden token; the decoder must predict at least one."
+        )
+    return predicted
 
 
 def resample_temporal(table: torch.Tensor, num_slices: int) -> torch.Tensor:
@@ -764,7 +823,8 @@ class EchoAIModel(EchoAIPreTrainedModel):
 
 
 class EchoAIDecoder(nn.Module):
-    """VideoMAE's decoder: a narrow transformer over all L tokens that predicts the masked tubelets' pixels."""
+    """VideoMAE's decoder: a narrow transformer over the visible tokens and one mask token per hidden tubelet to
+    predict (all L tokens, or V + K under decoder masking) that predicts those tubelets' pixels."""
 
     def __init__(self, config: EchoAIConfig):
         super().__init__()
@@ -785,8 +845,8 @@ class EchoAIDecoder(nn.Module):
     def forward(self, hidden_states: torch.Tensor, num_masked: int) -> torch.Tensor:
         for layer in self.layers:
             hidden_states = layer(hidden_states)
-        # Only the mask tokens (the last M) are predicted: the visible ones are never scored.
-        return self.head(self.norm(hidden_states[:, -num_masked:]))  # (B, M, P)
+        # Only the mask tokens (the last M, or K) are predicted: the visible ones are never scored.
+        return self.head(self.norm(hidden_states[:, -num_masked:]))  # (B, M or K, P)
 
 
 class EchoAIForPreTraining(EchoAIPreTrainedModel):
@@ -794,6 +854,10 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
 
     The stages are the methods: `make_mask` -> `forward_encoder` (visible tokens only) -> `forward_decoder`
     (visible + mask tokens, predict masked pixels) -> `forward_loss` (norm-pix MSE on masked tubelets).
+
+    With `config.decoder_mask_ratio` > 0 (VideoMAE V2's dual masking) a training step also draws a decoder mask
+    (`make_decoder_mask`) and the decoder gets mask tokens for, and the loss covers, only the hidden tubelets it
+    keeps: a cheaper decoder. In eval mode, or with an explicit `decoder_bool_masked_pos`, that is what runs.
     """
 
     def __init__(self, config: EchoAIConfig):
@@ -829,23 +893,39 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
 
+    def make_decoder_mask(
+        self, bool_masked_pos: torch.BoolTensor, generator: torch.Generator | None = None
+    ) -> torch.BoolTensor | None:
+        """The (B, L) decoder mask a training step draws for `bool_masked_pos`: True = a hidden tubelet the decoder
+        leaves out, int(config.decoder_mask_ratio * M) per sample (`make_decoder_mask`); None when the ratio is 0
+        (the full decoder), without drawing from `generator`."""
+        if not self.config.decoder_mask_ratio:
+            return None
+        return make_decoder_mask(bool_masked_pos, self.config.decoder_mask_ratio, generator)
+
     def forward_decoder(
-        self, visible: torch.Tensor, bool_masked_pos: torch.BoolTensor, grid: tuple[int, int, int]
+        self,
+        visible: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor,
+        grid: tuple[int, int, int],
+        predicted_pos: torch.BoolTensor,
     ) -> torch.Tensor:
-        """(B, V, D) encoded visible tokens -> (B, M, P) predicted pixels of the masked tubelets."""
+        """(B, V, D) encoded visible tokens -> (B, M, P) predicted pixels of the masked tubelets, or (B, K, P) of
+        the K hidden tubelets `predicted_pos` marks under decoder masking (`decoded_positions`)."""
         visible = self.encoder_to_decoder(visible)  # (B, V, E)
         positions = self.decoder_position_embeddings(grid).to(visible.dtype)  # (L, E)
         # Tokens need not be unshuffled: attention is order-free, so each token just carries its own
         # position embedding; the mask tokens go last so the head reads them as one slice.
         visible_positions = select_positions(positions, ~bool_masked_pos)  # (B, V, E)
-        masked_positions = select_positions(positions, bool_masked_pos)  # (B, M, E)
-        tokens = torch.cat([visible + visible_positions, self.mask_token + masked_positions], dim=1)  # (B, L, E)
+        masked_positions = select_positions(positions, predicted_pos)  # (B, M or K, E)
+        tokens = torch.cat([visible + visible_positions, self.mask_token + masked_positions], dim=1)  # (B, V + M, E)
         return self.decoder(tokens, num_masked=masked_positions.shape[1])
 
     def forward_loss(
         self, pixel_values: torch.Tensor, logits: torch.Tensor, bool_masked_pos: torch.BoolTensor
     ) -> torch.Tensor:
-        """Mean squared error between predicted and true pixels, over the masked tubelets only."""
+        """Mean squared error between predicted and true pixels, over the tubelets `bool_masked_pos` marks: the
+        masked ones, or under decoder masking the predicted ones (`decoded_positions`)."""
         target = self.reconstruction_target(pixel_values, bool_masked_pos)
         return F.mse_loss(logits.float(), target.float())
 
@@ -863,6 +943,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool = False,
+        decoder_bool_masked_pos: torch.BoolTensor | None = None,
         **kwargs,
     ) -> EchoAIForPreTrainingOutput:
         r"""
@@ -871,17 +952,25 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
             bool_masked_pos (`torch.BoolTensor` of shape `(B, L)`, *optional*): True = hidden. When `None` the
                 model draws one with `make_mask` (torch's global RNG: seed it for reproducible masks).
             interpolate_pos_encoding (`bool`): accept another frame count / size than the config's.
+            decoder_bool_masked_pos (`torch.BoolTensor` of shape `(B, L)`, *optional*): True = a hidden tubelet the
+                decoder leaves out (entries at visible tokens are ignored); every sample must keep the same number
+                of hidden tubelets, at least one. When `None`, a training step with `config.decoder_mask_ratio` > 0
+                draws one with `make_decoder_mask` (torch's global RNG); otherwise the full decoder runs.
         """
         grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
         if bool_masked_pos is None:
             bool_masked_pos = self.make_mask(pixel_values, interpolate_pos_encoding)
         outputs = self.forward_encoder(pixel_values, bool_masked_pos, interpolate_pos_encoding, **kwargs)
-        logits = self.forward_decoder(outputs.last_hidden_state, bool_masked_pos, grid)
-        loss = self.forward_loss(pixel_values, logits, bool_masked_pos)
+        if decoder_bool_masked_pos is None and self.training:  # decoder masking saves training time only
+            decoder_bool_masked_pos = self.make_decoder_mask(bool_masked_pos)
+        predicted_pos = decoded_positions(bool_masked_pos, decoder_bool_masked_pos)  # (B, L)
+        logits = self.forward_decoder(outputs.last_hidden_state, bool_masked_pos, grid, predicted_pos)
+        loss = self.forward_loss(pixel_values, logits, predicted_pos)
         return EchoAIForPreTrainingOutput(
             loss=loss,
             logits=logits,
             mask=bool_masked_pos.float(),
+            decoder_mask=None if decoder_bool_masked_pos is None else (bool_masked_pos & ~predicted_pos).float(),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -893,10 +982,16 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         """Turn a prediction back into videos for viewing: returns `(masked, reconstruction)`, both
         (B, T, C, H, W) in `pixel_values`' units. `masked` has hidden tubelets set to 0; `reconstruction` is the
         input with hidden tubelets replaced by the prediction (mapped back through each tubelet's true mean
-        and std when `norm_pix_loss`, as in MAE's visualisation)."""
+        and std when `norm_pix_loss`, as in MAE's visualisation). `logits` must predict every hidden tubelet:
+        those of the full decoder (eval mode, or `decoder_bool_masked_pos` all False)."""
         config = self.config
         grid = token_grid(config, pixel_values, interpolate_pos_encoding=True)
-        batch_size = pixel_values.shape[0]
+        batch_size, num_masked = pixel_values.shape[0], int(bool_masked_pos[0].sum())
+        if logits.shape[1] != num_masked:
+            raise ValueError(
+                f"reconstruct needs logits for all {num_masked} hidden tubelets, got {logits.shape[1]} (a decoder-"
+                "masked step); predict them with the full decoder: decoder_bool_masked_pos=torch.zeros_like(mask)."
+            )
         patches = patchify(pixel_values, config.tubelet_size, config.patch_size)  # (B, L, P)
         prediction = logits.to(patches.dtype)
         if config.norm_pix_loss:
@@ -1039,6 +1134,7 @@ __all__ = [
     "EchoAIModel",
     "EchoAIPreTrainedModel",
     "CHUNKED_ATTENTION",
+    "make_decoder_mask",
     "make_mask",
     "patchify",
     "unpatchify",

@@ -1625,9 +1625,14 @@ def save_reconstruction(
     path: Path,
     num_frames_shown: int = 4,
 ) -> Path:
-    """PNG of the first clip of a batch: original / masked input / reconstruction, a few frames each."""
-    clip = pixel_values[:1].float()
-    masked, reconstruction = model.reconstruct(clip, outputs.logits[:1].float(), outputs.mask[:1].bool())
+    """PNG of the first clip of a batch: original / masked input / reconstruction, a few frames each. After a
+    decoder-masked step (`outputs.decoder_mask`) the clip's hidden tubelets are predicted again by the full
+    decoder, so the picture shows every one of them reconstructed."""
+    clip, mask, logits = pixel_values[:1].float(), outputs.mask[:1].bool(), outputs.logits[:1].float()
+    if getattr(outputs, "decoder_mask", None) is not None:
+        with torch.no_grad():
+            logits = model(clip, bool_masked_pos=mask, decoder_bool_masked_pos=torch.zeros_like(mask)).logits.float()
+    masked, reconstruction = model.reconstruct(clip, logits, mask)
     mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
     rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}

@@ -186,13 +186,15 @@ def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, pro
     """`train`'s `compute_loss` and `on_step` for pretraining: hide tubelets, reconstruct them, and save a picture
     of it every `--reconstruction_steps`.
 
-    Masks are drawn from a generator seeded by (seed, step, process), so a resumed run hides the same tubelets.
+    Masks (and, with `decoder_mask_ratio`, the decoder's) are drawn from a generator seeded by (seed, step,
+    process), so a resumed run hides the same tubelets.
     """
 
     def compute_loss(model, batch, step):
         generator = torch.Generator().manual_seed(derive_seed(args.seed, step, accelerator.process_index))
         mask = unwrap(accelerator, model).make_mask(batch["pixel_values"], generator=generator)
-        outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=mask)
+        decoder_mask = unwrap(accelerator, model).make_decoder_mask(mask, generator=generator)  # None: full decoder
+        outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=mask, decoder_bool_masked_pos=decoder_mask)
         return outputs.loss, outputs
 
     def on_step(step, batch, outputs):
