@@ -17,7 +17,8 @@ Architecture
   CPU's caches). The kernel is chosen by name, never swapped in behind another: the scripts pick it where
   docs/BENCHMARKS.md measured it faster than torch's SDPA (training on a CPU in bf16; `perf_echoai`).
 * **Pretraining** (`EchoAIForPreTraining`, VideoMAE): tube masking (90 % by default), a narrow decoder over
-  visible + mask tokens, pixels of the masked tubelets regressed with the norm-pix MSE loss.
+  visible + mask tokens, pixels of the masked tubelets regressed with the norm-pix MSE loss; with
+  `decoder_mask_ratio` (VideoMAE V2's dual masking) a training step's decoder gets only a random part of them.
 * **Fine-tuning** (`EchoAIForVideoClassification`): mean-pooled tokens -> head; `num_labels=1` with
   `problem_type="regression"` estimates ejection fraction.
 
@@ -857,7 +858,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
 
     With `config.decoder_mask_ratio` > 0 (VideoMAE V2's dual masking) a training step also draws a decoder mask
     (`make_decoder_mask`) and the decoder gets mask tokens for, and the loss covers, only the hidden tubelets it
-    keeps: a cheaper decoder. In eval mode, or with an explicit `decoder_bool_masked_pos`, that is what runs.
+    keeps: a cheaper decoder. In eval mode the full decoder runs unless a `decoder_bool_masked_pos` is given.
     """
 
     def __init__(self, config: EchoAIConfig):
