@@ -41,3 +41,28 @@ def test_gpu_check_dry_run_prints_its_table(tmp_path_factory):
     for row in ("bf16 matmul peak", "pretraining step: EchoAI", "pretraining step: VideoMAE", "largest EchoAI batch",
                 "pretrain.py end to end", "model-only step", "evaluate (all clips"):  # fmt: skip
         assert f"| {row}" in done.stdout, row
+
+
+def test_bench_pretrain_takes_the_fastest_videomae_as_its_reference():
+    """`bench/bench_pretrain.py` compares EchoAI with whichever VideoMAE attention is fastest at each precision,
+    and its goal lines say which one that was."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pretrain
+
+    train = {
+        "VideoMAE-sdpa fp32": [1.0, 1.0], "VideoMAE-eager fp32": [1.2, 1.2], "EchoAI fp32": [0.9, 1.0],
+        "VideoMAE-sdpa bf16": [0.6, 0.6], "VideoMAE-eager bf16": [0.4, 0.4], "EchoAI bf16": [0.2, 0.2],
+    }  # fmt: skip
+    evaluation = {key: [10 * t for t in times] for key, times in train.items()}
+    assert bench_pretrain.fastest_videomae(train, "fp32") == "VideoMAE-sdpa fp32"
+    assert bench_pretrain.fastest_videomae(train, "bf16") == "VideoMAE-eager bf16"
+    rss = {key: {"peak_mib": 100.0, "min_mib": 90.0, "max_mib": 110.0, "before_mib": 50.0} for key in train}
+    peaks = {"fp32": 200.0, "bf16": 900.0}
+    lines = bench_pretrain.goals(train, 1e11, evaluation, 1e12, peaks, rss, video_frames=200)
+    assert "pretraining bf16, EchoAI / fastest VideoMAE (VideoMAE-eager bf16): 2.00x" in lines[1]
+    assert "pretraining fp32, EchoAI / fastest VideoMAE (VideoMAE-sdpa fp32): 1.06x" in lines[0]
+    assert any("(goal >= 60 %)" in line for line in lines)
+    rows = bench_pretrain.report_rows(train, 1e11, 8, peaks, rss)
+    by_key = {f"{row[0]} {row[1]}": row for row in rows}
+    assert by_key["VideoMAE-eager bf16"][5] == "1 (ref)"
+    assert by_key["VideoMAE-sdpa bf16"][5].startswith("0.67")
