@@ -463,6 +463,55 @@ def row_pixel_values(
     return clips[0] if len(clips) == 1 else clips
 
 
+def traced_clip_start(
+    num_video_frames: int, num_frames: int, period: int, frame: int, generator: torch.Generator | None = None
+) -> tuple[int, int] | None:
+    """(clip start, position of `frame` in the clip) for a clip that samples `frame`, its position drawn uniformly
+    from those a valid start allows (`clip_frame_indices`' starts); None when no clip of the video samples it."""
+    num_starts = max(num_video_frames - (num_frames - 1) * period, 1)
+    positions = (
+        [k for k in range(num_frames) if 0 <= frame - period * k < num_starts] if frame < num_video_frames else []
+    )
+    if not positions:
+        return None
+    position = positions[int(torch.randint(len(positions), (1,), generator=generator))]
+    return frame - period * position, position
+
+
+def row_traced_clip(
+    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """A training clip of a row that shows one of its traced frames, with that frame's LV mask: (pixel_values
+    (T, C, H, W), mask (image_size, image_size) float in [0, 1], the traced frame's position in the clip).
+
+    ED or ES is drawn at random, then the clip start that puts it at a random position (`traced_clip_start`; the
+    other traced frame when no clip can sample the first). The mask (`rasterize_polygon` of the row's EDTracing or
+    ESTracing) is resized, shifted and flipped with the clip (`EchoAIVideoProcessor.frames_to_pixel_values`). A row
+    without tracings, or whose traced frames no clip samples, gives `row_pixel_values`' clip, None and -1. All draws
+    come from `generator`.
+    """
+    traced = [(row.get(f"{phase}Frame", -1), row.get(f"{phase}Tracing") or []) for phase in ("ED", "ES")]
+    traced = [(frame, polygon) for frame, polygon in traced if frame >= 0 and len(polygon) >= 3]
+    if not traced:
+        return row_pixel_values(row, processor, generator), None, -1
+    first = int(torch.randint(len(traced), (1,), generator=generator))
+    with open_video(*row_video(row)) as reader:
+        sampling = (reader.num_frames, processor.num_frames, processor.period)
+        placed = (
+            (polygon, traced_clip_start(*sampling, frame, generator))
+            for frame, polygon in traced[first:] + traced[:first]
+        )
+        polygon, choice = next(((polygon, choice) for polygon, choice in placed if choice is not None), (None, None))
+        if choice is not None:
+            start, position = choice
+            frames = processor.sample_clips(reader, clip_sampling="start", clip_start=start)  # (1, T, H, W)
+    if choice is None:
+        return row_pixel_values(row, processor, generator), None, -1
+    mask = rasterize_polygon(polygon, *frames.shape[-2:])[None]  # (1, H, W) at the video's own size
+    pixel_values, masks = processor.frames_to_pixel_values(frames, do_augment=True, generator=generator, masks=mask)
+    return pixel_values[0], masks[0], position
+
+
 def row_frames(row: dict) -> np.ndarray:
     """Every frame of a row's video, grey (T, H, W) uint8: `compute_mean_std(rows, read_frames=row_frames)`."""
     return decode_all_frames(*row_video(row))
@@ -544,6 +593,8 @@ __all__ = [
     "rasterize_polygon",
     "row_frames",
     "row_pixel_values",
+    "row_traced_clip",
     "row_video",
     "synthetic_echonet_dir",
+    "traced_clip_start",
 ]
