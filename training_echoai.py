@@ -1550,6 +1550,8 @@ def card_hyperparameters(args: argparse.Namespace, config: EchoAIConfig, train_r
     for name in ("layer_decay", "drop_path_rate"):
         if getattr(args, name, None) is not None:
             hyperparameters[name.replace("_", " ")] = getattr(args, name)
+    if getattr(args, "lv_segmentation_weight", 0):
+        hyperparameters["LV segmentation loss weight (ED/ES tracings)"] = args.lv_segmentation_weight
     return hyperparameters
 
 

@@ -220,6 +220,7 @@ def test_lv_segmentation_loss_trains_from_scratch_and_saves_a_model_that_predict
     assert segmentation["steps"] == 4 and segmentation["window"] == 4
     assert 0 < segmentation["loss_first_steps"] < 10 and math.isfinite(segmentation["loss_last_steps"])
     assert any(key.startswith("lv_head.") for key in load_file(output / "model.safetensors"))
+    assert "LV segmentation loss weight (ED/ES tracings) | 1.0" in (output / "README.md").read_text()
     model = AutoModelForVideoClassification.from_pretrained(output)
     assert model.config.lv_segmentation_weight == 1.0
     video = load_echonet_dynamic(corpus)["test"]["video_path"][:1]
