@@ -193,23 +193,24 @@ def _ed_es_frames(rows: pd.DataFrame) -> pd.DataFrame:
     return frames[per_video.size() >= 2]  # one traced frame cannot tell ED from ES
 
 
-def _tracing_polygons(rows: pd.DataFrame) -> pd.Series:
-    """Each traced frame's LV outline, indexed by (FileName, Frame): the (X1, Y1) ends of its chords in order,
-    then their (X2, Y2) ends in reverse (EchoNet-Dynamic's polygon), as a list of [x, y]."""
-    chords = rows[~rows["is_long_axis"]].groupby(["FileName", "Frame"], sort=False)
-
-    def outline(block: pd.DataFrame) -> list[list[float]]:
-        ends = np.concatenate([block[["X1", "Y1"]].to_numpy(), block[["X2", "Y2"]].to_numpy()[::-1]])
-        return ends.astype(np.float32).tolist()
-
-    return chords[["X1", "Y1", "X2", "Y2"]].apply(outline)
+def _tracing_polygons(rows: pd.DataFrame) -> dict[tuple[str, int], list[list[float]]]:
+    """Each traced frame's LV outline by (FileName, Frame): the (X1, Y1) ends of its chords in order, then their
+    (X2, Y2) ends in reverse (EchoNet-Dynamic's polygon), as a list of [x, y]."""
+    chords = rows[~rows["is_long_axis"]]
+    groups = chords.groupby(["FileName", "Frame"])  # keys sorted; ngroup numbers them in that order
+    order = np.argsort(groups.ngroup().to_numpy(), kind="stable")  # each frame's chords together, in file order
+    split_at = np.cumsum(groups.size().to_numpy())[:-1]
+    starts = np.split(chords[["X1", "Y1"]].to_numpy(np.float32)[order], split_at)
+    ends = np.split(chords[["X2", "Y2"]].to_numpy(np.float32)[order], split_at)
+    outlines = [np.concatenate([a, b[::-1]]).tolist() for a, b in zip(starts, ends, strict=True)]
+    return dict(zip(groups.size().index, outlines, strict=True))
 
 
 def _with_tracings(table: pd.DataFrame, tracings: pd.DataFrame) -> pd.DataFrame:
     """`table` with EDFrame / ESFrame (NaN without a usable pair) and EDTracing / ESTracing (empty lists then)."""
     rows = _tracing_rows(tracings)
     table = table.join(_ed_es_frames(rows), on="FileName")
-    polygons = _tracing_polygons(rows).to_dict()
+    polygons = _tracing_polygons(rows)
     for phase in ("ED", "ES"):
         keys = zip(table["FileName"], table[f"{phase}Frame"], strict=True)
         table[f"{phase}Tracing"] = [[] if np.isnan(frame) else polygons[(name, int(frame))] for name, frame in keys]
