@@ -1097,9 +1097,9 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
                 loss = self.loss_function(labels, logits, self.config, **kwargs)
         parts = {}
         if lv_masks is not None:
-            grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
             if lv_mask_frames is None:
                 raise ValueError("lv_masks need lv_mask_frames: each mask's frame position in its clip (-1: none)")
+            grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
             lv_logits, lv_loss = self.forward_lv_loss(outputs.last_hidden_state, grid, lv_masks, lv_mask_frames)
             weighted = self.config.lv_segmentation_weight * lv_loss
             parts = dict(head_loss=loss, lv_segmentation_loss=lv_loss, lv_mask_logits=lv_logits)

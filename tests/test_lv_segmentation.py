@@ -211,7 +211,9 @@ def test_a_negative_weight_is_rejected_naming_the_field(weight):
         EchoAIConfig(**TINY, lv_segmentation_weight=weight)
 
 
-def test_masks_of_another_size_are_rejected():
+def test_masks_of_another_size_or_without_frames_are_rejected():
     model, batch = tiny_model(1.0), inputs()
     with pytest.raises(ValueError, match=r"lv_masks must be \(batch, height, width\) = \(3, 32, 32\)"):
         model(**{**batch, "lv_masks": batch["lv_masks"][:, :16]})
+    with pytest.raises(ValueError, match="lv_masks need lv_mask_frames"):
+        model(**{**batch, "lv_mask_frames": None})
