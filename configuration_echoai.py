@@ -154,6 +154,11 @@ class EchoAIConfig(PreTrainedConfig):
             the regression head predicts `(y - mean) / std` and its output is mapped back, so `logits` are in
             the target's own units (EF in %) while the head trains on a unit-scale target. Set them to the
             training split's EF statistics when fine-tuning.
+        lv_segmentation_weight (`float`, defaults to 0.0): weight of an auxiliary loss of
+            `EchoAIForVideoClassification` during fine-tuning: a light head (LayerNorm + Linear per token) predicts
+            the left-ventricle mask of a traced frame of the clip (EchoNet-Dynamic's VolumeTracings at ED and ES)
+            from that frame's token slice, scored by binary cross-entropy + soft Dice. It teaches the encoder where
+            the ventricle is. 0 (the default) builds no head; the head never changes `logits`.
 
     Presets: `EchoAIConfig.from_preset("tiny" | "small" | "base", **overrides)`; see `PRESETS`.
     """
@@ -193,6 +198,7 @@ class EchoAIConfig(PreTrainedConfig):
     regression_loss: Literal["mse", "l1", "huber"] = "mse"
     regression_target_mean: float | int = 0.0
     regression_target_std: float | int = 1.0
+    lv_segmentation_weight: float | int = 0.0
 
     def validate_architecture(self) -> None:
         """Reject values the model cannot be built or trained with, naming the field and its value.
@@ -238,6 +244,11 @@ class EchoAIConfig(PreTrainedConfig):
         if not self.regression_target_std > 0:
             raise ValueError(
                 f"EchoAIConfig.regression_target_std must be positive, got {self.regression_target_std!r}."
+            )
+        if not self.lv_segmentation_weight >= 0:
+            raise ValueError(
+                f"EchoAIConfig.lv_segmentation_weight must be >= 0 (0 turns the LV mask loss off), got "
+                f"{self.lv_segmentation_weight!r}."
             )
         # Tube masking hides whole spatial positions, so at least one must stay visible per slice.
         tokens = self.patches_per_frame if self.mask_strategy == "tube" else self.num_patches

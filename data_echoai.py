@@ -14,11 +14,15 @@ train / val / test) is a folder::
 
     FileName (str), video_path (str), EF, ESV, EDV (float32; NaN when absent), FrameHeight,
     FrameWidth, NumberOfFrames (int32), FPS (float32), Split (str, upper case),
-    EDFrame, ESFrame (int32; -1 without a usable pair of tracings)
+    EDFrame, ESFrame (int32; -1 without a usable pair of tracings),
+    EDTracing, ESTracing (lists of [x, y]: the traced LV outline of that frame; empty without a usable pair)
 
 ED and ES come from the tracings: of the two traced frames, the one whose method-of-discs volume
 (long axis L, chords d_i: sum(pi / 4 * d_i**2 * L / n)) is larger is end-diastole. EchoNet's own
-loader assumes the order of the rows instead.
+loader assumes the order of the rows instead. A frame's outline is the polygon EchoNet-Dynamic's
+segmentation targets are filled from: the (X1, Y1) ends of its chords (the rows after the long axis) in
+order, then their (X2, Y2) ends in reverse, in the video's pixel coordinates (integers at pixel centres).
+`rasterize_polygon` fills one as a mask for the auxiliary LV segmentation loss of fine-tuning.
 
 Tolerated as-is: file names with or without ".avi", split names in any case, unnamed pandas index
 columns, surrounding whitespace, videos missing from the tracings. Not usable, hence excluded and
@@ -48,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, List, Value
+from matplotlib.path import Path as PolygonPath
 from tqdm.auto import tqdm
 
 from synthetic_echonet import PHANTOM_VERSION, make_synthetic_echonet
@@ -82,6 +87,8 @@ ECHONET_FEATURES = Features(
         "Split": Value("string"),
         "EDFrame": Value("int32"),
         "ESFrame": Value("int32"),
+        "EDTracing": List(List(Value("float32"), length=2)),
+        "ESTracing": List(List(Value("float32"), length=2)),
     }
 )
 VIDEO_FOLDER_FEATURES = Features(
@@ -160,15 +167,22 @@ def _require_columns(frame: pd.DataFrame, path: Path, columns: Sequence[str]) ->
         raise ValueError(f"{path} lacks the column(s) {missing}; found {list(frame.columns)}")
 
 
-def _ed_es_frames(tracings: pd.DataFrame) -> pd.DataFrame:
-    """ED / ES frame per video from the traced chords, as columns EDFrame, ESFrame indexed by FileName."""
+def _tracing_rows(tracings: pd.DataFrame) -> pd.DataFrame:
+    """VolumeTracings.csv's rows, numeric, unreadable ones dropped, with each chord's `length` and `is_long_axis`
+    (the first row of a frame's block)."""
     coords = tracings[["X1", "Y1", "X2", "Y2", "Frame"]].apply(pd.to_numeric, errors="coerce")
     rows = pd.concat([_strip_avi(tracings["FileName"]).rename("FileName"), coords], axis=1).dropna()
     rows["length"] = np.hypot(rows["X2"] - rows["X1"], rows["Y2"] - rows["Y1"])
     rows["Frame"] = rows["Frame"].astype(np.int64)
-    is_long_axis = rows.groupby(["FileName", "Frame"], sort=False).cumcount() == 0  # first row of a frame
-    long_axis = rows[is_long_axis].set_index(["FileName", "Frame"])["length"]
-    chords = rows[~is_long_axis].groupby(["FileName", "Frame"], sort=False)["length"]
+    rows["is_long_axis"] = rows.groupby(["FileName", "Frame"], sort=False).cumcount() == 0
+    return rows
+
+
+def _ed_es_frames(rows: pd.DataFrame) -> pd.DataFrame:
+    """ED / ES frame per video from the traced chords (`_tracing_rows`), as columns EDFrame, ESFrame indexed by
+    FileName."""
+    long_axis = rows[rows["is_long_axis"]].set_index(["FileName", "Frame"])["length"]
+    chords = rows[~rows["is_long_axis"]].groupby(["FileName", "Frame"], sort=False)["length"]
     # Method of discs: each chord is the diameter of a disc of thickness L / number of chords.
     volume = (np.pi / 4 * chords.apply(lambda d: np.square(d).sum()) * long_axis / chords.count()).dropna()
     volume = volume.reset_index(name="volume")
@@ -177,6 +191,45 @@ def _ed_es_frames(tracings: pd.DataFrame) -> pd.DataFrame:
     es = volume.loc[per_video["volume"].idxmin()].set_index("FileName")["Frame"]
     frames = pd.DataFrame({"EDFrame": ed, "ESFrame": es})
     return frames[per_video.size() >= 2]  # one traced frame cannot tell ED from ES
+
+
+def _tracing_polygons(rows: pd.DataFrame) -> dict[tuple[str, int], list[list[float]]]:
+    """Each traced frame's LV outline by (FileName, Frame): the (X1, Y1) ends of its chords in order, then their
+    (X2, Y2) ends in reverse (EchoNet-Dynamic's polygon), as a list of [x, y]."""
+    chords = rows[~rows["is_long_axis"]]
+    groups = chords.groupby(["FileName", "Frame"])  # keys sorted; ngroup numbers them in that order
+    order = np.argsort(groups.ngroup().to_numpy(), kind="stable")  # each frame's chords together, in file order
+    split_at = np.cumsum(groups.size().to_numpy())[:-1]
+    starts = np.split(chords[["X1", "Y1"]].to_numpy(np.float32)[order], split_at)
+    ends = np.split(chords[["X2", "Y2"]].to_numpy(np.float32)[order], split_at)
+    outlines = [np.concatenate([a, b[::-1]]).tolist() for a, b in zip(starts, ends, strict=True)]
+    return dict(zip(groups.size().index, outlines, strict=True))
+
+
+def _with_tracings(table: pd.DataFrame, tracings: pd.DataFrame) -> pd.DataFrame:
+    """`table` with EDFrame / ESFrame (NaN without a usable pair) and EDTracing / ESTracing (empty lists then)."""
+    rows = _tracing_rows(tracings)
+    table = table.join(_ed_es_frames(rows), on="FileName")
+    polygons = _tracing_polygons(rows)
+    for phase in ("ED", "ES"):
+        keys = zip(table["FileName"], table[f"{phase}Frame"], strict=True)
+        table[f"{phase}Tracing"] = [[] if np.isnan(frame) else polygons[(name, int(frame))] for name, frame in keys]
+    return table
+
+
+def rasterize_polygon(polygon: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
+    """A polygon's filled mask, (height, width) bool: the pixels whose centres lie inside it.
+
+    `polygon` is a list of [x, y] vertices in pixel coordinates with integers at pixel centres (EchoNet-Dynamic's
+    tracings: x the column, y the row), e.g. a row's EDTracing. The processor resizes a mask as it resizes the
+    frames (`EchoAIVideoProcessor.frames_to_pixel_values(..., masks=...)`).
+    """
+    vertices = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    if len(vertices) < 3:
+        raise ValueError(f"a polygon needs at least 3 vertices to enclose an area, got {len(vertices)}")
+    rows, columns = np.mgrid[0:height, 0:width]
+    centres = np.stack([columns.ravel(), rows.ravel()], axis=1)  # (H * W, 2) as (x, y)
+    return PolygonPath(vertices).contains_points(centres).reshape(height, width)
 
 
 def _listed_rows(file_list: pd.DataFrame, report: LoadReport) -> pd.DataFrame:
@@ -267,7 +320,7 @@ def load_echonet_dynamic(
 
     tracings = _csv_table(data_dir / "VolumeTracings.csv")
     _require_columns(tracings, data_dir / "VolumeTracings.csv", ["FileName", "X1", "Y1", "X2", "Y2", "Frame"])
-    table = table.join(_ed_es_frames(tracings), on="FileName")
+    table = _with_tracings(table, tracings)
     report.without_tracings = table.loc[table["EDFrame"].isna(), "FileName"].tolist()
     report.num_loaded = len(table)
     _finish_report(report, f"EchoNet-Dynamic at {data_dir}", strict)
@@ -411,6 +464,55 @@ def row_pixel_values(
     return clips[0] if len(clips) == 1 else clips
 
 
+def traced_clip_start(
+    num_video_frames: int, num_frames: int, period: int, frame: int, generator: torch.Generator | None = None
+) -> tuple[int, int] | None:
+    """(clip start, position of `frame` in the clip) for a clip that samples `frame`, its position drawn uniformly
+    from those a valid start allows (`clip_frame_indices`' starts); None when no clip of the video samples it."""
+    num_starts = max(num_video_frames - (num_frames - 1) * period, 1)
+    positions = (
+        [k for k in range(num_frames) if 0 <= frame - period * k < num_starts] if frame < num_video_frames else []
+    )
+    if not positions:
+        return None
+    position = positions[int(torch.randint(len(positions), (1,), generator=generator))]
+    return frame - period * position, position
+
+
+def row_traced_clip(
+    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """A training clip of a row that shows one of its traced frames, with that frame's LV mask: (pixel_values
+    (T, C, H, W), mask (image_size, image_size) float in [0, 1], the traced frame's position in the clip).
+
+    ED or ES is drawn at random, then the clip start that puts it at a random position (`traced_clip_start`; the
+    other traced frame when no clip can sample the first). The mask (`rasterize_polygon` of the row's EDTracing or
+    ESTracing) is resized, shifted and flipped with the clip (`EchoAIVideoProcessor.frames_to_pixel_values`). A row
+    without tracings, or whose traced frames no clip samples, gives `row_pixel_values`' clip, None and -1. All draws
+    come from `generator`.
+    """
+    traced = [(row.get(f"{phase}Frame", -1), row.get(f"{phase}Tracing") or []) for phase in ("ED", "ES")]
+    traced = [(frame, polygon) for frame, polygon in traced if frame >= 0 and len(polygon) >= 3]
+    if not traced:
+        return row_pixel_values(row, processor, generator), None, -1
+    first = int(torch.randint(len(traced), (1,), generator=generator))
+    with open_video(*row_video(row)) as reader:
+        sampling = (reader.num_frames, processor.num_frames, processor.period)
+        placed = (
+            (polygon, traced_clip_start(*sampling, frame, generator))
+            for frame, polygon in traced[first:] + traced[:first]
+        )
+        polygon, choice = next(((polygon, choice) for polygon, choice in placed if choice is not None), (None, None))
+        if choice is not None:
+            start, position = choice
+            frames = processor.sample_clips(reader, clip_sampling="start", clip_start=start)  # (1, T, H, W)
+    if choice is None:
+        return row_pixel_values(row, processor, generator), None, -1
+    mask = rasterize_polygon(polygon, *frames.shape[-2:])[None]  # (1, H, W) at the video's own size
+    pixel_values, masks = processor.frames_to_pixel_values(frames, do_augment=True, generator=generator, masks=mask)
+    return pixel_values[0], masks[0], position
+
+
 def row_frames(row: dict) -> np.ndarray:
     """Every frame of a row's video, grey (T, H, W) uint8: `compute_mean_std(rows, read_frames=row_frames)`."""
     return decode_all_frames(*row_video(row))
@@ -489,8 +591,11 @@ __all__ = [
     "default_cache_dir",
     "load_echonet_dynamic",
     "load_video_folder",
+    "rasterize_polygon",
     "row_frames",
     "row_pixel_values",
+    "row_traced_clip",
     "row_video",
     "synthetic_echonet_dir",
+    "traced_clip_start",
 ]

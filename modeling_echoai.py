@@ -97,6 +97,26 @@ class EchoAIForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class EchoAIForVideoClassificationOutput(ImageClassifierOutput):
+    """
+    Output of `EchoAIForVideoClassification`: transformers' `ImageClassifierOutput` (`loss`, `logits`,
+    `hidden_states`, `attentions`), plus the parts of the loss when the LV segmentation head is trained.
+
+    Args:
+        head_loss (`torch.FloatTensor` of shape `()`): the EF (or classification) loss alone, when `lv_masks` are
+            given; `loss` is then `head_loss + lv_segmentation_weight * lv_segmentation_loss`.
+        lv_segmentation_loss (`torch.FloatTensor` of shape `()`): binary cross-entropy + soft Dice of the LV mask,
+            averaged over the clips that have one (0 when none has).
+        lv_mask_logits (`torch.FloatTensor` of shape `(B, H, W)`): the LV head's logits on each clip's traced frame
+            (on its first frame's token slice where the clip has none).
+    """
+
+    head_loss: torch.FloatTensor | None = None
+    lv_segmentation_loss: torch.FloatTensor | None = None
+    lv_mask_logits: torch.FloatTensor | None = None
+
+
 # --------------------------------------------------------------------------------------------------
 # Pure helpers: patchify, masking, position-table resampling
 # --------------------------------------------------------------------------------------------------
@@ -1031,6 +1051,50 @@ POOLINGS: dict[str, tuple[Callable[[torch.Tensor, int], torch.Tensor], int]] = {
 }
 
 
+class EchoAILVMaskHead(nn.Module):
+    """A light dense head for the auxiliary LV segmentation loss: each token of a slice gives the p x p mask
+    logits of its patch (LayerNorm + Linear, as MAE's pixel decoder head is per token), reassembled into the
+    slice's (H, W) logit image. The slice's tokens summarise its `tubelet_size` frames; a traced frame is scored
+    against the slice that holds it."""
+
+    def __init__(self, config: EchoAIConfig):
+        super().__init__()
+        self.config = config
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(config.hidden_size, config.patch_size**2)
+
+    def forward(
+        self, last_hidden_state: torch.Tensor, grid: tuple[int, int, int], frames: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L, D) tokens of the token grid (T', h, w), (B,) frame positions (-1: none, read as 0) -> the logits
+        (B, H, W) of each clip's frame."""
+        num_slices, h, w = grid
+        slices = (frames.clamp(min=0) // self.config.tubelet_size).to(last_hidden_state.device)  # (B,)
+        tokens = rearrange(last_hidden_state, "b (T n) d -> b T n d", T=num_slices)
+        tokens = tokens[torch.arange(len(slices), device=tokens.device), slices]  # (B, N, D)
+        logits = self.proj(self.norm(tokens))  # (B, N, p * p)
+        image = unpatchify(
+            logits, tubelet_size=1, patch_size=self.config.patch_size, grid=(1, h, w)
+        )  # (B, 1, 1, H, W)
+        return image[:, 0, 0]
+
+
+def lv_segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice of LV mask logits (B, H, W) against masks (B, H, W) in [0, 1], averaged
+    over the clips whose frame position is >= 0 (0 when none is; the graph still reaches every logit).
+
+    Dice (1 - 2|P M| / (|P| + |M|), smoothed by one pixel) weighs the LV, a small part of the frame, as much as the
+    background; cross-entropy alone is dominated by the background's many easy pixels (as in the segmentation
+    losses of the U-Net family). Soft masks (antialiased edges) are valid targets for both."""
+    logits, masks = logits.float(), masks.to(logits.device, torch.float32)
+    has_mask = (frames.to(logits.device) >= 0).float()  # (B,)
+    bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dim=(1, 2))  # (B,)
+    probabilities = logits.sigmoid()
+    overlap = (probabilities * masks).sum(dim=(1, 2))
+    dice = 1 - (2 * overlap + 1) / (probabilities.sum(dim=(1, 2)) + masks.sum(dim=(1, 2)) + 1)  # (B,)
+    return ((bce + dice) * has_mask).sum() / has_mask.sum().clamp(min=1)
+
+
 class EchoAIForVideoClassification(EchoAIPreTrainedModel):
     """EchoAI encoder + a head on the pooled tokens (`config.pooling`: the mean of all tokens, or the mean,
     maximum and minimum over time of each token slice's mean).
@@ -1040,8 +1104,9 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
     target's units, shape (B, 1). `num_labels > 1` is classification with transformers' usual losses.
     """
 
-    # A pretraining checkpoint's decoder is expected to be left behind when fine-tuning.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder", r"^encoder_to_decoder", r"^mask_token"]
+    # A pretraining checkpoint's decoder is expected to be left behind when fine-tuning, and the LV segmentation
+    # head (`lv_segmentation_weight`) when a model is built without it.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder", r"^encoder_to_decoder", r"^mask_token", r"^lv_head"]
 
     def __init__(self, config: EchoAIConfig):
         super().__init__(config)
@@ -1053,6 +1118,8 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
         width = multiple * config.hidden_size
         self.fc_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if config.use_mean_pooling else nn.Identity()
         self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        # Only trained through `lv_masks`; predictions never read it.
+        self.lv_head = EchoAILVMaskHead(config) if config.lv_segmentation_weight > 0 else None
         self.post_init()
 
     def is_regression(self) -> bool:
@@ -1069,20 +1136,47 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
         losses = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
         return losses[self.config.regression_loss](head_output.float(), target.float())
 
+    def forward_lv_loss(
+        self,
+        last_hidden_state: torch.Tensor,
+        grid: tuple[int, int, int],
+        lv_masks: torch.Tensor,
+        lv_mask_frames: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LV head's logits (B, H, W) on each clip's traced frame and their `lv_segmentation_loss`."""
+        if self.lv_head is None:
+            raise ValueError(
+                "lv_masks were given but this model has no LV segmentation head: build it with "
+                "lv_segmentation_weight > 0 (finetune.py --lv_segmentation_weight)."
+            )
+        logits = self.lv_head(last_hidden_state, grid, lv_mask_frames)
+        if lv_masks.shape != logits.shape:
+            raise ValueError(
+                f"lv_masks must be (batch, height, width) = {tuple(logits.shape)}, got {tuple(lv_masks.shape)}"
+            )
+        return logits, lv_segmentation_loss(logits, lv_masks, lv_mask_frames)
+
     @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        lv_masks: torch.Tensor | None = None,
+        lv_mask_frames: torch.Tensor | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput:
+    ) -> EchoAIForVideoClassificationOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, T, C, H, W)`): clips normalised by the processor.
             labels (`torch.Tensor` of shape `(B,)` or `(B, num_labels)`, *optional*): EF in % for regression
                 (any shape with B * num_labels values), class indices or multi-hot targets for classification.
             interpolate_pos_encoding (`bool`): accept another frame count / size than the config's.
+            lv_masks (`torch.FloatTensor` of shape `(B, H, W)`, *optional*): the left-ventricle mask of one frame
+                of each clip, in [0, 1], at the clip's frame size (training only; needs `lv_segmentation_weight` >
+                0). The loss then adds `lv_segmentation_weight` times the mask loss.
+            lv_mask_frames (`torch.LongTensor` of shape `(B,)`, *optional*, with `lv_masks`): the masked frame's
+                position in each clip; -1 where a clip has no mask (it adds nothing to the loss).
         """
         outputs = self.echoai(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         num_slices = pixel_values.shape[1] // self.config.tubelet_size  # T'
@@ -1097,8 +1191,17 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
             logits = head_output
             if labels is not None:
                 loss = self.loss_function(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        parts = {}
+        if lv_masks is not None:
+            if lv_mask_frames is None:
+                raise ValueError("lv_masks need lv_mask_frames: each mask's frame position in its clip (-1: none)")
+            grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
+            lv_logits, lv_loss = self.forward_lv_loss(outputs.last_hidden_state, grid, lv_masks, lv_mask_frames)
+            weighted = self.config.lv_segmentation_weight * lv_loss
+            parts = dict(head_loss=loss, lv_segmentation_loss=lv_loss, lv_mask_logits=lv_logits)
+            loss = weighted if loss is None else loss + weighted
+        return EchoAIForVideoClassificationOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **parts
         )
 
 
@@ -1132,6 +1235,7 @@ __all__ = [
     "EchoAIForPreTraining",
     "EchoAIForPreTrainingOutput",
     "EchoAIForVideoClassification",
+    "EchoAIForVideoClassificationOutput",
     "EchoAIModel",
     "EchoAIPreTrainedModel",
     "CHUNKED_ATTENTION",

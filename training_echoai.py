@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from configuration_echoai import PRESETS, EchoAIConfig
-from data_echoai import EchoAIDataCollator, row_pixel_values
+from data_echoai import EchoAIDataCollator, row_pixel_values, row_traced_clip
 from inference_echoai import make_figure, predict_videos
 from video_io_echoai import VideoDecodingError, decode_all_frames
 from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
@@ -270,15 +270,30 @@ def derive_seed(*keys: int) -> int:
 
 
 def clip_item(
-    row: dict, processor: EchoAIVideoProcessor, generator: torch.Generator, label: float, index: int
+    row: dict,
+    processor: EchoAIVideoProcessor,
+    generator: torch.Generator,
+    label: float,
+    index: int,
+    lv_masks: bool = False,
 ) -> dict:
     """One row's training item for `collate`: an augmented clip `pixel_values` (`data_echoai.row_pixel_values`),
-    `labels`, `index`, and `error` (the message, with `pixel_values` None) when the video cannot be decoded."""
+    `labels`, `index`, and `error` (the message, with `pixel_values` None) when the video cannot be decoded.
+
+    With `lv_masks` the clip shows one of the row's traced frames (`data_echoai.row_traced_clip`), and the item
+    also holds that frame's LV mask `lv_mask` (image_size, image_size) and its position in the clip
+    `lv_mask_frame`, or None and -1 for a row without tracings."""
+    mask, position = None, -1
     try:
-        pixel_values, error = row_pixel_values(row, processor, generator, training=True), None
+        if lv_masks:
+            pixel_values, mask, position = row_traced_clip(row, processor, generator)
+        else:
+            pixel_values = row_pixel_values(row, processor, generator, training=True)
+        error = None
     except VideoDecodingError as exception:
         pixel_values, error = None, str(exception)
-    return {"pixel_values": pixel_values, "labels": float(label), "index": index, "error": error}
+    item = {"pixel_values": pixel_values, "labels": float(label), "index": index, "error": error}
+    return {**item, "lv_mask": mask, "lv_mask_frame": position} if lv_masks else item
 
 
 class TrainingClips(torch.utils.data.Dataset):
@@ -292,7 +307,9 @@ class TrainingClips(torch.utils.data.Dataset):
     from a generator seeded by (seed, epoch, video index): the data a step sees depends only on the step,
     never on worker count, process count or where a run was resumed. Call `set_epoch` before iterating.
     An unreadable video gives `pixel_values=None` and its error, which `collate` drops and counts. (Evaluation
-    reads whole videos through `inference_echoai.predict_videos`, not through this dataset.)
+    reads whole videos through `inference_echoai.predict_videos`, not through this dataset.) With `lv_masks`
+    each clip shows a traced frame of its video and carries its LV mask (`clip_item`), for the auxiliary
+    segmentation loss (`EchoAIConfig.lv_segmentation_weight`).
     """
 
     def __init__(
@@ -301,8 +318,10 @@ class TrainingClips(torch.utils.data.Dataset):
         processor: EchoAIVideoProcessor,
         seed: int = 0,
         label_column: str | None = None,
+        lv_masks: bool = False,
     ):
         self.rows, self.label_column, self.processor, self.seed = rows, label_column, processor, seed
+        self.lv_masks = lv_masks
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -317,7 +336,7 @@ class TrainingClips(torch.utils.data.Dataset):
         row = self.rows[index]
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
         label = row[self.label_column] if self.label_column else math.nan
-        return clip_item(row, self.processor, generator, label, index)
+        return clip_item(row, self.processor, generator, label, index, self.lv_masks)
 
 
 class StreamingClips(torch.utils.data.IterableDataset):
@@ -373,10 +392,17 @@ class StreamingClips(torch.utils.data.IterableDataset):
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
     """`EchoAIDataCollator` (drops and counts unreadable videos) plus the dataset index of each kept row and the
-    errors of the dropped ones (`skipped`), which name their videos for `--max_bad_fraction`'s error."""
+    errors of the dropped ones (`skipped`), which name their videos for `--max_bad_fraction`'s error. Items with
+    LV masks (`clip_item(..., lv_masks=True)`) also give `lv_masks` (B, H, W), zeros where an item has none,
+    and `lv_mask_frames` (B,) int64, the traced frame's position in each clip or -1 for none."""
     batch = EchoAIDataCollator()(features)
-    batch["index"] = torch.tensor([f["index"] for f in features if f["pixel_values"] is not None], dtype=torch.int64)
+    kept = [f for f in features if f["pixel_values"] is not None]
+    batch["index"] = torch.tensor([f["index"] for f in kept], dtype=torch.int64)
     batch["skipped"] = [f["error"] for f in features if f["pixel_values"] is None]
+    if kept and "lv_mask_frame" in kept[0]:
+        size = kept[0]["pixel_values"].shape[-2:]
+        batch["lv_masks"] = torch.stack([torch.zeros(size) if f["lv_mask"] is None else f["lv_mask"] for f in kept])
+        batch["lv_mask_frames"] = torch.tensor([f["lv_mask_frame"] for f in kept], dtype=torch.int64)
     return batch
 
 
@@ -1524,6 +1550,8 @@ def card_hyperparameters(args: argparse.Namespace, config: EchoAIConfig, train_r
     for name in ("layer_decay", "drop_path_rate"):
         if getattr(args, name, None) is not None:
             hyperparameters[name.replace("_", " ")] = getattr(args, name)
+    if getattr(args, "lv_segmentation_weight", 0):
+        hyperparameters["LV segmentation loss weight (ED/ES tracings)"] = args.lv_segmentation_weight
     return hyperparameters
 
 

@@ -161,6 +161,13 @@ def compute_mean_std(
     return [float(mean)] * num_channels, [std] * num_channels
 
 
+def shifted(clips: torch.Tensor, offsets: list[list[int]], pad: int) -> torch.Tensor:
+    """(K, T, H, W) -> the same, each clip zero-padded by `pad` and cropped back at its (row, column) offset."""
+    H, W = clips.shape[-2:]
+    padded = F.pad(clips, (pad, pad, pad, pad))
+    return torch.stack([padded[k, :, i : i + H, j : j + W] for k, (i, j) in enumerate(offsets)])
+
+
 # --------------------------------------------------------------------------------------------------
 # The processor
 # --------------------------------------------------------------------------------------------------
@@ -359,32 +366,52 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         return video.astype(np.uint8) if video.dtype != np.uint8 else video
 
     def frames_to_pixel_values(
-        self, frames: np.ndarray, do_augment: bool = False, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Grey uint8 clips (K, T, H, W) -> normalised float32 `pixel_values` (K, T, C, H, W)."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).float().mul_(self.rescale_factor)  # (K, T, H, W) in [0, 1]
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            K = x.shape[0]
-            x = F.interpolate(
-                rearrange(x, "k t h w -> (k t) 1 h w"), size=(self.image_size,) * 2, mode="bilinear", antialias=True
-            )
-            x = rearrange(x, "(k t) 1 h w -> k t h w", k=K)
-        if do_augment:
+        self,
+        frames: np.ndarray,
+        do_augment: bool = False,
+        generator: torch.Generator | None = None,
+        masks: np.ndarray | torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Grey uint8 clips (K, T, H, W) -> normalised float32 `pixel_values` (K, T, C, H, W).
+
+        With `masks` (K, H, W), one per clip at the frames' size (0/1, e.g. `data_echoai.rasterize_polygon`'s LV
+        mask), also returns them as the model sees them, float32 (K, image_size, image_size): resized as the frames
+        are (so an antialiased mask has soft edges in [0, 1]) and shifted and flipped with the clip's own draws.
+        """
+        x = self.resize(torch.from_numpy(np.ascontiguousarray(frames)).float().mul_(self.rescale_factor))
+        if masks is not None:
+            masks = self.resize(torch.as_tensor(masks, dtype=torch.float32)[:, None])  # (K, 1, S, S)
+        if do_augment and masks is not None:
+            x, masks = self.augment(x, generator, masks=masks)
+        elif do_augment:
             x = self.augment(x, generator)
         # (x - mean) / std per channel; broadcasting the grey frame over C replicates it, in one pass.
         inv_std = 1.0 / torch.tensor(self.image_std).view(1, 1, -1, 1, 1)
         shift = -torch.tensor(self.image_mean).view(1, 1, -1, 1, 1) * inv_std
-        return torch.addcmul(shift, rearrange(x, "k t h w -> k t 1 h w"), inv_std)  # (K, T, C, H, W)
+        pixel_values = torch.addcmul(shift, rearrange(x, "k t h w -> k t 1 h w"), inv_std)  # (K, T, C, H, W)
+        return pixel_values if masks is None else (pixel_values, masks[:, 0])
 
-    def augment(self, clips: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """EchoNet-style training augmentation of clips (K, T, H, W) in [0, 1]; one draw per clip."""
-        K, T, H, W = clips.shape
+    def resize(self, clips: torch.Tensor) -> torch.Tensor:
+        """(K, T, H, W) float -> (K, T, image_size, image_size), antialiased bilinear; unchanged at that size."""
+        if clips.shape[-2:] == (self.image_size, self.image_size):
+            return clips
+        K = clips.shape[0]
+        clips = F.interpolate(
+            rearrange(clips, "k t h w -> (k t) 1 h w"), size=(self.image_size,) * 2, mode="bilinear", antialias=True
+        )
+        return rearrange(clips, "(k t) 1 h w -> k t h w", k=K)
+
+    def augment(
+        self, clips: torch.Tensor, generator: torch.Generator | None = None, masks: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """EchoNet-style training augmentation of clips (K, T, H, W) in [0, 1]; one draw per clip. `masks` (K, M, H,
+        W), if given, take the same shift and flip (geometry, not intensity) and are returned too: (clips, masks)."""
+        K = clips.shape[0]
         uniform = lambda: torch.rand(K, 1, 1, 1, generator=generator)  # noqa: E731  U(0, 1) per clip
         pad = self.augment_padding
         if pad > 0:  # zero-pad then crop back at a random offset: a random shift of up to `pad` px
-            padded = F.pad(clips, (pad, pad, pad, pad))
             offsets = torch.randint(0, 2 * pad + 1, (K, 2), generator=generator).tolist()
-            clips = torch.stack([padded[k, :, i : i + H, j : j + W] for k, (i, j) in enumerate(offsets)])
+            clips, masks = shifted(clips, offsets, pad), None if masks is None else shifted(masks, offsets, pad)
         gamma = torch.exp((2 * uniform() - 1) * self.gamma_jitter)
         contrast = 1 + (2 * uniform() - 1) * self.contrast_jitter
         brightness = (2 * uniform() - 1) * self.brightness_jitter
@@ -394,7 +421,8 @@ class EchoAIVideoProcessor(BaseVideoProcessor):
         if self.horizontal_flip_probability > 0:
             flip = uniform() < self.horizontal_flip_probability
             clips = torch.where(flip, clips.flip(-1), clips)
-        return clips
+            masks = None if masks is None else torch.where(flip, masks.flip(-1), masks)
+        return clips if masks is None else (clips, masks)
 
 
 # Imported from its module: `transformers.AutoVideoProcessor` is a placeholder that raises when

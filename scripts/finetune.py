@@ -27,6 +27,14 @@ and no stochastic depth, the same warm-up + cosine, clipping and batch. `--confi
 saves `model.safetensors` + `baseline_config.json` (`baselines_echoai.load_baseline`), the processor and
 `all_results.json`; no model card (it is not an EchoAI model).
 
+Auxiliary LV segmentation (`--lv_segmentation_weight W`, off by default): EchoNet-Dynamic traces the left
+ventricle on two frames of every video (ED and ES, VolumeTracings.csv). With W > 0 each training clip is placed so
+that it shows one of them, and a light per-token head predicts that frame's LV mask from the encoder's tokens; the
+loss is the EF loss + W x (binary cross-entropy + soft Dice of the mask). It teaches the encoder where the
+ventricle is (EchoNet-Dynamic's own pipeline is segmentation-based), for fewer labels or a pretrained start. The
+head is saved with the model but never changes its predictions; `all_results.json` records the mask loss over the
+first and last steps (`lv_segmentation`).
+
 Fail loudly: the kept model is checked on validation and test against the mean predictor (every video gets the
 training split's mean EF; `metrics_echoai.check_against_mean_predictor`). Predictions whose SD is below 0.1 x the
 label SD ("collapsed to a constant"), or an MAE not below the mean predictor's, are a failure: a WARNING in the
@@ -141,6 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
     add("--eval_num_clips", type=int, default=1, help="Evenly spaced clips averaged per video in evaluation.")
+    add(
+        "--lv_segmentation_weight", type=float, default=0.0,
+        help="Weight of an auxiliary loss that predicts the left-ventricle mask of the traced ED/ES frames "
+        "(EchoNet-Dynamic's VolumeTracings.csv) from the encoder's tokens, so the encoder learns where the ventricle "
+        "is; each training clip then shows a traced frame. 0 (the default) is off; 1 weighs it as the EF loss.",
+    )  # fmt: skip
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=45)
     args = parser.parse_args(argv)
     if args.baseline:
@@ -156,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--label_fraction must lie in (0, 1], got {args.label_fraction}")
     if args.num_labels < 1 or args.eval_num_clips < 1:
         parser.error("--num_labels and --eval_num_clips must be positive")
+    if args.lv_segmentation_weight < 0:
+        parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args
 
 
@@ -169,6 +185,8 @@ def check_baseline_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"--{flag} is for EchoAI's transformer layers; --baseline {args.baseline} has none")
     if args.num_labels != 1:
         parser.error(f"--baseline {args.baseline} regresses one target; drop --num_labels {args.num_labels}")
+    if args.lv_segmentation_weight:
+        parser.error(f"--lv_segmentation_weight trains an EchoAI head; --baseline {args.baseline} has none")
     if args.push_to_hub:
         parser.error("--push_to_hub publishes EchoAI models; --baseline writes a state dict and results only")
 
@@ -239,6 +257,8 @@ def build_model(args: argparse.Namespace, train: Dataset) -> torch.nn.Module:
     names = label_names(args)
     if names:
         overrides.update(id2label=names)
+    if args.lv_segmentation_weight or not args.from_scratch:  # a checkpoint's head goes when the loss is off
+        overrides.update(lv_segmentation_weight=args.lv_segmentation_weight)
     if args.from_scratch:
         return EchoAIForVideoClassification(EchoAIConfig.from_preset(args.config_name, **overrides))
     return from_pretrained_with_geometry(EchoAIForVideoClassification, args.model_name_or_path, overrides)
@@ -291,6 +311,8 @@ def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_t
         else f"learning rate {args.learning_rate:g}, layer decay {args.layer_decay:g}, drop path {args.drop_path_rate:g}"
     )  # fmt: skip
     budget = f" or {args.max_train_seconds:g} s of training, whichever first" if args.max_train_seconds else ""
+    if args.lv_segmentation_weight:
+        recipe += f", LV segmentation loss weight {args.lv_segmentation_weight:g}"
     logger.info(
         "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps%s, effective batch %d, "
         "%s, precision %s",
@@ -366,10 +388,38 @@ def make_compute_loss(args: argparse.Namespace, accelerator):
         # resumed run drop the same paths as a straight one, whatever evaluation or loaders drew in between.
         torch.manual_seed(derive_seed(args.seed, step, accelerator.process_index))
         labels = batch["labels"] if args.num_labels == 1 else batch["labels"].long()
-        outputs = model(pixel_values=batch["pixel_values"], labels=labels)
+        masks = {key: batch[key] for key in ("lv_masks", "lv_mask_frames") if key in batch}
+        outputs = model(pixel_values=batch["pixel_values"], labels=labels, **masks)
         return outputs.loss, outputs
 
     return compute_loss
+
+
+class LVSegmentationLog:
+    """`on_step` with `--lv_segmentation_weight`: the loss's parts (EF and LV mask) to the trackers every
+    `--logging_steps`, and the mask loss of every step of this run (since it started or resumed) for
+    `all_results.json`: whether the head learned the ventricle."""
+
+    def __init__(self, args: argparse.Namespace, accelerator):
+        self.args, self.accelerator, self.losses = args, accelerator, []
+
+    def __call__(self, step: int, batch: dict, outputs) -> None:
+        self.losses.append(float(outputs.lv_segmentation_loss.detach()))
+        if step % self.args.logging_steps == 0:
+            parts = {"lv_segmentation_loss": self.losses[-1]}
+            if outputs.head_loss is not None:
+                parts["head_loss"] = float(outputs.head_loss.detach())
+            self.accelerator.log(parts, step=step)
+            logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+
+    def results(self, window: int = 20) -> dict:
+        """The weight and the mean mask loss over the first and the last `window` steps."""
+        window = min(window, len(self.losses))
+        mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+        return {
+            "weight": self.args.lv_segmentation_weight, "steps": len(self.losses), "window": window,
+            "loss_first_steps": mean(self.losses[:window]), "loss_last_steps": mean(self.losses[-window:]),
+        }  # fmt: skip
 
 
 def describe_protocol(args: argparse.Namespace, config, processor, best: BestModel, last: dict) -> str:
@@ -402,6 +452,7 @@ def collect_results(args, result, best: BestModel, last: dict, test_metrics: dic
         "videos_seen": result.state.videos_seen, "videos_skipped": result.state.videos_skipped,
         "label_fraction": args.label_fraction, "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
         "learning_rate": args.learning_rate, "layer_decay": args.layer_decay, "drop_path_rate": args.drop_path_rate,
+        "lv_segmentation_weight": args.lv_segmentation_weight,
     }  # fmt: skip
     failure = None
     if args.num_labels == 1:
@@ -451,8 +502,9 @@ def main(argv: list[str] | None = None):
     use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
     with accelerator.main_process_first():
         processor = build_processor(args, model.config, splits["train"])
+    lv_masks = args.lv_segmentation_weight > 0
     train_loader = make_dataloader(
-        TrainingClips(splits["train"], processor, seed=args.seed, label_column=label_column),
+        TrainingClips(splits["train"], processor, seed=args.seed, label_column=label_column, lv_masks=lv_masks),
         args.per_device_train_batch_size, args.num_workers,
     )  # fmt: skip
 
@@ -466,8 +518,9 @@ def main(argv: list[str] | None = None):
 
     # The loop, validating after every epoch
     validation = Validation(args, accelerator, model, processor, splits, label_column, best)
+    lv_log = LVSegmentationLog(args, accelerator) if lv_masks else None
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, make_compute_loss(args, accelerator),
-                   on_epoch_end=validation.validate)  # fmt: skip
+                   on_step=lv_log, on_epoch_end=validation.validate)  # fmt: skip
     result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
         accelerator.end_training()
@@ -482,6 +535,8 @@ def main(argv: list[str] | None = None):
     all_results, failure = collect_results(
         args, result, best, validation.last, test_metrics, len(splits["train"]), eval_protocol
     )
+    if lv_log is not None:
+        all_results["lv_segmentation"] = lv_log.results()
     card = dict(
         task="regression" if regression else "classification", dataset_dir=data_dir, num_videos=len(splits["train"]),
         metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol, failure=failure,

@@ -19,6 +19,7 @@ from data_echoai import (
     EchoNetTransform,
     load_echonet_dynamic,
     load_video_folder,
+    rasterize_polygon,
     synthetic_echonet_dir,
 )
 from synthetic_echonet import (
@@ -197,7 +198,49 @@ def test_loader_tolerates_released_file_quirks(corpus, tmp_path):
     rows = {r["FileName"]: r for split in dataset.values() for r in split}
     assert set(rows) == set(files["FileName"].str.removesuffix(".avi"))
     assert (rows[untraced]["EDFrame"], rows[untraced]["ESFrame"]) == (-1, -1)
+    assert (rows[untraced]["EDTracing"], rows[untraced]["ESTracing"]) == ([], [])
     assert report.without_tracings == [untraced]
+
+
+def rectangle_tracing(name: str, frame: int, left: float, top: float, right: float, bottom: float) -> list[list]:
+    """A frame's VolumeTracings rows for a rectangle: a vertical long axis, then horizontal chords from `left` to
+    `right` at every integer-plus-half y from `top` to `bottom`."""
+    long_axis = [f"{name}.avi", (left + right) / 2, top, (left + right) / 2, bottom, frame]
+    ys = np.arange(top, bottom + 0.5)
+    return [long_axis, *([f"{name}.avi", left, y, right, y, frame] for y in ys)]
+
+
+def test_tracing_outlines_fill_the_traced_area(corpus, tmp_path):
+    """The loader's outline is the chords' left ends then their right ends in reverse: filled, a rectangle traced
+    by horizontal chords gives exactly the pixels whose centres it covers (a wrong vertex order would cross itself
+    and fill a bow tie)."""
+    data = copy_corpus(corpus, tmp_path / "rectangles")
+    tracings = pd.read_csv(data / "VolumeTracings.csv")
+    name = file_list(data)["FileName"][0]
+    rows = rectangle_tracing(name, 3, 4.5, 9.5, 15.5, 20.5) + rectangle_tracing(name, 7, 20.5, 30.5, 25.5, 33.5)
+    tracings = pd.concat([tracings[tracings.FileName != f"{name}.avi"], pd.DataFrame(rows, columns=TRACING_COLUMNS)])
+    tracings.to_csv(data / "VolumeTracings.csv", index=False)
+    row = next(r for split in load_echonet_dynamic(data).values() for r in split if r["FileName"] == name)
+    assert (row["EDFrame"], row["ESFrame"]) == (3, 7)
+    assert (
+        len(row["EDTracing"]) == 2 * 12 and row["EDTracing"][0] == [4.5, 9.5] and row["EDTracing"][-1] == [15.5, 9.5]
+    )
+    expected = np.zeros((40, 48), dtype=bool)
+    expected[10:21, 5:16] = True  # rows 10..20 (y), columns 5..15 (x): 11 x 11 pixel centres
+    np.testing.assert_array_equal(rasterize_polygon(row["EDTracing"], 40, 48), expected)
+    es = rasterize_polygon(row["ESTracing"], 40, 48)
+    assert es.sum() == 5 * 3 and es[31:34, 21:26].all()
+
+
+def test_rasterize_polygon_needs_an_area():
+    with pytest.raises(ValueError, match="at least 3 vertices"):
+        rasterize_polygon([[0.0, 0.0], [5.0, 5.0]], 8, 8)
+
+
+def test_every_phantom_video_has_both_outlines(corpus):
+    for split in load_echonet_dynamic(corpus).values():
+        for row in split:
+            assert len(row["EDTracing"]) > 3 and len(row["ESTracing"]) > 3  # the phantom traces every video
 
 
 @pytest.fixture

@@ -202,6 +202,48 @@ def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_ke
     )
 
 
+def test_lv_segmentation_loss_trains_from_scratch_and_saves_a_model_that_predicts_ef_as_usual(corpus, tmp_path):
+    output = tmp_path / "seg"
+    argv = [
+        "--from_scratch",
+        "--config_overrides",
+        TINY_MODEL,
+        "--max_train_steps",
+        "4",
+        "--lv_segmentation_weight",
+        "1",
+    ]
+    result = load_script("finetune").main(finetune_argv(corpus, output, *argv))
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["lv_segmentation_weight"] == 1.0 and result.state.global_step == 4
+    segmentation = results["lv_segmentation"]
+    assert segmentation["steps"] == 4 and segmentation["window"] == 4
+    assert 0 < segmentation["loss_first_steps"] < 10 and math.isfinite(segmentation["loss_last_steps"])
+    assert any(key.startswith("lv_head.") for key in load_file(output / "model.safetensors"))
+    assert "LV segmentation loss weight (ED/ES tracings) | 1.0" in (output / "README.md").read_text()
+    model = AutoModelForVideoClassification.from_pretrained(output)
+    assert model.config.lv_segmentation_weight == 1.0
+    video = load_echonet_dynamic(corpus)["test"]["video_path"][:1]
+    (prediction,) = predict_videos(model, AutoVideoProcessor.from_pretrained(output), video, "k_clips", 2)
+    assert math.isfinite(prediction.ef) and prediction.num_clips == 2
+
+
+def test_lv_segmentation_weight_builds_the_head_on_a_checkpoint_and_only_for_echoai(corpus, pretrained, tmp_path):
+    finetune, train = load_script("finetune"), load_echonet_dynamic(corpus)["train"]
+    checkpoint = ("--model_name_or_path", str(pretrained))
+    args = finetune.parse_args(finetune_argv(corpus, tmp_path, *checkpoint, "--lv_segmentation_weight", "0.5"))
+    model = finetune.build_model(args, train)
+    assert model.config.lv_segmentation_weight == 0.5 and model.lv_head is not None
+    model.save_pretrained(tmp_path / "with_head")
+    again = finetune.build_model(finetune.parse_args(finetune_argv(corpus, tmp_path, "--model_name_or_path",
+                                                                   str(tmp_path / "with_head"))), train)  # fmt: skip
+    assert again.lv_head is None and again.config.lv_segmentation_weight == 0  # the flag is off: the head goes
+    for bad in (("--baseline", "r2plus1d_18", "--lv_segmentation_weight", "1"),
+                ("--from_scratch", "--lv_segmentation_weight", "-1")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            finetune.parse_args(finetune_argv(corpus, tmp_path, *bad))
+
+
 def test_label_fraction_uses_a_seeded_half_of_the_training_videos(corpus, tmp_path):
     finetune = load_script("finetune")
     args = finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", "--label_fraction", "0.5"))

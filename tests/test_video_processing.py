@@ -170,6 +170,39 @@ def test_augmentation_shift_is_a_translation_with_zero_fill():
     assert torch.all((shifted == 0) | (shifted == 1))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_mask_is_resized_shifted_and_flipped_with_its_clip(seed):
+    """A clip whose every frame is the mask itself comes out of resizing and augmentation (the intensity jitter
+    off) equal to the mask as returned: the mask meets the same resize, crop offset and flip as the frames."""
+    processor = identity_processor(num_frames=2, image_size=32, augment_padding=6, horizontal_flip_probability=0.5,
+                                   brightness_jitter=0, contrast_jitter=0, gamma_jitter=0)  # fmt: skip
+    mask = np.zeros((48, 40), dtype=bool)
+    mask[5:30, 8:20] = True  # off-centre, so a flip or a shift changes it
+    frames = np.repeat(mask[None, None] * np.uint8(255), 2, axis=1)  # (K, T, H, W)
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values, masks = processor.frames_to_pixel_values(
+        frames, do_augment=True, generator=generator, masks=mask[None]
+    )
+    assert masks.shape == (1, 32, 32) and masks.dtype == torch.float32
+    torch.testing.assert_close(pixel_values[:, 0, 0], masks, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pixel_values[:, 1, 0], masks, atol=1e-6, rtol=0)
+    # The same generator draws the same augmentation with or without a mask.
+    plain = processor.frames_to_pixel_values(frames, do_augment=True, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(plain, pixel_values)
+
+
+def test_masks_of_different_seeds_differ_by_flip_or_shift():
+    processor = identity_processor(num_frames=2, image_size=32, augment_padding=6, horizontal_flip_probability=0.5)
+    mask = np.zeros((1, 32, 32), dtype=bool)
+    mask[0, 5:30, 8:20] = True
+    frames = np.zeros((1, 2, 32, 32), dtype=np.uint8)
+    draws = [processor.frames_to_pixel_values(frames, True, torch.Generator().manual_seed(s), masks=mask)[1]
+             for s in range(6)]  # fmt: skip
+    assert len({tuple(m.flatten().tolist()) for m in draws}) > 1
+    unaugmented = processor.frames_to_pixel_values(frames, masks=mask)[1]
+    assert torch.equal(unaugmented, torch.from_numpy(mask).float())
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [("missing", "file not found"), ("empty", "empty file"), ("text", "cannot open"), ("truncated", "truncated")],
