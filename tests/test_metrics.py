@@ -183,6 +183,27 @@ def test_mean_predictor_check_fires_on_a_spread_out_model_worse_than_the_mean():
     assert check["mae"] > check["mean_predictor"]["mae"]
 
 
+def test_mean_predictor_check_needs_a_gain_beyond_chance():
+    """A model a few tenths of an EF point ahead of the mean predictor on 30 videos has not shown that it learned
+    EF: the gain's bootstrap interval straddles 0. A real gain on many videos is beyond chance."""
+    rng = np.random.default_rng(3)
+    references = rng.normal(55, 10, 30)
+    train_mean = 55.0
+    # Predictions spread like a model's, only slightly pulled toward the truth: MAE a little below the mean's.
+    noisy = train_mean + 0.1 * (references - train_mean) + rng.normal(0, 5, references.size)
+    check = check_against_mean_predictor(noisy, references, train_mean)
+    assert 0 < check["mae_gain"] < 1.5 and not check["collapsed"]
+    low, high = check["mae_gain_interval"]
+    assert low < 0 < high and low < check["mae_gain"] < high
+    assert not check["beats_mean_predictor"] and not check["learned_ef"]
+    assert "95 % bootstrap interval over the 30 videos" in check["failure"]
+    assert check_against_mean_predictor(noisy, references, train_mean) == check  # seeded: the same verdict
+    many = rng.normal(55, 10, 3000)  # a model with a real gain of about 2 EF points, on many videos
+    better = train_mean + 0.3 * (many - train_mean) + rng.normal(0, 3, many.size)
+    large = check_against_mean_predictor(better, many, train_mean)
+    assert large["mae_gain_interval"][0] > 0 and large["learned_ef"]
+
+
 def test_mean_predictor_check_is_silent_on_a_good_model_and_scores_the_mean_predictor():
     predictions, references = _echo_like()
     train_mean = 53.0
