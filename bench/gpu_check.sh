@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec python bench/gpu_check.py "$@"
+exec "${PYTHON:-python}" bench/gpu_check.py "$@"  # PYTHON: another interpreter than the first on PATH

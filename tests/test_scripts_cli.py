@@ -4,6 +4,7 @@ In-process tests load scripts by path and would not see import problems of a rea
 `scripts/evaluate.py` shadowing the `evaluate` package for every script beside it.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_gpu_check_dry_run_prints_its_table(tmp_path_factory):
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
     corpus = tiny_corpus(tmp_path_factory)
     done = subprocess.run(["bash", str(script), "--dry_run", "--data_dir", str(corpus)], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     for row in ("bf16 matmul peak", "pretraining step: EchoAI", "pretraining step: VideoMAE", "largest EchoAI batch",
                 "pretrain.py end to end", "model-only step", "evaluate (all clips"):  # fmt: skip
