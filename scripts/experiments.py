@@ -731,6 +731,14 @@ def run_settings(args: argparse.Namespace, corpus: Path, splits: dict, seconds: 
     return settings
 
 
+def pretraining_words(args: argparse.Namespace) -> str:
+    """The pretrained model in words: the `--checkpoint` given (its own preset and length, not this call's), or the
+    preset, overrides and steps this call pretrains with."""
+    if args.checkpoint:
+        return f"pretrained model `{args.checkpoint}` (its own preset and length; not pretrained here)"
+    return f"preset `{args.config_name}` with `{args.config_overrides}`; pretraining {args.pretrain_steps} steps"
+
+
 def report_header(args: argparse.Namespace, settings: dict, corpus: Path, seconds: float) -> list[str]:
     """results.md above the table: the command, the settings in words, and the mean predictor's floor."""
     header = [
@@ -738,8 +746,7 @@ def report_header(args: argparse.Namespace, settings: dict, corpus: Path, second
         "",
         f"`{settings['command']}`",
         "",
-        f"Corpus {corpus} ({settings['videos']}); preset `{args.config_name}` with `{args.config_overrides}`; "
-        f"pretraining {args.pretrain_steps} steps, fine-tuning {args.finetune_steps} steps, batch "
+        f"Corpus {corpus} ({settings['videos']}); {pretraining_words(args)}, fine-tuning {args.finetune_steps} steps, batch "
         f"{args.per_device_train_batch_size}; test: {args.eval_num_clips} clip(s) per video "
         f"(reconstruction: {args.recon_num_clips}); seed {args.seed}, {args.num_seeds} fine-tuning seed(s). "
         f"Wall time {seconds:.0f} s for this call (runs found complete in the runs folder are reused, not rerun; each run's own time is in the table / JSON).",

@@ -139,3 +139,15 @@ def test_ridge_probe_reads_a_linear_feature_and_not_noise():
     noise = {name: rng.normal(size=(len(y), 8)) for name, y in targets.items()}
     probe = load_script("experiments").ridge_probe(noise, targets)
     assert probe["learned_ef"] is False and probe["r2"] < 0.2
+
+
+def test_report_header_names_a_given_checkpoint_not_this_calls_pretraining_settings():
+    """With `--checkpoint` the header names that model; this call's preset and pretraining steps do not apply."""
+    experiments = load_script("experiments")
+    given = experiments.parse_args(["--experiment", "mask_ratio", "--checkpoint", "runs/dm0_s0"])
+    assert experiments.pretraining_words(given) == (
+        "pretrained model `runs/dm0_s0` (its own preset and length; not pretrained here)"
+    )
+    own = experiments.parse_args(["--experiment", "mask_ratio", "--pretrain_steps", "123"])
+    words = experiments.pretraining_words(own)
+    assert "pretraining 123 steps" in words and f"preset `{own.config_name}`" in words
