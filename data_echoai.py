@@ -67,7 +67,7 @@ from video_io_echoai import (
     open_video,
     probe_video,
 )
-from video_processing_echoai import EchoAIVideoProcessor
+from video_processing_echoai import EchoAIVideoProcessor, num_clip_starts
 
 
 logger = logging.getLogger(__name__)
@@ -469,7 +469,7 @@ def traced_clip_start(
 ) -> tuple[int, int] | None:
     """(clip start, position of `frame` in the clip) for a clip that samples `frame`, its position drawn uniformly
     from those a valid start allows (`clip_frame_indices`' starts); None when no clip of the video samples it."""
-    num_starts = max(num_video_frames - (num_frames - 1) * period, 1)
+    num_starts = num_clip_starts(num_video_frames, num_frames, period)
     positions = (
         [k for k in range(num_frames) if 0 <= frame - period * k < num_starts] if frame < num_video_frames else []
     )

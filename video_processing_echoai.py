@@ -73,6 +73,12 @@ VideoLike = str | os.PathLike | bytes | VideoReader | np.ndarray | torch.Tensor
 # --------------------------------------------------------------------------------------------------
 
 
+def num_clip_starts(num_video_frames: int, num_frames: int, period: int) -> int:
+    """How many clip starts a video allows: 0 .. n - (num_frames - 1) * period - 1, or the single start 0 for a
+    video shorter than one clip."""
+    return max(num_video_frames - (num_frames - 1) * period, 1)
+
+
 def clip_frame_indices(
     num_video_frames: int,
     num_frames: int,
@@ -99,7 +105,7 @@ def clip_frame_indices(
     """
     if num_video_frames < 1:
         raise ValueError(f"num_video_frames must be positive, got {num_video_frames}")
-    num_starts = max(num_video_frames - (num_frames - 1) * period, 1)
+    num_starts = num_clip_starts(num_video_frames, num_frames, period)
     if clip_sampling == "random":
         starts = torch.randint(num_starts, (1,), generator=generator).numpy()
     elif clip_sampling == "start":
@@ -434,4 +440,4 @@ if not __package__:
     EchoAIVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 
-__all__ = ["EchoAIVideoProcessor", "clip_frame_indices", "compute_mean_std"]
+__all__ = ["EchoAIVideoProcessor", "clip_frame_indices", "compute_mean_std", "num_clip_starts"]
