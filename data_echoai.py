@@ -497,17 +497,15 @@ def row_traced_clip(
         return row_pixel_values(row, processor, generator), None, -1
     first = int(torch.randint(len(traced), (1,), generator=generator))
     with open_video(*row_video(row)) as reader:
-        sampling = (reader.num_frames, processor.num_frames, processor.period)
-        placed = (
-            (polygon, traced_clip_start(*sampling, frame, generator))
-            for frame, polygon in traced[first:] + traced[:first]
-        )
-        polygon, choice = next(((polygon, choice) for polygon, choice in placed if choice is not None), (None, None))
-        if choice is not None:
-            start, position = choice
-            frames = processor.sample_clips(reader, clip_sampling="start", clip_start=start)  # (1, T, H, W)
-    if choice is None:
-        return row_pixel_values(row, processor, generator), None, -1
+        for frame, polygon in traced[first:] + traced[:first]:  # noqa: B007 (the one chosen is used below)
+            choice = traced_clip_start(reader.num_frames, processor.num_frames, processor.period, frame, generator)
+            if choice is not None:
+                break
+        else:  # no clip samples a traced frame: `row_pixel_values`' random clip, from the video already open
+            frames = processor.sample_clips(reader, clip_sampling="random", generator=generator)  # (1, T, H, W)
+            return processor.frames_to_pixel_values(frames, do_augment=True, generator=generator)[0], None, -1
+        start, position = choice
+        frames = processor.sample_clips(reader, clip_sampling="start", clip_start=start)  # (1, T, H, W)
     mask = rasterize_polygon(polygon, *frames.shape[-2:])[None]  # (1, H, W) at the video's own size
     pixel_values, masks = processor.frames_to_pixel_values(frames, do_augment=True, generator=generator, masks=mask)
     return pixel_values[0], masks[0], position

@@ -11,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError as Strict
 from transformers import AutoModelForVideoClassification
 
 from configuration_echoai import EchoAIConfig
-from data_echoai import rasterize_polygon, traced_clip_start
+from data_echoai import rasterize_polygon, row_pixel_values, traced_clip_start
 from modeling_echoai import EchoAIForVideoClassification
 from training_echoai import clip_item, collate
 from video_io_echoai import write_video
@@ -103,6 +103,11 @@ def test_items_without_a_usable_tracing_carry_no_mask_and_collate_fills_zeros(co
     for other in (untraced, beyond):
         assert other["lv_mask"] is None and other["lv_mask_frame"] == -1
         assert other["pixel_values"].shape == traced["pixel_values"].shape
+    # Traced frames no clip samples: the ordinary random clip, drawn after the choice of ED or ES.
+    generator = torch.Generator().manual_seed(0)
+    torch.randint(2, (1,), generator=generator)
+    expected = row_pixel_values({"video_path": counting_video}, processor, generator)
+    assert torch.equal(beyond["pixel_values"], expected)
     batch = collate([traced, untraced])
     assert batch["lv_masks"].shape == (2, SIDE, SIDE) and torch.equal(batch["lv_masks"][0], traced["lv_mask"])
     assert not batch["lv_masks"][1].any()
