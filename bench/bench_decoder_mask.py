@@ -36,7 +36,7 @@ from bench_pretrain import (  # noqa: E402
     pretraining_step,
     speedup,
 )
-from common import alternate, machine_info, markdown_table  # noqa: E402
+from common import alternate, fill_unset, machine_info, markdown_table  # noqa: E402
 
 from perf_echoai import keep_freed_memory  # noqa: E402
 
@@ -65,10 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="Warm-up steps per contender (default 3).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: batch 2, 1 warm-up, 2 rounds.")
     args = parser.parse_args(argv)
-    defaults = dict(batch_size=2, steps=2, warmup=1) if args.quick else dict(batch_size=8, steps=12, warmup=3)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, quick=dict(batch_size=2, steps=2, warmup=1), full=dict(batch_size=8, steps=12, warmup=3))
     return args
 
 

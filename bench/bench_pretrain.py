@@ -74,6 +74,7 @@ from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVide
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     alternate,
+    fill_unset,
     machine_info,
     markdown_table,
     matmul_peak_gflops,
@@ -447,10 +448,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Smoke run: batch 2, 1 warm-up, 2 rounds, 40 frames.")
     parser.add_argument("--rss_child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = dict(batch_size=2, steps=2, videos=1, warmup=1, rss_runs=1)
-    for key, value in (quick if args.quick else dict(batch_size=8, steps=12, videos=3, warmup=3, rss_runs=3)).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, quick=dict(batch_size=2, steps=2, videos=1, warmup=1, rss_runs=1),
+               full=dict(batch_size=8, steps=12, videos=3, warmup=3, rss_runs=3))  # fmt: skip
     return args
 
 

@@ -82,6 +82,13 @@ def alternate(steps: dict[str, Callable[[], None]], warmup: int, measured: int) 
     return times
 
 
+def fill_unset(args, quick: dict, full: dict) -> None:
+    """Give every option in the dicts that `args` left at None its `--quick` (smoke run) or full-run default."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def precision_context(precision: str, device_type: str = "cpu"):
     """bf16 autocast on `device_type` for "bf16", nothing for "fp32"."""
     if precision == "bf16":
