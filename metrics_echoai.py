@@ -454,8 +454,8 @@ def check_against_mean_predictor(
     prediction_sd, label_sd = float(predictions.std()), float(references.std())
     collapsed = prediction_sd < min_spread * label_sd
     gains = np.abs(baseline_error) - errors  # per video: how much closer the model is than the mean predictor
-    resampled = np.random.default_rng(0).integers(0, gains.size, size=(num_bootstrap, gains.size))
-    low, high = (float(v) for v in np.percentile(gains[resampled].mean(axis=1), [2.5, 97.5]))
+    counts = _bootstrap_counts(np.random.default_rng(0), num_bootstrap, gains.size)  # the metrics' resampling
+    low, high = (float(v) for v in np.percentile(counts @ gains / gains.size, [2.5, 97.5]))
     beats = mae < mean_predictor["mae"] and low > 0
     reasons = []
     if collapsed:
