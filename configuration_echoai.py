@@ -126,6 +126,10 @@ class EchoAIConfig(PreTrainedConfig):
         norm_pix_per_channel (`bool`, defaults to `False`): with `norm_pix_loss`, normalise each channel of a
             tubelet by that channel's own mean and variance (the target of transformers'
             `VideoMAEForPreTraining`, set for converted VideoMAE weights) instead of all its pixels together (MAE).
+        reconstruction_target_pool (`int`, defaults to 1): the decoder predicts each tubelet frame average-pooled
+            in k x k pixel blocks, (patch_size / k)² values per frame, instead of every pixel (1). Speckle, the
+            fine grain of an echo, cannot be predicted from the visible tubelets; pooling takes it out of the
+            target so the loss is spent on the tissue's shape and brightness. Must divide `patch_size`.
         mask_ratio (`float`, defaults to 0.9): fraction of tubelets hidden from the encoder; in (0, 1).
         mask_strategy (`str`, defaults to `"tube"`): `"tube"` hides the same spatial patches in every
             tubelet slice (VideoMAE's tube masking, which stops the model copying a patch from its temporal
@@ -190,6 +194,7 @@ class EchoAIConfig(PreTrainedConfig):
     decoder_layer_norm_eps: float | int | None = None
     norm_pix_loss: bool = True
     norm_pix_per_channel: bool = False
+    reconstruction_target_pool: int = 1
     mask_ratio: float | int = 0.9
     mask_strategy: Literal["tube", "random"] = "tube"
     decoder_mask_ratio: float | int = 0.0
@@ -235,6 +240,11 @@ class EchoAIConfig(PreTrainedConfig):
             raise ValueError(
                 "EchoAIConfig.norm_pix_per_channel=True normalises the norm-pix target per channel; it needs "
                 "norm_pix_loss=True."
+            )
+        if self.reconstruction_target_pool <= 0 or self.patch_size % self.reconstruction_target_pool:
+            raise ValueError(
+                f"EchoAIConfig.reconstruction_target_pool={self.reconstruction_target_pool} must be a positive "
+                f"divisor of patch_size={self.patch_size}."
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"EchoAIConfig.mask_ratio must lie in (0, 1), got {self.mask_ratio!r}.")

@@ -78,7 +78,8 @@ class EchoAIForPreTrainingOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`): norm-pix MSE over the masked tubelets the decoder predicted.
         logits (`torch.FloatTensor` of shape `(B, M, P)`): predicted pixels of the masked tubelets, in the
             order of the mask's hidden entries (ascending token index); P = tubelet * patch² * channels,
-            laid out as (t p q c). With `norm_pix_loss` they are per-tubelet normalised pixels. Under decoder
+            laid out as (t p q c), or with `reconstruction_target_pool` = k each frame's k x k block averages
+            (P = tubelet * (patch / k)² * channels). With `norm_pix_loss` they are per-tubelet normalised pixels. Under decoder
             masking (B, K, P): only the K hidden tubelets `decoder_mask` keeps, in the same order.
         mask (`torch.FloatTensor` of shape `(B, L)`): the mask used, 1.0 = hidden and 0.0 = visible, as
             `ViTMAEForPreTrainingOutput.mask`; returned so a mask the model drew itself can be inspected or
@@ -136,6 +137,21 @@ def unpatchify(patches: torch.Tensor, tubelet_size: int, patch_size: int, grid: 
         patches, "b (T h w) (t p q c) -> b (T t) c (h p) (w q)",
         T=num_slices, h=h, w=w, t=tubelet_size, p=patch_size, q=patch_size,
     )  # fmt: skip
+
+
+def target_patches(pixel_values: torch.Tensor, config: EchoAIConfig) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, L, P): the tubelets the decoder learns to predict, each frame average-pooled in
+    k x k pixel blocks first when `config.reconstruction_target_pool` = k > 1 (P = t (p / k)² c)."""
+    k = config.reconstruction_target_pool
+    if k > 1:
+        frames = F.avg_pool2d(pixel_values.flatten(0, 1), k)
+        pixel_values = frames.unflatten(0, pixel_values.shape[:2])
+    return patchify(pixel_values, config.tubelet_size, config.patch_size // k)
+
+
+def reconstruction_target_size(config: EchoAIConfig) -> int:
+    """P, the values the decoder predicts per hidden tubelet: t (p / k)² c (`target_patches`)."""
+    return config.tubelet_size * (config.patch_size // config.reconstruction_target_pool) ** 2 * config.num_channels
 
 
 def _centered_patches(
@@ -858,9 +874,7 @@ class EchoAIDecoder(nn.Module):
         )  # fmt: skip
         eps = config.layer_norm_eps if config.decoder_layer_norm_eps is None else config.decoder_layer_norm_eps
         self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=eps)
-        self.head = nn.Linear(
-            config.decoder_hidden_size, config.tubelet_size * config.patch_size**2 * config.num_channels
-        )
+        self.head = nn.Linear(config.decoder_hidden_size, reconstruction_target_size(config))
         self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, num_masked: int) -> torch.Tensor:
@@ -954,7 +968,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         """The (B, M, P) pixels the decoder must predict: the masked tubelets, per-tubelet (or, with
         `norm_pix_per_channel`, per tubelet channel) normalised if `norm_pix_loss`. Computed from `pixel_values` as given (already normalised by the processor), so no
         dataset statistics are hidden in the model."""
-        patches = patchify(pixel_values, self.config.tubelet_size, self.config.patch_size)  # (B, L, P)
+        patches = target_patches(pixel_values, self.config)  # (B, L, P)
         patches = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=pixel_values.shape[0])
         return normalize_patches(patches, groups=self.norm_pix_groups) if self.config.norm_pix_loss else patches
 
@@ -1016,9 +1030,14 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         patches = patchify(pixel_values, config.tubelet_size, config.patch_size)  # (B, L, P)
         prediction = logits.to(patches.dtype)
         if config.norm_pix_loss:
-            true = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
+            true = rearrange(target_patches(pixel_values, config)[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
             mean, std = patch_statistics(true, groups=self.norm_pix_groups)  # the inverse of `normalize_patches`
             prediction = prediction * std + mean
+        if (k := config.reconstruction_target_pool) > 1:  # each predicted k x k block average fills its block
+            prediction = rearrange(
+                prediction, "b m (t p q c) -> b m t p q c",
+                t=config.tubelet_size, p=config.patch_size // k, q=config.patch_size // k,
+            ).repeat_interleave(k, dim=3).repeat_interleave(k, dim=4).flatten(2)  # fmt: skip
         masked = patches.masked_fill(bool_masked_pos[..., None], 0.0)
         reconstruction = patches.clone()
         reconstruction[bool_masked_pos] = rearrange(prediction, "b m p -> (b m) p")

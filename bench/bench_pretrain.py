@@ -84,7 +84,12 @@ from common import (  # noqa: E402
 
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from inference_echoai import compile_for_inference, protocol_clip_indices  # noqa: E402
-from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask  # noqa: E402
+from modeling_echoai import (  # noqa: E402
+    EchoAIForPreTraining,
+    EchoAIForVideoClassification,
+    make_mask,
+    reconstruction_target_size,
+)
 from perf_echoai import keep_freed_memory, use_fastest_attention  # noqa: E402
 from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
 
@@ -170,7 +175,7 @@ def pretrain_flops(config: EchoAIConfig, batch: int, num_visible: int, num_maske
     """Forward + backward model FLOPs of one masked-autoencoder step, by stage."""
     c = config
     tokens = num_visible + num_masked  # L
-    pixels = c.tubelet_size * c.patch_size**2 * c.num_channels  # P
+    pixels = c.tubelet_size * c.patch_size**2 * c.num_channels  # a tubelet's input pixels
     encoder = c.num_hidden_layers * layer_flops(
         batch, num_visible, c.hidden_size, c.num_attention_heads, c.intermediate_size
     )
@@ -182,7 +187,8 @@ def pretrain_flops(config: EchoAIConfig, batch: int, num_visible: int, num_maske
         "encoder (V tokens)": 3 * encoder,
         "encoder_to_decoder": 3 * linear_flops(batch * num_visible, c.hidden_size, c.decoder_hidden_size),
         "decoder (L tokens)": 3 * decoder,
-        "pixel head (M tokens)": 3 * linear_flops(batch * num_masked, c.decoder_hidden_size, pixels),
+        "pixel head (M tokens)": 3
+        * linear_flops(batch * num_masked, c.decoder_hidden_size, reconstruction_target_size(c)),
     }
 
 

@@ -365,6 +365,33 @@ def test_reconstruct_with_a_perfect_prediction_returns_the_input():
     torch.testing.assert_close(masked, x * visible)
 
 
+def test_a_pooled_target_is_each_frames_block_averages_normalised_per_tubelet():
+    config = tiny_config(reconstruction_target_pool=4)
+    model = build(EchoAIForPreTraining, config)
+    x = clips(config)
+    mask = make_mask(2, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(0))
+    out = model(x, bool_masked_pos=mask)
+    assert model.decoder.head.out_features == out.logits.shape[-1] == 2 * 2 * 2 * 3  # t (p / k)² c
+    # Token (slice 0, row 1, column 2), frame 1, block (0, 1): the mean of its 4 x 4 pixels, per channel.
+    blocks = x.unflatten(3, (8, 4)).unflatten(5, (8, 4)).mean(dim=(4, 6))  # (B, T, C, 8, 8)
+    token = 1 * 4 + 2
+    raw = rearrange(blocks[:, :2, :, 2:4, 4:6], "b t c p q -> b (t p q c)")
+    target = (raw - raw.mean(-1, keepdim=True)) / (raw.var(-1, keepdim=True) + 1e-6).sqrt()
+    row = int(mask[0, :token].sum())  # the token's place among sample 0's hidden tubelets
+    assert mask[0, token]
+    torch.testing.assert_close(model.reconstruction_target(x, mask)[0, row], target[0])
+    # A perfect prediction reconstructs every hidden tubelet as its block averages, visible ones untouched.
+    _, reconstruction = model.reconstruct(x, model.reconstruction_target(x, mask), mask)
+    averages = blocks.repeat_interleave(4, dim=3).repeat_interleave(4, dim=4)
+    hidden = mask.view(2, 2, 1, 4, 1, 4, 1).expand(2, 2, 2, 4, 8, 4, 8).reshape(2, 4, 1, 32, 32)
+    torch.testing.assert_close(reconstruction, torch.where(hidden, averages, x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_target_pool_must_divide_the_patch():
+    with pytest.raises(Exception, match="reconstruction_target_pool=3 must be a positive divisor of patch_size=8"):
+        tiny_config(reconstruction_target_pool=3)
+
+
 def test_one_pretraining_step_lowers_the_loss_on_the_same_batch():
     config = tiny_config()
     model = build(EchoAIForPreTraining, config).train()
