@@ -79,8 +79,8 @@ class EchoAIForPreTrainingOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(B, M, P)`): predicted pixels of the masked tubelets, in the
             order of the mask's hidden entries (ascending token index); P = tubelet * patch² * channels,
             laid out as (t p q c), or with `reconstruction_target_pool` = k each frame's k x k block averages
-            (P = tubelet * (patch / k)² * channels). With `norm_pix_loss` they are per-tubelet normalised pixels. Under decoder
-            masking (B, K, P): only the K hidden tubelets `decoder_mask` keeps, in the same order.
+            (P = tubelet * (patch / k)² * channels). With `norm_pix_loss` they are per-tubelet normalised pixels.
+            Under decoder masking (B, K, P): only the K hidden tubelets `decoder_mask` keeps, in the same order.
         mask (`torch.FloatTensor` of shape `(B, L)`): the mask used, 1.0 = hidden and 0.0 = visible, as
             `ViTMAEForPreTrainingOutput.mask`; returned so a mask the model drew itself can be inspected or
             visualised (`mask.bool()` is the `bool_masked_pos` to pass back in).
@@ -965,9 +965,9 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         return F.mse_loss(logits.float(), target.float())
 
     def reconstruction_target(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.Tensor:
-        """The (B, M, P) pixels the decoder must predict: the masked tubelets, per-tubelet (or, with
-        `norm_pix_per_channel`, per tubelet channel) normalised if `norm_pix_loss`. Computed from `pixel_values` as given (already normalised by the processor), so no
-        dataset statistics are hidden in the model."""
+        """The (B, M, P) values the decoder must predict: the masked tubelets (`target_patches`), per-tubelet (or,
+        with `norm_pix_per_channel`, per tubelet channel) normalised if `norm_pix_loss`. Computed from `pixel_values`
+        as given (already normalised by the processor), so no dataset statistics are hidden in the model."""
         patches = target_patches(pixel_values, self.config)  # (B, L, P)
         patches = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=pixel_values.shape[0])
         return normalize_patches(patches, groups=self.norm_pix_groups) if self.config.norm_pix_loss else patches

@@ -13,11 +13,11 @@ Recipe from a checkpoint (MAE / VideoMAE fine-tuning): AdamW (0.9, 0.999), weigh
 learning-rate decay 0.75, stochastic depth 0.1, learning rate 5e-4, linear warm-up then cosine decay. From scratch
 (`--from_scratch`): learning rate 1e-3, no layer decay, no stochastic depth. Clips are 16 frames taken every 4th
 (`--period 4`, EchoNet-Dynamic's 64-frame span) with mild augmentation (the processor's defaults), for 45 epochs of
-the whole training split (with `--label_fraction f`, 45 / f epochs of the subset: the same number of steps), and
+the whole training split (with `--label_fraction f`, 45 / f epochs of the subset: about as many steps), and
 the `tiny` preset has a convolutional stem and pools each clip's extreme states (`EchoAIConfig.stem_channels`,
-`pooling`): the recipe that reads EF from a few hundred videos (docs/EXPERIMENTS.md). The regression head learns a unit-scale
-target: `regression_target_mean/std` are set from the training split's EF, so `logits` -- and the saved model's
-predictions -- are EF in %.
+`pooling`): the recipe that reads EF from a few hundred videos (docs/EXPERIMENTS.md). The regression head learns a
+unit-scale target: `regression_target_mean/std` are set from the training split's EF, so `logits` -- and the saved
+model's predictions -- are EF in %.
 
 Baseline (`--baseline r2plus1d_18`): EchoNet-Dynamic's R(2+1)D-18 (`baselines_echoai.py`), randomly initialised,
 on the same clips, split, loop, loss and evaluation; only the model and its recipe differ. EchoNet-Dynamic
@@ -107,8 +107,9 @@ from training_echoai import (
 logger = logging.getLogger("finetune")
 LABEL = "label"  # the column that holds class indices when --class_boundaries bins a continuous column
 # The default training length, in epochs of the whole training split. A --label_fraction f subset trains for
-# FULL_SPLIT_EPOCHS / f epochs, the same number of steps: at 45 epochs of its own 45 videos, a quarter of the
-# phantom's labels stopped at 225 steps, far from converged (docs/EXPERIMENTS.md, section 3, item 18).
+# FULL_SPLIT_EPOCHS / f epochs, about as many steps (each epoch drops its short last batch): at 45 epochs of its
+# own 45 videos, a quarter of the phantom's labels stopped at 225 steps, far from converged (docs/EXPERIMENTS.md,
+# section 3, item 18).
 FULL_SPLIT_EPOCHS = 45
 
 # Learning rate, layer decay, drop path of each model when not given: EchoAI's MAE fine-tuning recipe, and a
@@ -164,9 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=None)
     args = parser.parse_args(argv)
     if args.num_train_epochs is None:  # as many steps as the whole split's epochs, whatever --label_fraction keeps
-        args.num_train_epochs = math.ceil(
-            round(FULL_SPLIT_EPOCHS / args.label_fraction, 6)
-        )  # round: 45 / f can land a hair above an integer
+        # Rounded first: 45 / f can land a hair above an integer in floating point.
+        args.num_train_epochs = math.ceil(round(FULL_SPLIT_EPOCHS / args.label_fraction, 6))
     if args.baseline:
         check_baseline_args(parser, args)
         args.from_scratch = True
