@@ -66,6 +66,7 @@ from accelerate.utils import (
 )
 from datasets import Dataset, IterableDataset
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -622,11 +623,14 @@ class DiskFullError(RunError):
 
 @contextlib.contextmanager
 def exit_on_run_error():
-    """Around a script's `main`: a `RunError` ends the process with its one line (`error: ...`) and status 1."""
+    """Around a script's `main`: a `RunError`, or a config value `EchoAIConfig` rejects (a `--config_overrides`
+    item, a checkpoint's config.json), ends the process with its one line (`error: ...`) and status 1."""
     try:
         yield
     except RunError as error:
         sys.exit(f"error: {error}")
+    except StrictDataclassClassValidationError as error:  # the validator's own message names the field and value
+        sys.exit(f"error: {error.__cause__ or error} Change it in --config_overrides or the model's config.json.")
 
 
 def free_bytes(path: str | os.PathLike) -> int:

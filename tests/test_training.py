@@ -302,6 +302,14 @@ def test_config_overrides_parse_and_reject_malformed_items():
         training_echoai.parse_config_overrides("stem_channels=24/x")
 
 
+def test_a_config_value_the_model_rejects_ends_a_script_with_one_line_naming_it():
+    with pytest.raises(SystemExit) as exit_info, training_echoai.exit_on_run_error():
+        EchoAIForPreTraining.config_class.from_preset("tiny", reconstruction_target_pool=3)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: EchoAIConfig.reconstruction_target_pool=3 must be a positive divisor")
+    assert "--config_overrides" in message and "\n" not in message
+
+
 def test_processor_overrides_reach_the_saved_processor_and_unknown_fields_are_named(tmp_path_factory):
     config = EchoAIForPreTraining.config_class.from_preset("tiny", image_size=32, patch_size=8, num_frames=4)
     videos = {"video_path": [str(p) for p in sorted((tiny_corpus(tmp_path_factory) / "Videos").glob("*.avi"))[:2]]}
