@@ -66,7 +66,7 @@ from accelerate.utils import (
 )
 from datasets import Dataset, IterableDataset
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -629,8 +629,9 @@ def exit_on_run_error():
         yield
     except RunError as error:
         sys.exit(f"error: {error}")
-    except StrictDataclassClassValidationError as error:  # the validator's own message names the field and value
-        sys.exit(f"error: {error.__cause__ or error} Change it in --config_overrides or the model's config.json.")
+    except StrictDataclassError as error:  # a bad type, choice or value: the cause names the field and the value
+        reason = " ".join(str(error.__cause__ or error).split()).rstrip(".")
+        sys.exit(f"error: {reason}. Change it in --config_overrides or the model's config.json.")
 
 
 def free_bytes(path: str | os.PathLike) -> int:

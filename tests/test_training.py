@@ -308,6 +308,10 @@ def test_a_config_value_the_model_rejects_ends_a_script_with_one_line_naming_it(
     message = str(exit_info.value.code)
     assert message.startswith("error: EchoAIConfig.reconstruction_target_pool=3 must be a positive divisor")
     assert "--config_overrides" in message and "\n" not in message
+    with pytest.raises(SystemExit) as exit_info, training_echoai.exit_on_run_error():
+        EchoAIForPreTraining.config_class.from_preset("tiny", pooling="avg")  # a value outside a field's choices
+    message = str(exit_info.value.code)
+    assert message.startswith("error: Field 'pooling' expected one of") and "got avg. Change it in" in message
 
 
 def test_processor_overrides_reach_the_saved_processor_and_unknown_fields_are_named(tmp_path_factory):
