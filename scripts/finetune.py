@@ -165,8 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=None)
     args = parser.parse_args(argv)
     if args.num_train_epochs is None:  # as many steps as the whole split's epochs, whatever --label_fraction keeps
-        # Rounded first: 45 / f can land a hair above an integer in floating point.
-        args.num_train_epochs = math.ceil(round(FULL_SPLIT_EPOCHS / args.label_fraction, 6))
+        args.num_train_epochs = math.ceil(FULL_SPLIT_EPOCHS / args.label_fraction)
     if args.baseline:
         check_baseline_args(parser, args)
         args.from_scratch = True

@@ -256,19 +256,13 @@ def test_label_fraction_uses_a_seeded_half_of_the_training_videos(corpus, tmp_pa
 
 def test_a_label_fraction_trains_as_many_steps_as_the_whole_split_unless_told(corpus, tmp_path):
     finetune = load_script("finetune")
-    quarter = finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", "--label_fraction", "0.25"))
-    assert (
-        quarter.num_train_epochs
-        == 4 * finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch")).num_train_epochs
-    )
-    assert (
-        finetune.parse_args(
-            finetune_argv(corpus, tmp_path, "--from_scratch", "--label_fraction", "0.3")
-        ).num_train_epochs
-        == 150
-    )
-    told = finetune_argv(corpus, tmp_path, "--from_scratch", "--label_fraction", "0.25", "--num_train_epochs", "7")
-    assert finetune.parse_args(told).num_train_epochs == 7
+
+    def epochs(*extra: str) -> int:
+        return finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", *extra)).num_train_epochs
+
+    assert epochs("--label_fraction", "0.25") == 4 * epochs()
+    assert epochs("--label_fraction", "0.3") == 150 and epochs("--label_fraction", "0.7") == 65  # 64.3 rounds up
+    assert epochs("--label_fraction", "0.25", "--num_train_epochs", "7") == 7
 
 
 def test_from_scratch_with_half_the_labels_trains_and_scales_to_its_own_subset(corpus, tmp_path):
