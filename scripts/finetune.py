@@ -43,8 +43,8 @@ log, `"learned_ef": false` and the reason in `all_results.json`, and a warning a
 Best-by-validation selection can hide such a failure (a model at the mean wins early), so the last step's
 validation metrics are logged and stored (`last_step`) beside the kept model's.
 
-Evaluation: after every epoch on the validation split (one clip per video, or `--eval_num_clips K` evenly
-spaced clips averaged per video), through `inference_echoai.predict_videos` -- the predictor `scripts/evaluate.py`
+Evaluation: after every epoch on the validation split (with `--eval_steps N`, at the first epoch end past each
+N steps; one clip per video, or `--eval_num_clips K` evenly spaced clips averaged per video), through `inference_echoai.predict_videos` -- the predictor `scripts/evaluate.py`
 reports with, so the kept model is chosen by the number evaluation measures -- gathered across processes. The
 best weights by validation MAE (accuracy for classification) are kept in memory and in every checkpoint; at the
 end they are evaluated once on the test split and saved into `--output_dir` with the processor, `all_results.json`
@@ -157,6 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
     add("--eval_num_clips", type=int, default=1, help="Evenly spaced clips averaged per video in evaluation.")
     add(
+        "--eval_steps", type=int, default=None,
+        help="Validate at the first epoch end past every N optimizer steps instead of after every epoch (and after "
+        "the last step either way). A small --label_fraction makes epochs of a few steps, and validating after each "
+        "would cost more than training.",
+    )  # fmt: skip
+    add(
         "--lv_segmentation_weight", type=float, default=0.0,
         help="Weight of an auxiliary loss that predicts the left-ventricle mask of the traced ED/ES frames "
         "(EchoNet-Dynamic's VolumeTracings.csv) from the encoder's tokens, so the encoder learns where the ventricle "
@@ -177,8 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass either --model_name_or_path (a pretraining output or Hub id) or --from_scratch")
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must lie in (0, 1], got {args.label_fraction}")
-    if args.num_labels < 1 or args.eval_num_clips < 1:
-        parser.error("--num_labels and --eval_num_clips must be positive")
+    if args.num_labels < 1 or args.eval_num_clips < 1 or (args.eval_steps is not None and args.eval_steps < 1):
+        parser.error("--num_labels, --eval_num_clips and --eval_steps must be positive")
     if args.lv_segmentation_weight < 0:
         parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args
@@ -339,15 +345,21 @@ def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_t
 
 
 class Validation:
-    """Scores a split with `predict_split` (the predictor `scripts/evaluate.py` reports with); `validate` runs
-    after every epoch, keeps the best weights by validation MAE (accuracy for classification) in `best`, and
-    remembers the latest validation in `last`."""
+    """Scores a split with `predict_split` (the predictor `scripts/evaluate.py` reports with); `validate` keeps
+    the best weights by validation MAE (accuracy for classification) in `best` and remembers the latest validation
+    in `last`; `on_epoch_end` runs it after every epoch, or with `--eval_steps` at the epoch ends it is due."""
 
-    def __init__(self, args, accelerator, model, processor, splits: DatasetDict, label_column: str, best: BestModel):
+    def __init__(self, args, accelerator, model, processor, splits: DatasetDict, label_column: str, best: BestModel,
+                 steps_per_epoch: int):  # fmt: skip
         self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
         self.splits, self.label_column, self.best = splits, label_column, best
         self.regression = args.num_labels == 1
+        self.steps_per_epoch = steps_per_epoch
         self.last = {"step": None, "epoch": None, "validation": None}  # the last step's model at the end
+
+    def on_epoch_end(self, epoch: int, state) -> None:
+        if validation_due(state.global_step, self.steps_per_epoch, self.args.eval_steps):
+            self.validate(epoch, state)
 
     def metrics(self, split: str) -> dict:
         rows, args = self.splits[split], self.args
@@ -374,6 +386,13 @@ class Validation:
         )
         shown = {k: metrics[k] for k in SHOWN_METRICS[regression]}
         accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
+
+
+def validation_due(step: int, steps_per_epoch: int, eval_steps: int | None) -> bool:
+    """Whether the epoch ending at optimizer step `step` validates: every epoch without `eval_steps`, else the
+    first epoch end at or past each multiple of it. It depends on the step alone, so a resumed run validates
+    where a straight one does."""
+    return eval_steps is None or step // eval_steps > (step - steps_per_epoch) // eval_steps
 
 
 def validate_last_step(validation: Validation, result) -> None:
@@ -525,11 +544,12 @@ def main(argv: list[str] | None = None):
     accelerator.register_for_checkpointing(best)
     log_run(args, accelerator, model, len(splits["train"]), data_dir)
 
-    # The loop, validating after every epoch
-    validation = Validation(args, accelerator, model, processor, splits, label_column, best)
+    # The loop, validating after every epoch (or every --eval_steps)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)  # the prepared loader's
+    validation = Validation(args, accelerator, model, processor, splits, label_column, best, steps_per_epoch)
     lv_log = LVSegmentationLog(args, accelerator) if lv_masks else None
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, make_compute_loss(args, accelerator),
-                   on_step=lv_log, on_epoch_end=validation.validate)  # fmt: skip
+                   on_step=lv_log, on_epoch_end=validation.on_epoch_end)  # fmt: skip
     result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
         accelerator.end_training()

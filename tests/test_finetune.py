@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -263,6 +264,24 @@ def test_a_label_fraction_trains_as_many_steps_as_the_whole_split_unless_told(co
     assert epochs("--label_fraction", "0.25") == 4 * epochs()
     assert epochs("--label_fraction", "0.3") == 150 and epochs("--label_fraction", "0.7") == 65  # 64.3 rounds up
     assert epochs("--label_fraction", "0.25", "--num_train_epochs", "7") == 7
+
+
+def test_eval_steps_validates_at_the_first_epoch_end_past_each_multiple_and_after_the_last_step(
+    corpus, tmp_path, capsys
+):
+    """4 steps per epoch (8 videos, batch 2), validation every 6 steps: epoch ends 4, 8, 12, 16 validate at 8 (past
+    6) and 12 (past 12), not 16 (no multiple of 6 since 12), then after the last step as every run does."""
+    finetune = load_script("finetune")
+    assert [step for step in (4, 8, 12, 16) if finetune.validation_due(step, 4, 6)] == [8, 12]
+    assert all(finetune.validation_due(step, 4, None) for step in (4, 8))  # by default, every epoch
+    finetune.main(
+        finetune_argv(corpus, tmp_path / "run", "--from_scratch", "--config_overrides", TINY_MODEL,
+                      "--max_train_steps", "16", "--eval_steps", "6")
+    )  # fmt: skip
+    validated = [int(step) for step in re.findall(r"^epoch \d+ step (\d+) validation", capsys.readouterr().out, re.M)]
+    assert validated == [8, 12, 16]
+    with pytest.raises(SystemExit):
+        finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", "--eval_steps", "0"))
 
 
 def test_from_scratch_with_half_the_labels_trains_and_scales_to_its_own_subset(corpus, tmp_path):
