@@ -45,8 +45,8 @@ log, `"learned_ef": false` and the reason in `all_results.json`, and a warning a
 Best-by-validation selection can hide such a failure (a model at the mean wins early), so the last step's
 validation metrics are logged and stored (`last_step`) beside the kept model's.
 
-Evaluation: after every epoch on the validation split (with `--eval_steps N`, at the first epoch end past each N
-steps; one clip per video, or `--eval_num_clips K` evenly spaced clips averaged per video), through
+Evaluation: on the validation split after every epoch (with `--eval_steps N`, at the first epoch end past every N
+steps), one clip per video or `--eval_num_clips K` evenly spaced clips averaged per video, through
 `inference_echoai.predict_videos` -- the predictor `scripts/evaluate.py` reports with, so the kept model is chosen
 by the number evaluation measures -- gathered across processes. The best weights by validation MAE (accuracy for
 classification) are kept in memory and in every checkpoint; at the end they are evaluated once on the test split and

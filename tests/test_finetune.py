@@ -270,7 +270,7 @@ def test_eval_steps_validates_at_the_first_epoch_end_past_each_multiple_and_afte
     corpus, tmp_path, capsys
 ):
     """4 steps per epoch (8 videos, batch 2), validation every 6 steps: epoch ends 4, 8, 12, 16 validate at 8 (past
-    6) and 12 (past 12), not 16 (no multiple of 6 since 12), then after the last step as every run does."""
+    6) and 12 (at 12), not 16 (no multiple of 6 since 12), then after the last step as every run does."""
     finetune = load_script("finetune")
     assert [step for step in (4, 8, 12, 16) if finetune.validation_due(step, 4, 6)] == [8, 12]
     assert all(finetune.validation_due(step, 4, None) for step in (4, 8))  # by default, every epoch
