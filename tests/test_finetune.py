@@ -189,8 +189,8 @@ def test_classification_validation_scores_the_per_video_class_logits_the_saved_m
 
 def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_keys(corpus, pretrained):
     finetune = load_script("finetune")
-    args = finetune.parse_args(finetune_argv(corpus, Path("unused"), "--model_name_or_path", str(pretrained)))
-    model = finetune.build_model(args, load_echonet_dynamic(corpus)["train"])  # the weights of step 0
+    argv = finetune_argv(corpus, Path("unused"), "--model_name_or_path", str(pretrained), "--drop_path_rate", "0.1")
+    model = finetune.build_model(finetune.parse_args(argv), load_echonet_dynamic(corpus)["train"])  # step 0's weights
     pretrained_weights = load_file(pretrained / "model.safetensors")
     encoder = {k: v for k, v in model.state_dict().items() if k.startswith("echoai.")}
     assert encoder and encoder.keys() <= pretrained_weights.keys()
@@ -198,7 +198,7 @@ def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_ke
         torch.testing.assert_close(value, pretrained_weights[name], rtol=0, atol=0, msg=name)
     _, info = EchoAIForVideoClassification.from_pretrained(pretrained, num_labels=1, output_loading_info=True)
     assert info["unexpected_keys"] == set() or info["unexpected_keys"] == []  # the decoder is dropped quietly
-    assert model.config.drop_path_rate == 0.1 and model.config.regression_target_std == pytest.approx(
+    assert model.config.drop_path_rate == 0.1 and model.config.regression_target_std == pytest.approx(  # the flag's
         train_ef(corpus).std()
     )
 
