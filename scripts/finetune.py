@@ -182,8 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass either --model_name_or_path (a pretraining output or Hub id) or --from_scratch")
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must lie in (0, 1], got {args.label_fraction}")
-    if args.num_labels < 1 or args.eval_num_clips < 1 or (args.eval_steps is not None and args.eval_steps < 1):
-        parser.error("--num_labels, --eval_num_clips and --eval_steps must be positive")
+    for flag in ("num_labels", "eval_num_clips", "eval_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.lv_segmentation_weight < 0:
         parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args

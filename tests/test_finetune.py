@@ -282,6 +282,7 @@ def test_eval_steps_validates_at_the_first_epoch_end_past_each_multiple_and_afte
     assert validated == [8, 12, 16]
     with pytest.raises(SystemExit):
         finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", "--eval_steps", "0"))
+    assert "--eval_steps must be positive, got 0" in capsys.readouterr().err
 
 
 def test_from_scratch_with_half_the_labels_trains_and_scales_to_its_own_subset(corpus, tmp_path):
