@@ -944,8 +944,7 @@ class MapSource:
         pass  # any checkpoint of a map-style run resumes it
 
     def epochs(self, first: int, args: argparse.Namespace) -> range:
-        steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
-        return range(first, math.ceil(args.max_train_steps / steps_per_epoch))
+        return range(first, math.ceil(args.max_train_steps / steps_per_epoch(len(self.loader), args)))
 
     def set_epoch(self, epoch: int) -> None:
         # Through the loader: accelerate's loaders call `dataset.set_epoch(loader.iteration)` when iterated,
@@ -1283,6 +1282,12 @@ class TrainingLoop:
             )  # fmt: skip
 
 
+def steps_per_epoch(num_batches: int, args: argparse.Namespace) -> int:
+    """Optimizer steps in an epoch of `num_batches` batches per process: an accumulation cut short by the epoch's
+    end still steps (accelerate syncs gradients at the end of a loader)."""
+    return math.ceil(num_batches / args.gradient_accumulation_steps)
+
+
 def schedule_steps(args: argparse.Namespace, dataloader_len: int | None) -> None:
     """Settle `max_train_steps`, `num_train_epochs` and `num_warmup_steps` from the flags and data size
     (`dataloader_len` None: a stream of unknown length, trained for `--max_train_steps`)."""
@@ -1293,15 +1298,15 @@ def schedule_steps(args: argparse.Namespace, dataloader_len: int | None) -> None
             max(1, round(0.05 * args.max_train_steps)) if args.num_warmup_steps is None else args.num_warmup_steps
         )
         return
-    steps_per_epoch = math.ceil(dataloader_len / args.gradient_accumulation_steps)
-    if steps_per_epoch == 0:
+    epoch_steps = steps_per_epoch(dataloader_len, args)
+    if epoch_steps == 0:
         raise ValueError(
             f"The training set gives no full batch of {args.per_device_train_batch_size} per process; "
             "use more videos or a smaller --per_device_train_batch_size."
         )
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+        args.max_train_steps = args.num_train_epochs * epoch_steps
+    args.num_train_epochs = math.ceil(args.max_train_steps / epoch_steps)
     if args.num_warmup_steps is None:
         args.num_warmup_steps = max(1, round(0.05 * args.max_train_steps))
 

@@ -102,6 +102,7 @@ from training_echoai import (
     render_model_card,
     save_model,
     save_text,
+    steps_per_epoch,
     train,
     unwrap,
 )
@@ -350,15 +351,15 @@ class Validation:
     in `last`; `on_epoch_end` runs it after every epoch, or with `--eval_steps` at the epoch ends it is due."""
 
     def __init__(self, args, accelerator, model, processor, splits: DatasetDict, label_column: str, best: BestModel,
-                 steps_per_epoch: int):  # fmt: skip
+                 epoch_steps: int):  # fmt: skip
         self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
         self.splits, self.label_column, self.best = splits, label_column, best
         self.regression = args.num_labels == 1
-        self.steps_per_epoch = steps_per_epoch
+        self.epoch_steps = epoch_steps  # optimizer steps per epoch
         self.last = {"step": None, "epoch": None, "validation": None}  # the last step's model at the end
 
     def on_epoch_end(self, epoch: int, state) -> None:
-        if validation_due(state.global_step, self.steps_per_epoch, self.args.eval_steps):
+        if validation_due(state.global_step, self.epoch_steps, self.args.eval_steps):
             self.validate(epoch, state)
 
     def metrics(self, split: str) -> dict:
@@ -388,11 +389,11 @@ class Validation:
         accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
 
 
-def validation_due(step: int, steps_per_epoch: int, eval_steps: int | None) -> bool:
+def validation_due(step: int, epoch_steps: int, eval_steps: int | None) -> bool:
     """Whether the epoch ending at optimizer step `step` validates: every epoch without `eval_steps`, else the
     first epoch end at or past each multiple of it. It depends on the step alone, so a resumed run validates
     where a straight one does."""
-    return eval_steps is None or step // eval_steps > (step - steps_per_epoch) // eval_steps
+    return eval_steps is None or step // eval_steps > (step - epoch_steps) // eval_steps
 
 
 def validate_last_step(validation: Validation, result) -> None:
@@ -545,8 +546,8 @@ def main(argv: list[str] | None = None):
     log_run(args, accelerator, model, len(splits["train"]), data_dir)
 
     # The loop, validating after every epoch (or every --eval_steps)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)  # the prepared loader's
-    validation = Validation(args, accelerator, model, processor, splits, label_column, best, steps_per_epoch)
+    epoch_steps = steps_per_epoch(len(train_loader), args)  # the prepared loader's, as the loop counts them
+    validation = Validation(args, accelerator, model, processor, splits, label_column, best, epoch_steps)
     lv_log = LVSegmentationLog(args, accelerator) if lv_masks else None
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, make_compute_loss(args, accelerator),
                    on_step=lv_log, on_epoch_end=validation.on_epoch_end)  # fmt: skip
