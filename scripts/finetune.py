@@ -184,8 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must lie in (0, 1], got {args.label_fraction}")
     for flag in ("num_labels", "eval_num_clips", "eval_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be positive, got {value}")
     if args.lv_segmentation_weight < 0:
         parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args

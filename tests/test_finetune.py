@@ -189,6 +189,7 @@ def test_classification_validation_scores_the_per_video_class_logits_the_saved_m
 
 def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_keys(corpus, pretrained):
     finetune = load_script("finetune")
+    # --drop_path_rate given (the default is 0) to check below that the flag reaches the classifier's config
     argv = finetune_argv(corpus, Path("unused"), "--model_name_or_path", str(pretrained), "--drop_path_rate", "0.1")
     model = finetune.build_model(finetune.parse_args(argv), load_echonet_dynamic(corpus)["train"])  # step 0's weights
     pretrained_weights = load_file(pretrained / "model.safetensors")
@@ -198,7 +199,7 @@ def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_ke
         torch.testing.assert_close(value, pretrained_weights[name], rtol=0, atol=0, msg=name)
     _, info = EchoAIForVideoClassification.from_pretrained(pretrained, num_labels=1, output_loading_info=True)
     assert info["unexpected_keys"] == set() or info["unexpected_keys"] == []  # the decoder is dropped quietly
-    assert model.config.drop_path_rate == 0.1 and model.config.regression_target_std == pytest.approx(  # the flag's
+    assert model.config.drop_path_rate == 0.1 and model.config.regression_target_std == pytest.approx(
         train_ef(corpus).std()
     )
 
