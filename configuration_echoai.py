@@ -130,6 +130,11 @@ class EchoAIConfig(PreTrainedConfig):
             in k x k pixel blocks, (patch_size / k)² values per frame, instead of every pixel (1). Speckle, the
             fine grain of an echo, cannot be predicted from the visible tubelets; pooling takes it out of the
             target so the loss is spent on the tissue's shape and brightness. Must divide `patch_size`.
+        reconstruction_target (`str`, defaults to `"pixels"`): what the decoder predicts of each hidden tubelet:
+            its `"pixels"`, or its `"motion"`: each frame minus the clip's mean frame, so that what stays still
+            over the clip (the anatomy's layout, the gain, the sector's edge and labels) drops out of the target and
+            what moves (the walls over the heart cycle, from which EF is read) is left. Applied before
+            `reconstruction_target_pool` and `norm_pix_loss`.
         mask_ratio (`float`, defaults to 0.9): fraction of tubelets hidden from the encoder; in (0, 1).
         mask_strategy (`str`, defaults to `"tube"`): `"tube"` hides the same spatial patches in every
             tubelet slice (VideoMAE's tube masking, which stops the model copying a patch from its temporal
@@ -195,6 +200,7 @@ class EchoAIConfig(PreTrainedConfig):
     norm_pix_loss: bool = True
     norm_pix_per_channel: bool = False
     reconstruction_target_pool: int = 1
+    reconstruction_target: Literal["pixels", "motion"] = "pixels"
     mask_ratio: float | int = 0.9
     mask_strategy: Literal["tube", "random"] = "tube"
     decoder_mask_ratio: float | int = 0.0
@@ -211,8 +217,8 @@ class EchoAIConfig(PreTrainedConfig):
         The one place EchoAIConfig is validated: `@strict` runs every `validate_*` method once after `__init__`
         (wrapping the `ValueError` in its `StrictDataclassClassValidationError`) and again when `save_pretrained`
         writes the config, so a config edited by hand is re-checked before it is saved. Types, and the choices
-        of the `Literal` fields (`position_embedding_type`, `mask_strategy`, `pooling`, `regression_loss`), `@strict`
-        checks itself on every assignment.
+        of the `Literal` fields (`position_embedding_type`, `mask_strategy`, `reconstruction_target`, `pooling`,
+        `regression_loss`), `@strict` checks itself on every assignment.
         """
         for name in POSITIVE_FIELDS:
             if getattr(self, name) <= 0:

@@ -139,14 +139,27 @@ def unpatchify(patches: torch.Tensor, tubelet_size: int, patch_size: int, grid: 
     )  # fmt: skip
 
 
-def target_patches(pixel_values: torch.Tensor, config: EchoAIConfig) -> torch.Tensor:
-    """(B, T, C, H, W) -> (B, L, P): the tubelets the decoder learns to predict, each frame average-pooled in
-    k x k pixel blocks first when `config.reconstruction_target_pool` = k > 1 (P = t (p / k)² c)."""
+def pooled_patches(pixel_values: torch.Tensor, config: EchoAIConfig) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, L, P): tubelets with each frame average-pooled in k x k pixel blocks first when
+    `config.reconstruction_target_pool` = k > 1 (P = t (p / k)² c)."""
     k = config.reconstruction_target_pool
     if k > 1:
         frames = F.avg_pool2d(pixel_values.flatten(0, 1), k)
         pixel_values = frames.unflatten(0, pixel_values.shape[:2])
     return patchify(pixel_values, config.tubelet_size, config.patch_size // k)
+
+
+def static_part(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Each pixel's mean over the clip's frames, repeated for every frame: what a `"motion"` target leaves out."""
+    return pixel_values.mean(dim=1, keepdim=True).expand_as(pixel_values)
+
+
+def target_patches(pixel_values: torch.Tensor, config: EchoAIConfig) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, L, P): the tubelets the decoder learns to predict (`pooled_patches`), of the pixels
+    or, with `config.reconstruction_target="motion"`, of each frame minus the clip's mean frame."""
+    if config.reconstruction_target == "motion":
+        pixel_values = pixel_values - static_part(pixel_values)
+    return pooled_patches(pixel_values, config)
 
 
 def reconstruction_target_size(config: EchoAIConfig) -> int:
@@ -1033,6 +1046,9 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
             true = rearrange(target_patches(pixel_values, config)[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
             mean, std = patch_statistics(true, groups=self.norm_pix_groups)  # the inverse of `normalize_patches`
             prediction = prediction * std + mean
+        if config.reconstruction_target == "motion":  # add back what the target left out: the clip's mean frame
+            static = pooled_patches(static_part(pixel_values), config)
+            prediction = prediction + rearrange(static[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
         if (k := config.reconstruction_target_pool) > 1:  # each predicted k x k block average fills its block
             prediction = rearrange(
                 prediction, "b m (t p q c) -> b m t p q c",

@@ -352,8 +352,9 @@ def test_single_channel_and_raw_pixel_loss():
     torch.testing.assert_close(out.loss, ((out.logits - patchify(x, 2, 8)[mask].view(2, 24, -1)) ** 2).mean())
 
 
-def test_reconstruct_with_a_perfect_prediction_returns_the_input():
-    config = tiny_config()
+@pytest.mark.parametrize("target", ["pixels", "motion"])
+def test_reconstruct_with_a_perfect_prediction_returns_the_input(target):
+    config = tiny_config(reconstruction_target=target)
     model = build(EchoAIForPreTraining, config)
     x = clips(config)
     mask = make_mask(2, (2, 4, 4), 0.75)
@@ -385,6 +386,22 @@ def test_a_pooled_target_is_each_frames_block_averages_normalised_per_tubelet():
     averages = blocks.repeat_interleave(4, dim=3).repeat_interleave(4, dim=4)
     hidden = mask.view(2, 2, 1, 4, 1, 4, 1).expand(2, 2, 2, 4, 8, 4, 8).reshape(2, 4, 1, 32, 32)
     torch.testing.assert_close(reconstruction, torch.where(hidden, averages, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_a_motion_target_is_each_frame_minus_the_clips_mean_frame(norm_pix_loss):
+    config = tiny_config(reconstruction_target="motion", norm_pix_loss=norm_pix_loss)
+    model = build(EchoAIForPreTraining, config)
+    x = clips(config)
+    mask = make_mask(2, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(0))
+    residual = patchify(x - x.mean(dim=1, keepdim=True), config.tubelet_size, config.patch_size)
+    expected = rearrange(residual[mask], "(b m) p -> b m p", b=2)
+    if norm_pix_loss:
+        expected = (expected - expected.mean(-1, keepdim=True)) / (expected.var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(model.reconstruction_target(x, mask), expected)
+    # A still clip (one frame repeated) has nothing to predict, however bright or textured the frame.
+    still = x[:, :1].expand_as(x) * 3.0 + 1.0
+    torch.testing.assert_close(model.reconstruction_target(still, mask), torch.zeros_like(expected))
 
 
 def test_the_target_pool_must_divide_the_patch():
