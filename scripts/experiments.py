@@ -45,7 +45,9 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
 larger unlabeled corpus with `scripts/pretrain.py`).
 
 EF results are `scripts/evaluate.py` on the test split (`k_clips` with `--eval_num_clips` evenly spaced
-clips averaged per video, `one_clip` when 1) of the model `finetune.py` kept (best validation MAE, one clip).
+clips averaged per video, `one_clip` when 1) of the model `finetune.py` kept (best validation MAE, one clip;
+validated about 20 times per run, every `--finetune_steps` / 20 steps, whatever the label fraction: at 10 % of a
+small split an epoch is a few steps, and validating after each would cost more than the training).
 Every EF table shows the mean predictor beside the model (its test MAE, from the model's own training mean) and
 whether the model learned EF at all (`metrics_echoai.check_against_mean_predictor` on the test split).
 
@@ -268,6 +270,7 @@ def train_and_test(
         "--data_dir", str(corpus), *init, "--max_train_steps", str(args.finetune_steps),
         "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--per_device_eval_batch_size", "16",
         "--label_fraction", str(label_fraction), "--seed", str(seed), "--eval_num_clips", "1", "--logging_steps", "50",
+        "--eval_steps", str(max(1, args.finetune_steps // 20)),
         *(["--max_train_seconds", f"{time_budget_s:g}"] if time_budget_s else []),
     ]  # fmt: skip
     finetune_seconds = run_script("finetune", output, argv)
