@@ -1572,10 +1572,21 @@ def card_procedure(args: argparse.Namespace, config: EchoAIConfig, task: str) ->
         "mean_max_min": "each token slice's mean, pooled by mean, maximum and minimum over time",
     }[config.pooling]
     return {
-        "pretraining": "masked-autoencoder pretraining: tube masking, norm-pix MSE on the hidden tubelets",
+        "pretraining": f"masked-autoencoder pretraining: {config.mask_strategy} masking, MSE on {reconstruction_target(config)}",
         "regression": f"EF regression from {start} ({pooling}, linear head)",
         "classification": f"classification from {start} ({pooling}, linear head)",
     }[task]
+
+
+def reconstruction_target(config: EchoAIConfig) -> str:
+    """What the decoder of `config` predicts of each hidden tubelet, in words (`modeling_echoai.target_patches`)."""
+    what = {"pixels": "pixels", "motion": "motion (each frame minus the clip's mean frame)"}[
+        config.reconstruction_target
+    ]
+    k = config.reconstruction_target_pool
+    blocks = f" in {k} x {k} block averages" if k > 1 else ""
+    norm = ", normalised per tubelet" if config.norm_pix_loss else ""
+    return f"the hidden tubelets' {what}{blocks}{norm}"
 
 
 def card_architecture(model: torch.nn.Module) -> dict:
