@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
     # labelled videos, the plain ViViT does not learn EF (it collapses to the mean or memorises the videos);
     # a convolutional stem and pooling over the clip's extreme states do (docs/EXPERIMENTS.md). Its pretraining
     # predicts motion (each frame minus the clip's mean frame, in 4 x 4 block averages, not normalised per tubelet):
-    # pretrained on pixels it fine-tuned worse than from scratch; on motion, as well or better.
+    # pretrained on pixels it fine-tuned worse than from scratch; on motion, as well (within the seed spread).
     "tiny": dict(
         stem_channels=[24, 48, 96],
         pooling="mean_max_min",

@@ -17,8 +17,9 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
 
 * `mask_ratio`: pretrain with each mask ratio (same steps, seed, data: the training split only). Then, on the
   test split (`--recon_num_clips` evenly spaced clips per video, no augmentation) and with masks drawn from
-  one seeded generator, `EchoAIForPreTraining` in eval mode scores the norm-pix MSE of the hidden tubelets
-  twice: at the model's own ratio, and at one common ratio (`--mask_ratio`) so the models face the same task.
+  one seeded generator, `EchoAIForPreTraining` in eval mode scores its reconstruction loss (the MSE on its own
+  target) of the hidden tubelets twice: at the model's own ratio, and at one common ratio (`--mask_ratio`) so the
+  models face the same task.
   The masks are nested (the generator's noise is shared, a higher ratio hides a superset). One
   reconstruction picture per model (`training_echoai.save_reconstruction`).
 * `num_frames`: one pretraining at `--pretrain_num_frames`; for each frame count the checkpoint is copied
@@ -630,7 +631,7 @@ def plot_mask_ratio(args: argparse.Namespace, rows: list[dict], axis) -> None:
     axis.plot(ratios, [r["test_loss_own_ratio"] for r in rows], "o-", label="at its own ratio")
     axis.plot(ratios, [r["test_loss_common_ratio"] for r in rows], "s--", label=f"at ratio {args.mask_ratio:g}")
     axis.set_xlabel("pretraining mask ratio")
-    axis.set_ylabel("held-out norm-pix MSE")
+    axis.set_ylabel("held-out reconstruction MSE (own target)")
     axis.legend()
 
 
