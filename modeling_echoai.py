@@ -502,7 +502,7 @@ class EchoAIPatchEmbeddings(nn.Module):
             return rearrange(self.projection(self.stem(x)), "b d T h w -> b (T h w) d").contiguous()  # (B, L, D)
         keep = self.visible_pixels(bool_masked_pos, x.shape).to(x.dtype)  # (B, 1, T, H, W)
         x = rearrange(self.projection(self.stem(x * keep, keep)), "b d T h w -> b (T h w) d")  # (B, L, D)
-        return x[~bool_masked_pos].view(x.shape[0], -1, x.shape[-1])  # (B, V, D)
+        return select_rows(x, ~bool_masked_pos)  # (B, V, D)
 
     def visible_pixels(self, bool_masked_pos: torch.BoolTensor, shape: torch.Size) -> torch.BoolTensor:
         """(B, 1, T, H, W): True at every pixel of a (B, C, T, H, W) clip whose tubelet `bool_masked_pos` keeps."""
@@ -537,6 +537,12 @@ class EchoAIEmbeddings(nn.Module):
             positions = select_positions(positions, ~bool_masked_pos)  # (B, V, D)
         embeddings = self.patch_embeddings(pixel_values, bool_masked_pos)
         return self.dropout(embeddings + positions.to(embeddings.dtype))  # (B, V or L, D)
+
+
+def select_rows(x: torch.Tensor, keep: torch.BoolTensor) -> torch.Tensor:
+    """(B, L, width), (B, L) bool -> (B, K, width): each sample's rows at its K kept positions, in order (every
+    sample keeps the same K, as the masks here do)."""
+    return x[keep].view(x.shape[0], -1, x.shape[-1])
 
 
 def select_positions(table: torch.Tensor, keep: torch.BoolTensor) -> torch.Tensor:
@@ -981,8 +987,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         """The (B, M, P) values the decoder must predict: the masked tubelets (`target_patches`), per-tubelet (or,
         with `norm_pix_per_channel`, per tubelet channel) normalised if `norm_pix_loss`. Computed from `pixel_values`
         as given (already normalised by the processor), so no dataset statistics are hidden in the model."""
-        patches = target_patches(pixel_values, self.config)  # (B, L, P)
-        patches = rearrange(patches[bool_masked_pos], "(b m) p -> b m p", b=pixel_values.shape[0])
+        patches = select_rows(target_patches(pixel_values, self.config), bool_masked_pos)  # (B, M, P)
         return normalize_patches(patches, groups=self.norm_pix_groups) if self.config.norm_pix_loss else patches
 
     @can_return_tuple
@@ -1034,7 +1039,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         those of the full decoder (eval mode, or `decoder_bool_masked_pos` all False)."""
         config = self.config
         grid = token_grid(config, pixel_values, interpolate_pos_encoding=True)
-        batch_size, num_masked = pixel_values.shape[0], int(bool_masked_pos[0].sum())
+        num_masked = int(bool_masked_pos[0].sum())
         if logits.shape[1] != num_masked:
             raise ValueError(
                 f"reconstruct needs logits for all {num_masked} hidden tubelets, got {logits.shape[1]} (a decoder-"
@@ -1043,12 +1048,11 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         patches = patchify(pixel_values, config.tubelet_size, config.patch_size)  # (B, L, P)
         prediction = logits.to(patches.dtype)
         if config.norm_pix_loss:
-            true = rearrange(target_patches(pixel_values, config)[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
+            true = select_rows(target_patches(pixel_values, config), bool_masked_pos)
             mean, std = patch_statistics(true, groups=self.norm_pix_groups)  # the inverse of `normalize_patches`
             prediction = prediction * std + mean
         if config.reconstruction_target == "motion":  # add back what the target left out: the clip's mean frame
-            static = pooled_patches(static_part(pixel_values), config)
-            prediction = prediction + rearrange(static[bool_masked_pos], "(b m) p -> b m p", b=batch_size)
+            prediction = prediction + select_rows(pooled_patches(static_part(pixel_values), config), bool_masked_pos)
         if (k := config.reconstruction_target_pool) > 1:  # each predicted k x k block average fills its block
             prediction = rearrange(
                 prediction, "b m (t p q c) -> b m t p q c",
