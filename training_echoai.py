@@ -1571,14 +1571,15 @@ def card_procedure(args: argparse.Namespace, config: EchoAIConfig, task: str) ->
         "mean": "mean-pooled tokens",
         "mean_max_min": "each token slice's mean, pooled by mean, maximum and minimum over time",
     }[config.pooling]
+    target = describe_reconstruction_target(config)
     return {
-        "pretraining": f"masked-autoencoder pretraining: {config.mask_strategy} masking, MSE on {reconstruction_target(config)}",
+        "pretraining": f"masked-autoencoder pretraining: {config.mask_strategy} masking, MSE on {target}",
         "regression": f"EF regression from {start} ({pooling}, linear head)",
         "classification": f"classification from {start} ({pooling}, linear head)",
     }[task]
 
 
-def reconstruction_target(config: EchoAIConfig) -> str:
+def describe_reconstruction_target(config: EchoAIConfig) -> str:
     """What the decoder of `config` predicts of each hidden tubelet, in words (`modeling_echoai.target_patches`)."""
     what = {"pixels": "pixels", "motion": "motion (each frame minus the clip's mean frame)"}[
         config.reconstruction_target
