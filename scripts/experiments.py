@@ -74,11 +74,17 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from configuration_echoai import EchoAIConfig
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from inference_echoai import make_figure, predict_videos
 from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask, token_grid
-from training_echoai import from_pretrained_with_geometry, parse_config_overrides, save_reconstruction
+from training_echoai import (
+    describe_reconstruction_target,
+    from_pretrained_with_geometry,
+    parse_config_overrides,
+    save_reconstruction,
+)
 from video_processing_echoai import EchoAIVideoProcessor
 
 
@@ -306,7 +312,8 @@ def reconstruction_losses(
     checkpoint: Path, video_paths: list[str], mask_ratios: dict[str, float], num_clips: int, seed: int,
     picture: Path | None = None, batch_size: int = 16,
 ) -> dict[str, float]:  # fmt: skip
-    """Norm-pix MSE of the hidden tubelets of fixed test clips, per named mask ratio, in eval mode.
+    """The reconstruction loss (the MSE on the model's own target, `modeling_echoai.target_patches`) of the hidden
+    tubelets of fixed test clips, per named mask ratio, in eval mode.
 
     Clips: `num_clips` evenly spaced per video, no augmentation. Masks: one generator seeded by `seed` per
     ratio, so every model sees the same masks at a given ratio, and ratios share the noise (nested masks).
@@ -386,9 +393,11 @@ def experiment_mask_ratio(args: argparse.Namespace, corpus: Path) -> list[dict]:
             checkpoint, test_paths, {"own": ratio, "common": args.mask_ratio}, args.recon_num_clips, args.seed,
             picture=picture,
         )  # fmt: skip
+        target = describe_reconstruction_target(EchoAIConfig.from_pretrained(checkpoint))
         rows.append(
             {"mask_ratio": ratio, "test_loss_own_ratio": losses["own"], "test_loss_common_ratio": losses["common"],
-             "pretrain_seconds": seconds, "picture": picture.name, "run": str(checkpoint)}
+             "reconstruction_target": target, "pretrain_seconds": seconds, "picture": picture.name,
+             "run": str(checkpoint)}
         )  # fmt: skip
     return rows
 
@@ -743,7 +752,9 @@ def pretraining_words(args: argparse.Namespace) -> str:
     return f"preset `{args.config_name}` with `{args.config_overrides}`; pretraining {args.pretrain_steps} steps"
 
 
-def report_header(args: argparse.Namespace, settings: dict, corpus: Path, seconds: float) -> list[str]:
+def report_header(
+    args: argparse.Namespace, settings: dict, corpus: Path, seconds: float, rows: list[dict]
+) -> list[str]:
     """results.md above the table: the command, the settings in words, and the mean predictor's floor."""
     header = [
         f"# EchoAI experiment: {args.experiment}{' (smoke)' if args.smoke else ''}",
@@ -764,6 +775,13 @@ def report_header(args: argparse.Namespace, settings: dict, corpus: Path, second
             f"model got depend on the machine and its load), on all {settings['videos']['train']} training videos. "
             f"R(2+1)D overrides: `{args.baseline_overrides or 'none (the full R(2+1)D-18)'}`. "
             "`learned EF`: seeds whose test predictions beat the mean predictor without collapsing to a constant.",
+            "",
+        ]
+    if args.experiment == "mask_ratio":
+        targets = "; ".join(dict.fromkeys(r["reconstruction_target"] for r in rows))
+        header += [
+            f"Reconstruction target: {targets}. A loss is on that target's scale: it compares with the other rows, "
+            "not with a run of another target.",
             "",
         ]
     if "mean_predictor_test_mae" in settings:
@@ -794,7 +812,7 @@ def main(argv: list[str] | None = None) -> dict:
     picture = plot(args, rows, args.output_dir / f"{args.experiment}.png")
     table = experiment.table(args, rows)
     (args.output_dir / "results.md").write_text(
-        "\n".join([*report_header(args, settings, corpus, seconds), *table, "", f"![]({picture.name})", ""])
+        "\n".join([*report_header(args, settings, corpus, seconds, rows), *table, "", f"![]({picture.name})", ""])
     )
     print("\n".join(table))
     print(f"\nWrote {args.output_dir}/results.md, results.json, {picture.name} in {seconds:.0f} s")
