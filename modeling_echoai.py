@@ -1030,13 +1030,18 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
 
     @torch.no_grad()
     def reconstruct(
-        self, pixel_values: torch.Tensor, logits: torch.Tensor, bool_masked_pos: torch.BoolTensor
+        self,
+        pixel_values: torch.Tensor,
+        logits: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor,
+        add_static: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn a prediction back into videos for viewing: returns `(masked, reconstruction)`, both
         (B, T, C, H, W) in `pixel_values`' units. `masked` has hidden tubelets set to 0; `reconstruction` is the
         input with hidden tubelets replaced by the prediction (mapped back through each tubelet's true mean
-        and std when `norm_pix_loss`, as in MAE's visualisation). `logits` must predict every hidden tubelet:
-        those of the full decoder (eval mode, or `decoder_bool_masked_pos` all False)."""
+        and std when `norm_pix_loss`, as in MAE's visualisation; with a `"motion"` target, plus the clip's mean
+        frame unless `add_static=False`, which leaves the predicted motion itself). `logits` must predict every
+        hidden tubelet: those of the full decoder (eval mode, or `decoder_bool_masked_pos` all False)."""
         config = self.config
         grid = token_grid(config, pixel_values, interpolate_pos_encoding=True)
         num_masked = int(bool_masked_pos[0].sum())
@@ -1051,7 +1056,7 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
             true = select_rows(target_patches(pixel_values, config), bool_masked_pos)
             mean, std = patch_statistics(true, groups=self.norm_pix_groups)  # the inverse of `normalize_patches`
             prediction = prediction * std + mean
-        if config.reconstruction_target == "motion":  # add back what the target left out: the clip's mean frame
+        if config.reconstruction_target == "motion" and add_static:  # what the target left out: the mean frame
             prediction = prediction + select_rows(pooled_patches(static_part(pixel_values), config), bool_masked_pos)
         if (k := config.reconstruction_target_pool) > 1:  # each predicted k x k block average fills its block
             prediction = rearrange(

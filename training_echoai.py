@@ -1677,7 +1677,12 @@ def save_reconstruction(
 ) -> Path:
     """PNG of the first clip of a batch: original / masked input / reconstruction, a few frames each. After a
     decoder-masked step (`outputs.decoder_mask`) the clip's hidden tubelets are predicted again by the full
-    decoder, so the picture shows every one of them reconstructed."""
+    decoder, so the picture shows every one of them reconstructed.
+
+    With a `"motion"` target the reconstruction row has the clip's true mean frame added back, which carries most
+    of the picture whatever the decoder learned; two more rows show what it did learn: the true motion (each frame
+    minus the clip's mean frame, in the target's block averages) and the decoder's prediction of it, on the hidden
+    tubelets (visible ones left at 0) and on one signed scale."""
     clip, mask, logits = pixel_values[:1].float(), outputs.mask[:1].bool(), outputs.logits[:1].float()
     if getattr(outputs, "decoder_mask", None) is not None:
         with torch.no_grad():
@@ -1686,15 +1691,27 @@ def save_reconstruction(
     mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
     rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}
+    hidden = masked[0].abs().sum(1, keepdim=True) == 0  # (T, 1, H, W): pixels of hidden tubelets
+    if model.config.reconstruction_target == "motion":  # both as the decoder sees them: hidden tubelets, its blocks
+        with torch.no_grad():
+            _, motion = model.reconstruct(clip, model.reconstruction_target(clip, mask), mask, add_static=False)
+        _, predicted = model.reconstruct(clip, logits, mask, add_static=False)
+        rows["motion"] = torch.where(hidden, motion[0], 0.0)
+        rows["predicted motion"] = torch.where(hidden, predicted[0], 0.0)
     frames = torch.linspace(0, clip.shape[1] - 1, num_frames_shown).round().long().tolist()
-    figure = make_figure((2 * len(frames), 6.3), dpi=80)
-    axes = figure.subplots(3, len(frames), squeeze=False)
+    figure = make_figure((2 * len(frames), 2.1 * len(rows)), dpi=80)
+    axes = figure.subplots(len(rows), len(frames), squeeze=False)
+    scale = float(rows["motion"][frames].mean(dim=1).abs().max().clamp_min(1e-6)) if "motion" in rows else 1.0
     for r, (title, video) in enumerate(rows.items()):
-        images = (video[frames].cpu() * std + mean).clamp(0, 1).mean(dim=1)  # (F, H, W) grey in [0, 1]
+        if "motion" in title:  # signed, in the processor's normalised units, on the true motion's scale
+            images, shown = video[frames].cpu().mean(dim=1), {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}
+        else:
+            grey = (video[frames].cpu() * std + mean).clamp(0, 1).mean(dim=1)  # (F, H, W) in [0, 1]
+            images, shown = grey, {"cmap": "gray", "vmin": 0, "vmax": 1}
         if title == "masked input":
-            images = torch.where(video[frames].cpu().abs().sum(1) == 0, torch.full_like(images, 0.5), images)
+            images = torch.where(hidden[frames, 0], torch.full_like(images, 0.5), images)
         for c, frame in enumerate(frames):
-            axes[r][c].imshow(images[c].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[r][c].imshow(images[c].numpy(), **shown)
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
             if r == 0:

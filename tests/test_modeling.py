@@ -402,6 +402,10 @@ def test_a_motion_target_is_each_frame_minus_the_clips_mean_frame(norm_pix_loss)
     # A still clip (one frame repeated) has nothing to predict, however bright or textured the frame.
     still = x[:, :1].expand_as(x) * 3.0 + 1.0
     torch.testing.assert_close(model.reconstruction_target(still, mask), torch.zeros_like(expected))
+    # Without the mean frame added back, a perfect prediction reconstructs the motion itself where tubelets hide.
+    _, motion = model.reconstruct(x, model.reconstruction_target(x, mask), mask, add_static=False)
+    hidden = mask.view(2, 2, 1, 4, 1, 4, 1).expand(2, 2, 2, 4, 8, 4, 8).reshape(2, 4, 1, 32, 32)
+    torch.testing.assert_close(motion, torch.where(hidden, x - x.mean(dim=1, keepdim=True), x), atol=1e-4, rtol=1e-4)
 
 
 def test_the_target_pool_must_divide_the_patch():
