@@ -154,17 +154,57 @@ def build_data(args: argparse.Namespace, accelerator, config: EchoAIConfig, vide
     return processor, dataset
 
 
-def print_loss_trend(accelerator, result) -> None:
-    """The reconstruction loss at the start and the end of the run, each a mean over a window of steps: a single
-    step's loss depends on its batch and mask."""
+# Below this share of its target's variance predicted at the end of a run, the decoder has collapsed to predicting
+# the target's mean: its loss is the target's variance, and the encoder learns (almost) nothing from it. Collapsed
+# runs measured ~0.0001 and learning ones 0.2-0.5 (docs/EXPERIMENTS.md, section 3, item 22).
+COLLAPSED_SHARE = 0.02
+
+
+def mean_of_last(values: list[float]) -> tuple[float | None, int]:
+    """The mean of the last quarter of `values` (at most 20 of them, at least 1) and how many that is: one step's
+    value depends on its batch and mask."""
+    window = max(1, min(20, len(values) // 4))
+    return (sum(values[-window:]) / window if values else None), window
+
+
+def share_predicted(model, batch: dict, outputs) -> float:
+    """1 - loss / variance of the batch's reconstruction target: the share of what the decoder must predict that it
+    does predict. 0 for a decoder that outputs the target's mean whatever it sees (the loss alone cannot tell that
+    apart from learning: a target's variance differs between targets and corpora)."""
+    with torch.no_grad():
+        target = model.reconstruction_target(batch["pixel_values"], outputs.mask.bool())
+        return 1.0 - float(outputs.loss.detach()) / max(float(target.float().var()), 1e-12)
+
+
+def collapse_warning(share: float | None) -> str | None:
+    """Why the run's checkpoint is not pretrained, in words (the log, the results and the model card), or None."""
+    if share is None or share >= COLLAPSED_SHARE:
+        return None
+    return (
+        f"At the end of pretraining the decoder predicts {100 * share:.1f} % of its target's variance: it outputs "
+        "about the target's mean whatever it sees"
+    )
+
+
+def print_loss_trend(accelerator, result, shares: list[float]) -> None:
+    """The reconstruction loss at the start and the end of the run, each a mean over a window of steps, and the share
+    of the target's variance the decoder predicts at the end; a warning if that share says it collapsed."""
     if not result.losses:
         return
-    window = max(1, min(20, len(result.losses) // 4))
-    first, last = (sum(part) / len(part) for part in (result.losses[:window], result.losses[-window:]))
+    last, window = mean_of_last(result.losses)
+    first = sum(result.losses[:window]) / window
+    share, _ = mean_of_last(shares)
+    predicted = f"; the decoder predicts {100 * share:.1f} % of its target's variance" if share is not None else ""
     accelerator.print(
-        f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f} "
+        f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f}{predicted} "
         f"({result.state.global_step} steps, {result.seconds:.0f} s)"
     )
+    if warning := collapse_warning(share):
+        logger.warning(
+            "%s. Its encoder was trained through a decoder that predicts nothing (docs/EXPERIMENTS.md, section 3, "
+            "item 22: such an encoder stayed near its initialisation).",
+            warning,
+        )
 
 
 def log_run(args: argparse.Namespace, accelerator, model, num_videos: int | None, data_dir) -> None:
@@ -184,7 +224,8 @@ def log_run(args: argparse.Namespace, accelerator, model, num_videos: int | None
 
 def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, processor):
     """`train`'s `compute_loss` and `on_step` for pretraining: hide tubelets, reconstruct them, and save a picture
-    of it every `--reconstruction_steps`.
+    of it every `--reconstruction_steps`; with them the list `on_step` fills at every logging step with the share of
+    the target's variance the decoder predicts (`share_predicted`).
 
     Masks (and, with `decoder_mask_ratio`, the decoder's) are drawn from a generator seeded by (seed, step,
     process), so a resumed run hides the same tubelets.
@@ -197,36 +238,46 @@ def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, pro
         outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=mask, decoder_bool_masked_pos=decoder_mask)
         return outputs.loss, outputs
 
+    shares = []  # the share of its target's variance the decoder predicts, at every logging step
+
     def on_step(step, batch, outputs):
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            shares.append(share_predicted(unwrap(accelerator, model), batch, outputs))
         if accelerator.is_main_process and args.reconstruction_steps and step % args.reconstruction_steps == 0:
             save_reconstruction(unwrap(accelerator, model), batch["pixel_values"], outputs, processor,
                                 Path(args.output_dir) / "reconstructions" / f"step_{step:07d}.png")  # fmt: skip
 
-    return compute_loss, on_step
+    return compute_loss, on_step, shares
 
 
-def collect_results(args: argparse.Namespace, result) -> dict:
-    """`all_results.json`: the run's length, its losses and the data it could not read."""
+def collect_results(args: argparse.Namespace, result, shares: list[float]) -> dict:
+    """`all_results.json`: the run's length, its losses, the share of its target the decoder predicts at the end
+    (and whether that says it collapsed), and the data it could not read."""
     state = result.state
+    share, _ = mean_of_last(shares)
     return {
         "steps": state.global_step, "epochs": state.epoch, "seconds": round(result.seconds, 2),
         "train_seconds": round(state.train_seconds, 2), "stopped_by_time": result.stopped_by_time,
         "first_loss": result.losses[0] if result.losses else None, "last_loss": result.losses[-1] if result.losses else None,
+        "target_share_predicted": share, "decoder_collapsed": None if share is None else share < COLLAPSED_SHARE,
         "videos_seen": state.videos_seen, "videos_skipped": state.videos_skipped,
         "damaged_shards": sorted(args.damaged_shards), "nonfinite_skipped": state.nonfinite_skipped,
     }  # fmt: skip
 
 
-def save_outputs(args: argparse.Namespace, accelerator, model, processor, result, data_dir, num_videos) -> None:
-    """The model (safetensors + remote code), its processor, `all_results.json`, the model card and the Hub
-    upload."""
+def save_outputs(
+    args: argparse.Namespace, accelerator, model, processor, result, shares: list[float], data_dir, num_videos
+) -> None:
+    """The model (safetensors + remote code), its processor, `all_results.json`, the model card (with a warning at
+    its top when the decoder collapsed) and the Hub upload."""
     save_model(accelerator, model, processor, args.output_dir)
     if not accelerator.is_main_process:
         return
-    save_text(Path(args.output_dir) / "all_results.json", json.dumps(collect_results(args, result), indent=2))
+    save_text(Path(args.output_dir) / "all_results.json", json.dumps(collect_results(args, result, shares), indent=2))
     card = render_model_card(unwrap(accelerator, model), args, task="pretraining", dataset_dir=data_dir,
                              num_videos=num_videos, train_result=result,
-                             dataset_name="prepared echo corpus" if args.dataset_path else None)  # fmt: skip
+                             dataset_name="prepared echo corpus" if args.dataset_path else None,
+                             failure=collapse_warning(mean_of_last(shares)[0]))  # fmt: skip
     save_text(Path(args.output_dir) / "README.md", str(card))
     if args.push_to_hub:
         push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
@@ -256,15 +307,15 @@ def main(argv: list[str] | None = None):
     log_run(args, accelerator, model, num_videos, data_dir)
 
     # The loop
-    compute_loss, on_step = masked_reconstruction_step(args, accelerator, model, processor)
+    compute_loss, on_step, shares = masked_reconstruction_step(args, accelerator, model, processor)
     result = train(accelerator, model, optimizer, scheduler, dataloader, args, compute_loss, on_step=on_step)
     result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
         accelerator.end_training()
         return result
-    print_loss_trend(accelerator, result)
+    print_loss_trend(accelerator, result, shares)
 
-    save_outputs(args, accelerator, model, processor, result, data_dir, num_videos)
+    save_outputs(args, accelerator, model, processor, result, shares, data_dir, num_videos)
     accelerator.end_training()
     return result
 

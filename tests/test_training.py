@@ -25,6 +25,7 @@ from transformers import AutoModelForPreTraining
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor  # the top-level name needs torchvision
 
 import training_echoai
+from configuration_echoai import EchoAIConfig
 from modeling_echoai import EchoAIForPreTraining
 from video_processing_echoai import EchoAIVideoProcessor
 
@@ -88,6 +89,27 @@ def test_pretraining_run_saves_a_loadable_model_processor_card_and_pictures(corp
     pictures = sorted((output / "reconstructions").glob("*.png"))
     assert [p.name for p in pictures] == ["step_0000002.png", "step_0000004.png"]
     assert pictures[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Whether the decoder learned anything, in the results and (when it did not) at the top of the card.
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["target_share_predicted"] < 1 and math.isfinite(results["target_share_predicted"])
+    assert results["decoder_collapsed"] == (results["target_share_predicted"] < 0.02)
+    assert ("did not learn its pretraining task" in card.text) == results["decoder_collapsed"]
+
+
+def test_the_share_of_the_target_predicted_tells_a_collapsed_decoder_from_a_learning_one():
+    """A decoder that outputs the target's mean predicts none of it, and is named collapsed; a perfect one all."""
+    pretrain = load_script("pretrain")
+    config = EchoAIConfig.from_preset("tiny", **training_echoai.parse_config_overrides(TINY_MODEL))
+    model = EchoAIForPreTraining(config).eval()
+    batch = {"pixel_values": torch.randn(4, 4, 3, 32, 32)}
+    mask = model.make_mask(batch["pixel_values"], generator=torch.Generator().manual_seed(0))
+    target = model.reconstruction_target(batch["pixel_values"], mask)
+    for prediction, share in ((torch.full_like(target, float(target.mean())), 0.0), (target, 1.0)):
+        outputs = argparse.Namespace(loss=((prediction - target) ** 2).mean(), mask=mask)
+        assert pretrain.share_predicted(model, batch, outputs) == pytest.approx(share, abs=0.01)
+    assert "predicts 0.5 % of its target's variance" in pretrain.collapse_warning(0.005)
+    assert pretrain.collapse_warning(0.3) is None and pretrain.collapse_warning(None) is None
 
 
 def test_checkpoints_are_rotated_and_never_left_half_written(corpus, tmp_path):
