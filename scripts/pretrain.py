@@ -176,12 +176,17 @@ def share_predicted(model, batch: dict, outputs) -> float:
         return 1.0 - float(outputs.loss.detach()) / max(float(target.float().var()), 1e-12)
 
 
+def percent(share: float) -> str:
+    """A share as a percentage with one decimal, "0.0" rather than "-0.0" for a hair below zero."""
+    return f"{round(100 * share, 1) + 0.0:.1f}"
+
+
 def collapse_warning(share: float | None) -> str | None:
     """Why the run's checkpoint is not pretrained, in words (the log, the results and the model card), or None."""
     if share is None or share >= COLLAPSED_SHARE:
         return None
     return (
-        f"At the end of pretraining the decoder predicts {100 * share:.1f} % of its target's variance: it outputs "
+        f"At the end of pretraining the decoder predicts {percent(share)} % of its target's variance: it outputs "
         "about the target's mean whatever it sees"
     )
 
@@ -194,7 +199,7 @@ def print_loss_trend(accelerator, result, shares: list[float]) -> None:
     last, window = mean_of_last(result.losses)
     first = sum(result.losses[:window]) / window
     share, _ = mean_of_last(shares)
-    predicted = f"; the decoder predicts {100 * share:.1f} % of its target's variance" if share is not None else ""
+    predicted = f"; the decoder predicts {percent(share)} % of its target's variance" if share is not None else ""
     accelerator.print(
         f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f}{predicted} "
         f"({result.state.global_step} steps, {result.seconds:.0f} s)"
