@@ -83,8 +83,8 @@ def test_pretraining_run_saves_a_loadable_model_processor_card_and_pictures(corp
     assert "not a medical device" in card.text and "EchoAIForPreTraining" in card.text
     assert "has **not** been shown to beat training from scratch" in card.text  # the claim is not yet reproduced
     # The tiny preset's target, as the card's training procedure states it.
-    assert model.config.reconstruction_target == "motion" and model.config.reconstruction_target_pool == 4
-    assert "MSE on the hidden tubelets' motion (each frame minus the clip's mean frame) in 4 x 4 block" in card.text
+    assert model.config.reconstruction_target == "pixels" and model.config.norm_pix_loss
+    assert "MSE on the hidden tubelets' pixels, normalised per tubelet" in card.text
 
     pictures = sorted((output / "reconstructions").glob("*.png"))
     assert [p.name for p in pictures] == ["step_0000002.png", "step_0000004.png"]
