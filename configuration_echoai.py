@@ -135,7 +135,9 @@ class EchoAIConfig(PreTrainedConfig):
             its `"pixels"`, or its `"motion"`: each frame minus the clip's mean frame, so that what stays still
             over the clip (the anatomy's layout, the gain, the sector's edge and labels) drops out of the target and
             what moves (the walls over the heart cycle, from which EF is read) is left. Applied before
-            `reconstruction_target_pool` and `norm_pix_loss`.
+            `reconstruction_target_pool` and `norm_pix_loss`. On the `tiny` preset the decoder learned none of it
+            from a tenth of a phantom clip (docs/EXPERIMENTS.md, section 3, item 22): check the share of the target
+            `scripts/pretrain.py` reports.
         mask_ratio (`float`, defaults to 0.9): fraction of tubelets hidden from the encoder; in (0, 1).
         mask_strategy (`str`, defaults to `"tube"`): `"tube"` hides the same spatial patches in every
             tubelet slice (VideoMAE's tube masking, which stops the model copying a patch from its temporal
