@@ -156,7 +156,7 @@ def build_data(args: argparse.Namespace, accelerator, config: EchoAIConfig, vide
 
 # Below this share of its target's variance predicted at the end of a run, the decoder has collapsed to predicting
 # the target's mean: its loss is the target's variance, and the encoder learns (almost) nothing from it. Collapsed
-# runs measured ~0.0001 and learning ones 0.2-0.5 (docs/EXPERIMENTS.md, section 3, item 22).
+# runs measured within 0.002 of 0, learning ones 0.2-0.5 (docs/EXPERIMENTS.md, section 3, item 22).
 COLLAPSED_SHARE = 0.02
 
 
