@@ -191,14 +191,13 @@ def collapse_warning(share: float | None) -> str | None:
     )
 
 
-def print_loss_trend(accelerator, result, shares: list[float]) -> None:
+def print_loss_trend(accelerator, result, share: float | None) -> None:
     """The reconstruction loss at the start and the end of the run, each a mean over a window of steps, and the share
     of the target's variance the decoder predicts at the end; a warning if that share says it collapsed."""
     if not result.losses:
         return
     last, window = mean_of_last(result.losses)
     first = sum(result.losses[:window]) / window
-    share, _ = mean_of_last(shares)
     predicted = f"; the decoder predicts {percent(share)} % of its target's variance" if share is not None else ""
     accelerator.print(
         f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f}{predicted} "
@@ -255,11 +254,10 @@ def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, pro
     return compute_loss, on_step, shares
 
 
-def collect_results(args: argparse.Namespace, result, shares: list[float]) -> dict:
+def collect_results(args: argparse.Namespace, result, share: float | None) -> dict:
     """`all_results.json`: the run's length, its losses, the share of its target the decoder predicts at the end
     (and whether that says it collapsed), and the data it could not read."""
     state = result.state
-    share, _ = mean_of_last(shares)
     return {
         "steps": state.global_step, "epochs": state.epoch, "seconds": round(result.seconds, 2),
         "train_seconds": round(state.train_seconds, 2), "stopped_by_time": result.stopped_by_time,
@@ -271,18 +269,18 @@ def collect_results(args: argparse.Namespace, result, shares: list[float]) -> di
 
 
 def save_outputs(
-    args: argparse.Namespace, accelerator, model, processor, result, shares: list[float], data_dir, num_videos
+    args: argparse.Namespace, accelerator, model, processor, result, share: float | None, data_dir, num_videos
 ) -> None:
     """The model (safetensors + remote code), its processor, `all_results.json`, the model card (with a warning at
     its top when the decoder collapsed) and the Hub upload."""
     save_model(accelerator, model, processor, args.output_dir)
     if not accelerator.is_main_process:
         return
-    save_text(Path(args.output_dir) / "all_results.json", json.dumps(collect_results(args, result, shares), indent=2))
+    save_text(Path(args.output_dir) / "all_results.json", json.dumps(collect_results(args, result, share), indent=2))
     card = render_model_card(unwrap(accelerator, model), args, task="pretraining", dataset_dir=data_dir,
                              num_videos=num_videos, train_result=result,
                              dataset_name="prepared echo corpus" if args.dataset_path else None,
-                             failure=collapse_warning(mean_of_last(shares)[0]))  # fmt: skip
+                             failure=collapse_warning(share))  # fmt: skip
     save_text(Path(args.output_dir) / "README.md", str(card))
     if args.push_to_hub:
         push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
@@ -318,9 +316,10 @@ def main(argv: list[str] | None = None):
     if result.stopped_by_signal:
         accelerator.end_training()
         return result
-    print_loss_trend(accelerator, result, shares)
+    share, _ = mean_of_last(shares)  # the share of its target the decoder predicts at the end of the run
+    print_loss_trend(accelerator, result, share)
 
-    save_outputs(args, accelerator, model, processor, result, shares, data_dir, num_videos)
+    save_outputs(args, accelerator, model, processor, result, share, data_dir, num_videos)
     accelerator.end_training()
     return result
 
