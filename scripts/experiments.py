@@ -19,7 +19,8 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
   test split (`--recon_num_clips` evenly spaced clips per video, no augmentation) and with masks drawn from
   one seeded generator, `EchoAIForPreTraining` in eval mode scores its reconstruction loss (the MSE on its own
   target) of the hidden tubelets twice: at the model's own ratio, and at one common ratio (`--mask_ratio`) so the
-  models face the same task.
+  models face the same task; and, at its own ratio, the share of the target's variance it predicts (near 0: the
+  decoder collapsed to the target's mean, and the loss alone would not say so).
   The masks are nested (the generator's noise is shared, a higher ratio hides a superset). One
   reconstruction picture per model (`training_echoai.save_reconstruction`).
 * `num_frames`: one pretraining at `--pretrain_num_frames`; for each frame count the checkpoint is copied
@@ -311,9 +312,12 @@ def train_and_test(
 def reconstruction_losses(
     checkpoint: Path, video_paths: list[str], mask_ratios: dict[str, float], num_clips: int, seed: int,
     picture: Path | None = None, batch_size: int = 16,
-) -> dict[str, float]:  # fmt: skip
-    """The reconstruction loss (the MSE on the model's own target, `modeling_echoai.target_patches`) of the hidden
-    tubelets of fixed test clips, per named mask ratio, in eval mode.
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per named mask ratio, the reconstruction loss (the MSE on the model's own target,
+    `modeling_echoai.target_patches`) of the hidden tubelets of fixed test clips, in eval mode, and the share of the
+    target's variance the decoder predicts, `1 - loss / variance` over all those tubelets: 0 for a decoder that
+    outputs the target's mean whatever it sees, which a loss on its own cannot tell from learning
+    (docs/EXPERIMENTS.md, section 3, item 22). `{name: {"loss": ..., "share": ...}}`.
 
     Clips: `num_clips` evenly spaced per video, no augmentation. Masks: one generator seeded by `seed` per
     ratio, so every model sees the same masks at a given ratio, and ratios share the noise (nested masks).
@@ -333,14 +337,20 @@ def reconstruction_losses(
     for name, ratio in mask_ratios.items():
         generator = torch.Generator().manual_seed(seed)
         mask = make_mask(len(clips), grid, ratio, model.config.mask_strategy, generator=generator)  # (V·K, L)
-        total = 0.0
+        total, target_sum, target_squares, target_count = 0.0, 0.0, 0.0, 0
         for start in range(0, len(clips), batch_size):
             batch, batch_mask = clips[start : start + batch_size], mask[start : start + batch_size]
             outputs = model(pixel_values=batch, bool_masked_pos=batch_mask)
             total += float(outputs.loss) * len(batch)
+            target = model.reconstruction_target(batch, batch_mask).double()
+            target_sum += float(target.sum())
+            target_squares += float(target.square().sum())
+            target_count += target.numel()
             if picture is not None and start == 0 and ratio == model.config.mask_ratio:
                 save_reconstruction(model, batch, outputs, processor, picture)
-        losses[name] = total / len(clips)
+        loss = total / len(clips)
+        variance = target_squares / target_count - (target_sum / target_count) ** 2
+        losses[name] = {"loss": loss, "share": 1.0 - loss / max(variance, 1e-12)}
     return losses
 
 
@@ -395,7 +405,8 @@ def experiment_mask_ratio(args: argparse.Namespace, corpus: Path) -> list[dict]:
         )  # fmt: skip
         target = describe_reconstruction_target(EchoAIConfig.from_pretrained(checkpoint))
         rows.append(
-            {"mask_ratio": ratio, "test_loss_own_ratio": losses["own"], "test_loss_common_ratio": losses["common"],
+            {"mask_ratio": ratio, "test_loss_own_ratio": losses["own"]["loss"],
+             "test_loss_common_ratio": losses["common"]["loss"], "test_share_predicted": losses["own"]["share"],
              "reconstruction_target": target, "pretrain_seconds": seconds, "picture": picture.name,
              "run": str(checkpoint)}
         )  # fmt: skip
@@ -582,12 +593,12 @@ def markdown_table(columns: list[str], rows: Iterable[list[str]]) -> list[str]:
 
 
 def table_mask_ratio(args: argparse.Namespace, rows: list[dict]) -> list[str]:
-    columns = ["mask ratio", "test loss at own ratio", f"test loss at ratio {args.mask_ratio:g}", "pretraining s",
-               "picture"]  # fmt: skip
+    columns = ["mask ratio", "test loss at own ratio", f"test loss at ratio {args.mask_ratio:g}",
+               "share of the target predicted", "pretraining s", "picture"]  # fmt: skip
     return markdown_table(
         columns,
         ([f"{r['mask_ratio']:g}", fmt(r["test_loss_own_ratio"]), fmt(r["test_loss_common_ratio"]),
-          f"{r['pretrain_seconds']:.0f}", f"![]({r['picture']})"] for r in rows),
+          fmt(r["test_share_predicted"]), f"{r['pretrain_seconds']:.0f}", f"![]({r['picture']})"] for r in rows),
     )  # fmt: skip
 
 
@@ -781,7 +792,9 @@ def report_header(
         targets = "; ".join(dict.fromkeys(r["reconstruction_target"] for r in rows))
         header += [
             f"Reconstruction target: {targets}. A loss is on that target's scale: it compares with the other rows, "
-            "not with a run of another target.",
+            "not with a run of another target. The share of the target predicted (1 - loss / the target's variance, "
+            "at the model's own ratio) compares across targets: near 0, the decoder outputs the target's mean and "
+            "its encoder learned nothing from pretraining.",
             "",
         ]
     if "mean_predictor_test_mae" in settings:

@@ -64,6 +64,8 @@ def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
         # Nested masks, same clips: the 0.9 model scores the same at its own and the common ratio.
         row = rows[1]
         assert row["test_loss_own_ratio"] == pytest.approx(row["test_loss_common_ratio"])
+        # The share predicted is 1 - loss / the target's variance: finite, and at most 1 (a perfect decoder).
+        assert all(math.isfinite(r["test_share_predicted"]) and r["test_share_predicted"] <= 1 for r in rows)
         # A loss is read on its target's scale: the report names the target (the tiny preset's: normalised pixels).
         assert {r["reconstruction_target"] for r in rows} == {"the hidden tubelets' pixels, normalised per tubelet"}
         assert f"Reconstruction target: {rows[0]['reconstruction_target']}." in (tmp_path / "results.md").read_text()
@@ -129,6 +131,32 @@ def test_resampled_checkpoint_predicts_as_the_original_with_interpolated_positio
     with torch.no_grad():
         expected = original(clips, interpolate_pos_encoding=True).logits
         torch.testing.assert_close(resampled(clips).logits, expected)
+
+
+def test_held_out_share_predicted_is_zero_for_a_mean_decoder_and_does_not_depend_on_the_batch_size(corpus, tmp_path):
+    """The mask-ratio experiment's share of the target predicted, 1 - loss / variance over all hidden tubelets: a
+    decoder that outputs 0 (the mean of a per-tubelet normalised target) scores 0 however good its loss looks, and
+    the loss and share summed over batches are the same as in one batch."""
+    experiments = load_script("experiments")
+    config = EchoAIConfig.from_preset("tiny", **parse_config_overrides(experiments.SMOKE_OVERRIDES))
+    torch.manual_seed(0)
+    model = EchoAIForPreTraining(config)
+    with torch.no_grad():
+        model.decoder.head.weight.zero_()
+        model.decoder.head.bias.zero_()
+    model.save_pretrained(tmp_path / "mean_decoder")
+    experiments.EchoAIVideoProcessor(num_frames=config.num_frames, image_size=config.image_size).save_pretrained(
+        tmp_path / "mean_decoder"
+    )
+    paths = experiments.load_echonet_dynamic(corpus)["test"]["video_path"]
+    scores = [
+        experiments.reconstruction_losses(tmp_path / "mean_decoder", paths, {"own": 0.9}, 2, 0, batch_size=size)
+        for size in (1, 16)
+    ]
+    assert scores[0]["own"]["share"] == pytest.approx(0.0, abs=1e-3)
+    assert scores[0]["own"]["loss"] > 0.9  # a normalised target's variance: the loss alone looks like any other
+    assert scores[0]["own"]["loss"] == pytest.approx(scores[1]["own"]["loss"], rel=1e-5)
+    assert scores[0]["own"]["share"] == pytest.approx(scores[1]["own"]["share"], abs=1e-5)
 
 
 def test_ridge_probe_reads_a_linear_feature_and_not_noise():
