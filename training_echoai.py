@@ -1590,6 +1590,14 @@ def describe_reconstruction_target(config: EchoAIConfig) -> str:
     return f"the hidden tubelets' {what}{blocks}{norm}"
 
 
+def share_of_target_predicted(loss: float, target_variance: float) -> float:
+    """1 - loss / the reconstruction target's variance: the share of what the decoder must predict that it does
+    predict. 0 for a decoder that outputs the target's mean whatever it sees, which the loss alone cannot tell apart
+    from learning (a target's variance differs between targets and corpora; docs/EXPERIMENTS.md, section 3, item
+    22)."""
+    return 1.0 - loss / max(target_variance, 1e-12)
+
+
 def card_architecture(model: torch.nn.Module) -> dict:
     config = model.config
     stem = (

@@ -85,6 +85,7 @@ from training_echoai import (
     from_pretrained_with_geometry,
     parse_config_overrides,
     save_reconstruction,
+    share_of_target_predicted,
 )
 from video_processing_echoai import EchoAIVideoProcessor
 
@@ -315,9 +316,8 @@ def reconstruction_losses(
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per named mask ratio, the reconstruction loss (the MSE on the model's own target,
     `modeling_echoai.target_patches`) of the hidden tubelets of fixed test clips, in eval mode, and the share of the
-    target's variance the decoder predicts, `1 - loss / variance` over all those tubelets: 0 for a decoder that
-    outputs the target's mean whatever it sees, which a loss on its own cannot tell from learning
-    (docs/EXPERIMENTS.md, section 3, item 22). `{name: {"loss": ..., "share": ...}}`.
+    target's variance the decoder predicts over all those tubelets (`share_of_target_predicted`).
+    `{name: {"loss": ..., "share": ...}}`.
 
     Clips: `num_clips` evenly spaced per video, no augmentation. Masks: one generator seeded by `seed` per
     ratio, so every model sees the same masks at a given ratio, and ratios share the noise (nested masks).
@@ -350,7 +350,7 @@ def reconstruction_losses(
                 save_reconstruction(model, batch, outputs, processor, picture)
         loss = total / len(clips)
         variance = target_squares / target_count - (target_sum / target_count) ** 2
-        losses[name] = {"loss": loss, "share": 1.0 - loss / max(variance, 1e-12)}
+        losses[name] = {"loss": loss, "share": share_of_target_predicted(loss, variance)}
     return losses
 
 

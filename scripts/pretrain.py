@@ -61,6 +61,7 @@ from training_echoai import (
     save_model,
     save_reconstruction,
     save_text,
+    share_of_target_predicted,
     skip_damaged_shards,
     train,
     unwrap,
@@ -168,12 +169,10 @@ def mean_of_last(values: list[float]) -> tuple[float | None, int]:
 
 
 def share_predicted(model, batch: dict, outputs) -> float:
-    """1 - loss / variance of the batch's reconstruction target: the share of what the decoder must predict that it
-    does predict. 0 for a decoder that outputs the target's mean whatever it sees (the loss alone cannot tell that
-    apart from learning: a target's variance differs between targets and corpora)."""
+    """The share of the batch's reconstruction target the decoder predicts (`share_of_target_predicted`)."""
     with torch.no_grad():
         target = model.reconstruction_target(batch["pixel_values"], outputs.mask.bool())
-        return 1.0 - float(outputs.loss.detach()) / max(float(target.float().var()), 1e-12)
+        return share_of_target_predicted(float(outputs.loss.detach()), float(target.float().var()))
 
 
 def percent(share: float) -> str:
