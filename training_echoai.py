@@ -592,6 +592,10 @@ class TrainingState:
     # This process's position in a stream (`StreamingClips.state_dict`), None for a map-style dataset. Each
     # process has its own, so it is saved apart from the rest: one `data_state_<rank>.json` per process.
     data_state: dict | None = None
+    # The run's record since step 1, kept through checkpoints so that a resumed run is summarised (first and last
+    # loss, what `on_step` records) over the same steps as a straight one: "loss" at every optimizer step, and each
+    # value `on_step` returns under its name. Process 0's record is the one saved.
+    history: dict[str, list[float]] = field(default_factory=dict)
 
 
 class RunError(RuntimeError):
@@ -888,7 +892,8 @@ class StopRequest:
 @dataclass
 class TrainResult:
     state: TrainingState
-    losses: list[float] = field(default_factory=list)  # per optimizer step, this process
+    # This call's loss at every optimizer step, this process (the whole run's, resumed or not: `state.history`)
+    losses: list[float] = field(default_factory=list)
     seen: list[int] = field(default_factory=list)  # dataset indices this process trained on
     stopped_by_signal: bool = False
     stopped_by_time: bool = False  # --max_train_seconds ran out before the steps did
@@ -1066,13 +1071,14 @@ def train(
     dataloader: torch.utils.data.DataLoader,
     args: argparse.Namespace,
     compute_loss: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, object]],
-    on_step: Callable[[int, dict, object], None] | None = None,
+    on_step: Callable[[int, dict, object], dict[str, float] | None] | None = None,
     on_epoch_end: Callable[[int, TrainingState], None] | None = None,
 ) -> TrainResult:
     """Run the optimisation loop shared by pretraining and fine-tuning (`TrainingLoop`).
 
     `compute_loss(model, batch, global_step) -> (loss, outputs)`; `on_step(global_step, batch, outputs)`
-    runs after each optimizer step (e.g. to save a reconstruction picture); `on_epoch_end(epoch, state)`
+    runs after each optimizer step (e.g. to save a reconstruction picture) and may return a dict of values to
+    append to `state.history` (the whole run's record, kept through checkpoints); `on_epoch_end(epoch, state)`
     after each epoch (e.g. to evaluate). Both prepared objects and `args.max_train_steps` must be set.
 
     `args.max_train_seconds` (optional) stops the loop after the step that spends it: seconds of training, counted
@@ -1121,7 +1127,10 @@ class TrainingLoop:
         self.compute_loss, self.on_step, self.on_epoch_end = compute_loss, on_step, on_epoch_end
         self.model.train()
         with StopRequest() as self.stop, contextlib.closing(self.progress):  # closed: an error starts its own line
-            for epoch in self.source.epochs(self.state.epoch, self.args):
+            # Resumed from the checkpoint of its last step, a run has nothing left to train (the limit is otherwise
+            # checked after each step, which would train one more).
+            epochs = self.source.epochs(self.state.epoch, self.args) if not self.finished() else ()
+            for epoch in epochs:
                 self.run_epoch(epoch)
                 if self.result.stopped_by_signal or self.finished():
                     break
@@ -1242,14 +1251,20 @@ class TrainingLoop:
         state, args = self.state, self.args
         state.global_step += 1
         self.result.losses.append(loss)
+        self.record({"loss": loss})
         self.progress.update(1)
         if state.global_step % args.logging_steps == 0 or state.global_step == args.max_train_steps:
             self.log_window(loss)
         if self.on_step is not None:
             with self.clock.paused():
-                self.on_step(state.global_step, batch, outputs)
+                self.record(self.on_step(state.global_step, batch, outputs))
         if self.checkpoint_every and state.global_step % self.checkpoint_every == 0:
             self.result.checkpoint = self.save_checkpoint()
+
+    def record(self, values: dict[str, float] | None) -> None:
+        """Append each value to the run's history (`TrainingState.history`) under its name."""
+        for name, value in (values or {}).items():
+            self.state.history.setdefault(name, []).append(value)
 
     def log_window(self, loss: float) -> None:
         """Loss, learning rate and videos per second since the last log, to the progress bar and the trackers."""

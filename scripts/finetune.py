@@ -85,6 +85,7 @@ from pipeline_echoai import save_ef_pipeline
 from training_echoai import (
     BestModel,
     TrainingClips,
+    TrainingState,
     add_common_args,
     build_accelerator,
     build_optimizer,
@@ -427,28 +428,31 @@ def make_compute_loss(args: argparse.Namespace, accelerator):
 
 class LVSegmentationLog:
     """`on_step` with `--lv_segmentation_weight`: the loss's parts (EF and LV mask) to the trackers every
-    `--logging_steps`, and the mask loss of every step of this run (since it started or resumed) for
+    `--logging_steps`, and the mask loss of every step into the run's history (kept through checkpoints) for
     `all_results.json`: whether the head learned the ventricle."""
 
-    def __init__(self, args: argparse.Namespace, accelerator):
-        self.args, self.accelerator, self.losses = args, accelerator, []
+    NAME = "lv_segmentation_loss"
 
-    def __call__(self, step: int, batch: dict, outputs) -> None:
-        self.losses.append(float(outputs.lv_segmentation_loss.detach()))
+    def __init__(self, args: argparse.Namespace, accelerator):
+        self.args, self.accelerator = args, accelerator
+
+    def __call__(self, step: int, batch: dict, outputs) -> dict[str, float]:
+        parts = {self.NAME: float(outputs.lv_segmentation_loss.detach())}
         if step % self.args.logging_steps == 0:
-            parts = {"lv_segmentation_loss": self.losses[-1]}
             if outputs.head_loss is not None:
                 parts["head_loss"] = float(outputs.head_loss.detach())
             self.accelerator.log(parts, step=step)
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+        return {self.NAME: parts[self.NAME]}
 
-    def results(self, window: int = 20) -> dict:
-        """The weight and the mean mask loss over the first and the last `window` steps."""
-        window = min(window, len(self.losses))
+    def results(self, state: TrainingState, window: int = 20) -> dict:
+        """The weight and the mean mask loss over the first and the last `window` steps of the run."""
+        losses = state.history.get(self.NAME, [])
+        window = min(window, len(losses))
         mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
         return {
-            "weight": self.args.lv_segmentation_weight, "steps": len(self.losses), "window": window,
-            "loss_first_steps": mean(self.losses[:window]), "loss_last_steps": mean(self.losses[-window:]),
+            "weight": self.args.lv_segmentation_weight, "steps": len(losses), "window": window,
+            "loss_first_steps": mean(losses[:window]), "loss_last_steps": mean(losses[-window:]),
         }  # fmt: skip
 
 
@@ -567,7 +571,7 @@ def main(argv: list[str] | None = None):
         args, result, best, validation.last, test_metrics, len(splits["train"]), eval_protocol
     )
     if lv_log is not None:
-        all_results["lv_segmentation"] = lv_log.results()
+        all_results["lv_segmentation"] = lv_log.results(result.state)
     card = dict(
         task="regression" if regression else "classification", dataset_dir=data_dir, num_videos=len(splits["train"]),
         metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol, failure=failure,

@@ -159,6 +159,7 @@ def build_data(args: argparse.Namespace, accelerator, config: EchoAIConfig, vide
 # the target's mean: its loss is the target's variance, and the encoder learns (almost) nothing from it. Collapsed
 # runs measured within 0.002 of 0, learning ones 0.2-0.5 (docs/EXPERIMENTS.md, section 3, item 22).
 COLLAPSED_SHARE = 0.02
+SHARE = "target_share_predicted"  # the name of the share in the run's history (`TrainingState.history`)
 
 
 def mean_of_last(values: list[float]) -> tuple[float | None, int]:
@@ -193,10 +194,11 @@ def collapse_warning(share: float | None) -> str | None:
 def print_loss_trend(accelerator, result, share: float | None) -> None:
     """The reconstruction loss at the start and the end of the run, each a mean over a window of steps, and the share
     of the target's variance the decoder predicts at the end; a warning if that share says it collapsed."""
-    if not result.losses:
+    losses = result.state.history.get("loss", [])  # the whole run's, also when it was resumed
+    if not losses:
         return
-    last, window = mean_of_last(result.losses)
-    first = sum(result.losses[:window]) / window
+    last, window = mean_of_last(losses)
+    first = sum(losses[:window]) / window
     predicted = f"; the decoder predicts {percent(share)} % of its target's variance" if share is not None else ""
     accelerator.print(
         f"Reconstruction loss (mean of {window} steps): first {first:.4f}, last {last:.4f}{predicted} "
@@ -227,8 +229,8 @@ def log_run(args: argparse.Namespace, accelerator, model, num_videos: int | None
 
 def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, processor):
     """`train`'s `compute_loss` and `on_step` for pretraining: hide tubelets, reconstruct them, and save a picture
-    of it every `--reconstruction_steps`; with them the list `on_step` fills at every logging step with the share of
-    the target's variance the decoder predicts (`share_predicted`).
+    of it every `--reconstruction_steps`; at every logging step `on_step` records in the run's history, under
+    `SHARE`, the share of the target's variance the decoder predicts (`share_predicted`).
 
     Masks (and, with `decoder_mask_ratio`, the decoder's) are drawn from a generator seeded by (seed, step,
     process), so a resumed run hides the same tubelets.
@@ -241,26 +243,26 @@ def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, pro
         outputs = model(pixel_values=batch["pixel_values"], bool_masked_pos=mask, decoder_bool_masked_pos=decoder_mask)
         return outputs.loss, outputs
 
-    shares = []  # the share of its target's variance the decoder predicts, at every logging step
-
     def on_step(step, batch, outputs):
-        if step % args.logging_steps == 0 or step == args.max_train_steps:
-            shares.append(share_predicted(unwrap(accelerator, model), batch, outputs))
         if accelerator.is_main_process and args.reconstruction_steps and step % args.reconstruction_steps == 0:
             save_reconstruction(unwrap(accelerator, model), batch["pixel_values"], outputs, processor,
                                 Path(args.output_dir) / "reconstructions" / f"step_{step:07d}.png")  # fmt: skip
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            return {SHARE: share_predicted(unwrap(accelerator, model), batch, outputs)}
+        return None
 
-    return compute_loss, on_step, shares
+    return compute_loss, on_step
 
 
 def collect_results(args: argparse.Namespace, result, share: float | None) -> dict:
     """`all_results.json`: the run's length, its losses, the share of its target the decoder predicts at the end
     (and whether that says it collapsed), and the data it could not read."""
     state = result.state
+    losses = state.history.get("loss", [])  # the whole run's, also when it was resumed
     return {
         "steps": state.global_step, "epochs": state.epoch, "seconds": round(result.seconds, 2),
         "train_seconds": round(state.train_seconds, 2), "stopped_by_time": result.stopped_by_time,
-        "first_loss": result.losses[0] if result.losses else None, "last_loss": result.losses[-1] if result.losses else None,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "target_share_predicted": share, "decoder_collapsed": None if share is None else share < COLLAPSED_SHARE,
         "videos_seen": state.videos_seen, "videos_skipped": state.videos_skipped,
         "damaged_shards": sorted(args.damaged_shards), "nonfinite_skipped": state.nonfinite_skipped,
@@ -309,13 +311,13 @@ def main(argv: list[str] | None = None):
     log_run(args, accelerator, model, num_videos, data_dir)
 
     # The loop
-    compute_loss, on_step, shares = masked_reconstruction_step(args, accelerator, model, processor)
+    compute_loss, on_step = masked_reconstruction_step(args, accelerator, model, processor)
     result = train(accelerator, model, optimizer, scheduler, dataloader, args, compute_loss, on_step=on_step)
     result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
         accelerator.end_training()
         return result
-    share, _ = mean_of_last(shares)  # the share of its target the decoder predicts at the end of the run
+    share, _ = mean_of_last(result.state.history.get(SHARE, []))  # what the decoder predicts at the run's end
     print_loss_trend(accelerator, result, share)
 
     save_outputs(args, accelerator, model, processor, result, share, data_dir, num_videos)

@@ -110,6 +110,22 @@ def test_latest_skips_a_damaged_checkpoint_and_resumes_exactly_from_the_one_befo
     assert Checkpoints.problem(run / "checkpoints" / "step_0000003") is None, "the verified checkpoint is kept"
 
 
+@pytest.mark.parametrize("checkpoint", ["step_0000003", "step_0000006"])  # steps left to train, and none
+def test_a_resumed_run_summarises_the_whole_run_as_the_straight_one_does(corpus, straight, tmp_path, checkpoint):
+    run = tmp_path / "run"
+    shutil.copytree(straight / "checkpoints" / checkpoint, run / "checkpoints" / checkpoint)
+    result = load_script("pretrain").main(
+        pretrain_argv(corpus, run, "--max_train_steps", STEPS, "--resume_from_checkpoint", "latest")
+    )
+    assert result.state.global_step == int(STEPS)  # resumed at its last step, a run trains no further one
+    assert_same_weights(straight, run)
+    summary = ("first_loss", "last_loss", "target_share_predicted", "decoder_collapsed")
+    expected = json.loads((straight / "all_results.json").read_text())
+    got = json.loads((run / "all_results.json").read_text())
+    assert expected["target_share_predicted"] is not None
+    assert {key: got[key] for key in summary} == {key: expected[key] for key in summary}
+
+
 def test_a_named_damaged_checkpoint_is_one_line_naming_the_file(corpus, straight, tmp_path):
     run = copy_run(straight, tmp_path / "run")
     damaged = run / "checkpoints" / "step_0000006"
