@@ -11,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 
 from modeling_echoai import EchoAIForPreTraining, make_decoder_mask, make_mask, patchify
-from training_echoai import save_reconstruction
+from training_echoai import pixels_of_tubelets, save_reconstruction
 from video_processing_echoai import EchoAIVideoProcessor
 
 
@@ -186,6 +186,16 @@ def test_the_reconstruction_picture_shows_every_hidden_tubelet(tmp_path):
         model.reconstruct(x[:1], outputs.logits[:1], mask[:1])
     processor = EchoAIVideoProcessor(num_frames=4, image_size=32)
     assert save_reconstruction(model, x, outputs, processor, tmp_path / "picture.png").stat().st_size > 0
+
+
+def test_the_pictures_hidden_pixels_are_those_of_the_hidden_tubelets():
+    config = tiny_config()
+    model, mask = build(EchoAIForPreTraining, config), masks(batch_size=1)
+    x = clips(config)[:1].abs() + 1  # no pixel is 0, so reconstruct's zeros are exactly the hidden ones
+    masked, _ = model.reconstruct(x, model(pixel_values=x, bool_masked_pos=mask).logits, mask)
+    hidden = pixels_of_tubelets(mask[0], x.shape[1:], config)
+    assert hidden.shape == (x.shape[1], 1, *x.shape[-2:]) and 0 < hidden.float().mean() < 1
+    assert torch.equal(hidden.expand_as(masked[0]), masked[0] == 0)
 
 
 # --------------------------------------------------------------------------------------------------
