@@ -1690,14 +1690,6 @@ def push_to_hub(
     return str(url)
 
 
-def pixels_of_tubelets(tubelet_mask: torch.Tensor, clip_shape: Sequence[int], config) -> torch.Tensor:
-    """A clip's (L,) mask of tubelets as a (T, 1, H, W) mask of their pixels, for a clip of shape (T, C, H, W)."""
-    t, p = config.tubelet_size, config.patch_size
-    num_frames, _, height, width = clip_shape
-    grid = tubelet_mask.view(num_frames // t, height // p, width // p)
-    return grid.repeat_interleave(t, 0).repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]
-
-
 def save_reconstruction(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,
@@ -1722,7 +1714,8 @@ def save_reconstruction(
     mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
     rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}
-    hidden = pixels_of_tubelets(mask[0], clip.shape[1:], model.config)  # (T, 1, H, W)
+    visible = model.echoai.embeddings.patch_embeddings.visible_pixels(mask, clip.transpose(1, 2).shape)
+    hidden = ~visible[0].transpose(0, 1)  # (T, 1, H, W): pixels of hidden tubelets
     if model.config.reconstruction_target == "motion":  # both as the decoder sees them: hidden tubelets, its blocks
         with torch.no_grad():
             _, motion = model.reconstruct(clip, model.reconstruction_target(clip, mask), mask, add_static=False)

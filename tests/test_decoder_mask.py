@@ -11,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 
 from modeling_echoai import EchoAIForPreTraining, make_decoder_mask, make_mask, patchify
-from training_echoai import pixels_of_tubelets, save_reconstruction
+from training_echoai import save_reconstruction
 from video_processing_echoai import EchoAIVideoProcessor
 
 
@@ -193,7 +193,8 @@ def test_the_pictures_hidden_pixels_are_those_of_the_hidden_tubelets():
     model, mask = build(EchoAIForPreTraining, config), masks(batch_size=1)
     x = clips(config)[:1].abs() + 1  # no pixel is 0, so reconstruct's zeros are exactly the hidden ones
     masked, _ = model.reconstruct(x, model(pixel_values=x, bool_masked_pos=mask).logits, mask)
-    hidden = pixels_of_tubelets(mask[0], x.shape[1:], config)
+    visible = model.echoai.embeddings.patch_embeddings.visible_pixels(mask, x.transpose(1, 2).shape)
+    hidden = ~visible[0].transpose(0, 1)  # as save_reconstruction shows them
     assert hidden.shape == (x.shape[1], 1, *x.shape[-2:]) and 0 < hidden.float().mean() < 1
     assert torch.equal(hidden.expand_as(masked[0]), masked[0] == 0)
 
