@@ -892,14 +892,18 @@ class StopRequest:
 @dataclass
 class TrainResult:
     state: TrainingState
-    # This call's loss at every optimizer step, this process (the whole run's, resumed or not: `state.history`)
-    losses: list[float] = field(default_factory=list)
+    resumed_losses: int = 0  # losses `state.history` held when this call began: those of the steps resumed past
     seen: list[int] = field(default_factory=list)  # dataset indices this process trained on
     stopped_by_signal: bool = False
     stopped_by_time: bool = False  # --max_train_seconds ran out before the steps did
     checkpoint: Path | None = None
     seconds: float = 0.0
     model: torch.nn.Module | None = None  # the unwrapped model, set by the scripts
+
+    @property
+    def losses(self) -> list[float]:
+        """This call's loss at every optimizer step, this process (the whole run's: `state.history["loss"]`)."""
+        return self.state.history.get("loss", [])[self.resumed_losses :]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -1109,7 +1113,7 @@ class TrainingLoop:
                         self.state.epoch, self.state.batches_in_epoch)  # fmt: skip
         source.check(args, self.state, path)
         self.checkpoint_every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
-        self.result = TrainResult(state=self.state)
+        self.result = TrainResult(state=self.state, resumed_losses=len(self.state.history.get("loss", [])))
         self.consecutive_nonfinite, self.window_videos = 0, 0
         self.unreadable: list[str] = []  # this process's skipped videos' errors, for `check_bad_share`
         schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps a prepared scheduler
@@ -1250,7 +1254,6 @@ class TrainingLoop:
         """An optimizer step was taken: count it, log, call `on_step`, checkpoint every `--checkpointing_steps`."""
         state, args = self.state, self.args
         state.global_step += 1
-        self.result.losses.append(loss)
         self.record({"loss": loss})
         self.progress.update(1)
         if state.global_step % args.logging_steps == 0 or state.global_step == args.max_train_steps:
