@@ -137,7 +137,9 @@ class EchoAIConfig(PreTrainedConfig):
             what moves (the walls over the heart cycle, from which EF is read) is left. Applied before
             `reconstruction_target_pool` and `norm_pix_loss`. On the `tiny` preset the decoder learned none of it
             from a tenth of a phantom clip (docs/EXPERIMENTS.md, section 3, item 22): check the share of the target
-            `scripts/pretrain.py` reports.
+            `scripts/pretrain.py` reports. `"hog"` is MaskFeat's target (Wei et al. 2022): each frame's histograms
+            of oriented gradients in `reconstruction_target_pool` x `reconstruction_target_pool` cells (9 bins; 8
+            px cells in MaskFeat), L2-normalised per tubelet frame; it needs `norm_pix_loss=False`.
         mask_ratio (`float`, defaults to 0.9): fraction of tubelets hidden from the encoder; in (0, 1).
         mask_strategy (`str`, defaults to `"tube"`): `"tube"` hides the same spatial patches in every
             tubelet slice (VideoMAE's tube masking, which stops the model copying a patch from its temporal
@@ -203,7 +205,7 @@ class EchoAIConfig(PreTrainedConfig):
     norm_pix_loss: bool = True
     norm_pix_per_channel: bool = False
     reconstruction_target_pool: int = 1
-    reconstruction_target: Literal["pixels", "motion"] = "pixels"
+    reconstruction_target: Literal["pixels", "motion", "hog"] = "pixels"
     mask_ratio: float | int = 0.9
     mask_strategy: Literal["tube", "random"] = "tube"
     decoder_mask_ratio: float | int = 0.0
@@ -254,6 +256,11 @@ class EchoAIConfig(PreTrainedConfig):
             raise ValueError(
                 f"EchoAIConfig.reconstruction_target_pool={self.reconstruction_target_pool} must be a positive "
                 f"divisor of patch_size={self.patch_size}."
+            )
+        if self.reconstruction_target == "hog" and self.norm_pix_loss:
+            raise ValueError(
+                "EchoAIConfig.reconstruction_target='hog' is normalised per tubelet frame already; set "
+                "norm_pix_loss=False."
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"EchoAIConfig.mask_ratio must lie in (0, 1), got {self.mask_ratio!r}.")

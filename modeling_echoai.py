@@ -154,17 +154,50 @@ def static_part(pixel_values: torch.Tensor) -> torch.Tensor:
     return pixel_values.mean(dim=1, keepdim=True).expand_as(pixel_values)
 
 
+HOG_BINS = 9  # unsigned gradient orientations over [0, pi), 20 degrees each (Dalal & Triggs; MaskFeat)
+
+
+def hog_patches(pixel_values: torch.Tensor, config: EchoAIConfig) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, L, t (p / k)² 9): MaskFeat's target (Wei et al. 2022), a histogram of oriented
+    gradients of each frame, in k x k pixel cells (`config.reconstruction_target_pool` = k), L2-normalised over the
+    cells of each tubelet frame.
+
+    Gradients are central differences of the frame's grey level (the channels' mean); each pixel adds its gradient
+    magnitude to the bin of its orientation. The local normalisation makes the target blind to gain and depth
+    changes, and a cell's histogram to where in the cell an edge lies: what is left is the tissue's edges and their
+    directions -- the ventricle's outline -- rather than its brightness and speckle."""
+    k, batch_size = config.reconstruction_target_pool, pixel_values.shape[0]
+    grey = pixel_values.float().mean(dim=2).flatten(0, 1)[:, None]  # (B T, 1, H, W)
+    padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+    dx = padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]
+    dy = padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]
+    orientation = torch.atan2(dy, dx).remainder(torch.pi)  # [0, pi]: pi itself wraps to the last bin
+    bins = (orientation * (HOG_BINS / torch.pi)).long().clamp(max=HOG_BINS - 1)
+    histograms = torch.zeros(grey.shape[0], HOG_BINS, *grey.shape[2:], device=grey.device)
+    histograms.scatter_(1, bins, torch.hypot(dx, dy))
+    cells = F.avg_pool2d(histograms, k)  # (B T, 9, H / k, W / k)
+    cells = cells.unflatten(0, (batch_size, -1))  # (B, T, 9, H / k, W / k)
+    patches = patchify(cells, config.tubelet_size, config.patch_size // k)  # (B, L, t (p / k)² 9)
+    frames = patches.unflatten(-1, (config.tubelet_size, -1))  # (B, L, t, (p / k)² 9)
+    return F.normalize(frames, dim=-1, eps=1e-6).flatten(2).to(pixel_values.dtype)
+
+
 def target_patches(pixel_values: torch.Tensor, config: EchoAIConfig) -> torch.Tensor:
     """(B, T, C, H, W) -> (B, L, P): the tubelets the decoder learns to predict (`pooled_patches`), of the pixels
-    or, with `config.reconstruction_target="motion"`, of each frame minus the clip's mean frame."""
+    or, with `config.reconstruction_target="motion"`, of each frame minus the clip's mean frame; with `"hog"`,
+    their histograms of oriented gradients (`hog_patches`)."""
+    if config.reconstruction_target == "hog":
+        return hog_patches(pixel_values, config)
     if config.reconstruction_target == "motion":
         pixel_values = pixel_values - static_part(pixel_values)
     return pooled_patches(pixel_values, config)
 
 
 def reconstruction_target_size(config: EchoAIConfig) -> int:
-    """P, the values the decoder predicts per hidden tubelet: t (p / k)² c (`target_patches`)."""
-    return config.tubelet_size * (config.patch_size // config.reconstruction_target_pool) ** 2 * config.num_channels
+    """P, the values the decoder predicts per hidden tubelet: t (p / k)² c (`target_patches`), with c the
+    `HOG_BINS` orientations for a `"hog"` target."""
+    channels = HOG_BINS if config.reconstruction_target == "hog" else config.num_channels
+    return config.tubelet_size * (config.patch_size // config.reconstruction_target_pool) ** 2 * channels
 
 
 def _centered_patches(
@@ -1043,6 +1076,11 @@ class EchoAIForPreTraining(EchoAIPreTrainedModel):
         frame unless `add_static=False`, which leaves the predicted motion itself). `logits` must predict every
         hidden tubelet: those of the full decoder (eval mode, or `decoder_bool_masked_pos` all False)."""
         config = self.config
+        if config.reconstruction_target == "hog":
+            raise ValueError(
+                "reconstruct draws predicted pixels; a reconstruction_target='hog' model predicts gradient "
+                "histograms, which have no pixels to draw."
+            )
         grid = token_grid(config, pixel_values, interpolate_pos_encoding=True)
         num_masked = int(bool_masked_pos[0].sum())
         if logits.shape[1] != num_masked:

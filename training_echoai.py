@@ -74,6 +74,7 @@ from transformers import get_cosine_schedule_with_warmup
 from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator, row_pixel_values, row_traced_clip
 from inference_echoai import make_figure, predict_videos
+from modeling_echoai import unpatchify
 from video_io_echoai import VideoDecodingError, decode_all_frames
 from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
@@ -1599,10 +1600,12 @@ def card_procedure(args: argparse.Namespace, config: EchoAIConfig, task: str) ->
 
 def describe_reconstruction_target(config: EchoAIConfig) -> str:
     """What the decoder of `config` predicts of each hidden tubelet, in words (`modeling_echoai.target_patches`)."""
+    k = config.reconstruction_target_pool
+    if config.reconstruction_target == "hog":
+        return f"the hidden tubelets' histograms of oriented gradients in {k} x {k} cells, normalised per frame"
     what = {"pixels": "pixels", "motion": "motion (each frame minus the clip's mean frame)"}[
         config.reconstruction_target
     ]
-    k = config.reconstruction_target_pool
     blocks = f" in {k} x {k} block averages" if k > 1 else ""
     norm = ", normalised per tubelet" if config.norm_pix_loss else ""
     return f"the hidden tubelets' {what}{blocks}{norm}"
@@ -1693,6 +1696,21 @@ def push_to_hub(
     return str(url)
 
 
+def hog_energy(
+    config: EchoAIConfig, histograms: torch.Tensor, bool_masked_pos: torch.BoolTensor, shape: torch.Size
+) -> torch.Tensor:
+    """(1, M, t (p / k)² 9) gradient histograms of the hidden tubelets (a `"hog"` target or its prediction) -> a
+    (T, C, H, W) picture of each k x k cell's summed histogram, zero at the visible tubelets."""
+    k = config.reconstruction_target_pool
+    grid = (shape[1] // config.tubelet_size, shape[3] // config.patch_size, shape[4] // config.patch_size)
+    full = histograms.new_zeros(1, bool_masked_pos.shape[1], histograms.shape[-1])
+    full[bool_masked_pos] = histograms[0].to(full.dtype)
+    cells = unpatchify(full, config.tubelet_size, config.patch_size // k, grid)  # (1, T, bins, H / k, W / k)
+    energy = cells[0].clamp_min(0).sum(dim=1, keepdim=True)  # (T, 1, H / k, W / k)
+    energy = energy.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+    return energy.expand(-1, shape[2], -1, -1)
+
+
 def save_reconstruction(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,
@@ -1708,17 +1726,25 @@ def save_reconstruction(
     With a `"motion"` target the reconstruction row has the clip's true mean frame added back, which carries most
     of the picture whatever the decoder learned; two more rows show what it did learn: the true motion (each frame
     minus the clip's mean frame, in the target's block averages) and the decoder's prediction of it, on the hidden
-    tubelets (visible ones left at 0) and on one signed scale."""
-    clip, mask, logits = pixel_values[:1].float(), outputs.mask[:1].bool(), outputs.logits[:1].float()
+    tubelets (visible ones left at 0) and on one signed scale. A `"hog"` target has no pixels to reconstruct: its
+    rows show each cell's gradient energy (`hog_energy`), true and predicted, on the hidden tubelets."""
+    clip, mask, logits = pixel_values[:1].float(), outputs.mask[:1].bool(), outputs.logits[:1].detach().float()
     if getattr(outputs, "decoder_mask", None) is not None:
         with torch.no_grad():
             logits = model(clip, bool_masked_pos=mask, decoder_bool_masked_pos=torch.zeros_like(mask)).logits.float()
-    masked, reconstruction = model.reconstruct(clip, logits, mask)
     mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
-    rows = {"original": clip[0], "masked input": masked[0], "reconstruction": reconstruction[0]}
     visible = model.echoai.embeddings.patch_embeddings.visible_pixels(mask, clip.transpose(1, 2).shape)
     hidden = ~visible[0].transpose(0, 1)  # (T, 1, H, W): pixels of hidden tubelets
+    masked = torch.where(hidden, 0.0, clip[0])[None]
+    rows = {"original": clip[0], "masked input": masked[0]}
+    if model.config.reconstruction_target == "hog":  # no pixels to draw: each cell's gradient energy instead
+        with torch.no_grad():
+            true_hog = model.reconstruction_target(clip, mask)
+        rows["edges"] = torch.where(hidden, hog_energy(model.config, true_hog, mask, clip.shape), 0.0)
+        rows["predicted edges"] = torch.where(hidden, hog_energy(model.config, logits, mask, clip.shape), 0.0)
+    else:
+        rows["reconstruction"] = model.reconstruct(clip, logits, mask)[1][0]
     if model.config.reconstruction_target == "motion":  # both as the decoder sees them: hidden tubelets, its blocks
         with torch.no_grad():
             _, motion = model.reconstruct(clip, model.reconstruction_target(clip, mask), mask, add_static=False)
@@ -1732,6 +1758,9 @@ def save_reconstruction(
     for r, (title, video) in enumerate(rows.items()):
         if "motion" in title:  # signed, in the processor's normalised units, on the true motion's scale
             images, shown = video[frames].cpu().mean(dim=1), {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}
+        elif "edges" in title:  # a cell's summed histogram, on the true target's scale
+            edges = float(rows["edges"].max().clamp_min(1e-6))
+            images, shown = video[frames].cpu().mean(dim=1), {"cmap": "magma", "vmin": 0, "vmax": edges}
         else:
             grey = (video[frames].cpu() * std + mean).clamp(0, 1).mean(dim=1)  # (F, H, W) in [0, 1]
             images, shown = grey, {"cmap": "gray", "vmin": 0, "vmax": 1}

@@ -290,6 +290,9 @@ save_reconstruction(model, clip, model(pixel_values=clip), processor, out / "rec
 motion = EchoAIConfig(**sizes, reconstruction_target="motion", reconstruction_target_pool=4, norm_pix_loss=False)
 model = EchoAIForPreTraining(motion).eval()
 save_reconstruction(model, clip, model(pixel_values=clip), processor, out / "reconstruction_motion.png")
+hog = EchoAIConfig(**sizes, reconstruction_target="hog", reconstruction_target_pool=4, norm_pix_loss=False)
+model = EchoAIForPreTraining(hog).train()
+save_reconstruction(model, clip, model(pixel_values=clip), processor, out / "reconstruction_hog.png")
 metrics = {"mae": 1.0, "rmse": 1.0, "r2": 0.5, "bias": 0.0, "loa_lower": -2.0, "loa_upper": 2.0}
 scatter_plot([50, 60, 40], [52, 58, 45], metrics, out / "scatter.png")
 bland_altman_plot([50, 60, 40], [52, 58, 45], metrics, out / "bland_altman.png")
@@ -299,7 +302,7 @@ args = argparse.Namespace(experiment="mask_ratio", mask_ratio=0.9, smoke=True, c
 rows = [{"mask_ratio": r, "test_loss_own_ratio": 1.0, "test_loss_common_ratio": 1.1} for r in (0.8, 0.9)]
 experiments.plot(args, rows, out / "experiment.png")
 assert "matplotlib.pyplot" not in sys.modules, "a picture went through pyplot"
-for name in ("reconstruction", "reconstruction_motion", "scatter", "bland_altman", "experiment"):
+for name in ("reconstruction", "reconstruction_motion", "reconstruction_hog", "scatter", "bland_altman", "experiment"):
     image = Image.open(out / f"{name}.png")
     print(name, *image.size, round(image.info["dpi"][0]))
 """
@@ -316,8 +319,9 @@ def test_every_picture_is_a_bare_figure_of_its_own_size_drawn_without_pyplot(tmp
     assert result.returncode == 0, result.stderr
     sizes = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in result.stdout.splitlines()}
     # 4 frames shown 2 inches wide, 2.1 inches per row (3 rows; a motion target adds its true and predicted
-    # motion), 80 dpi; 5 x 5 and 6 x 4.5 inches at 120; 5 x 3.6 at 100.
+    # motion; a HOG target shows its true and predicted edges in place of a reconstruction), 80 dpi; 5 x 5 and 6 x 4.5 inches at 120; 5 x 3.6 at 100.
     assert sizes == {
-        "reconstruction": (640, 504, 80), "reconstruction_motion": (640, 840, 80), "scatter": (600, 600, 120),
+        "reconstruction": (640, 504, 80), "reconstruction_motion": (640, 840, 80),
+        "reconstruction_hog": (640, 672, 80), "scatter": (600, 600, 120),
         "bland_altman": (720, 540, 120), "experiment": (500, 360, 100),
     }  # fmt: skip

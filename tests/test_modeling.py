@@ -408,6 +408,42 @@ def test_a_motion_target_is_each_frame_minus_the_clips_mean_frame(norm_pix_loss)
     torch.testing.assert_close(motion, torch.where(hidden, x - x.mean(dim=1, keepdim=True), x), atol=1e-4, rtol=1e-4)
 
 
+def test_a_hog_target_bins_each_edge_by_its_orientation_whatever_the_gain():
+    config = tiny_config(reconstruction_target="hog", reconstruction_target_pool=4, norm_pix_loss=False)
+    model = build(EchoAIForPreTraining, config)
+    assert model.decoder.head.out_features == 2 * 2 * 2 * 9  # t (p / k)² orientation bins
+    # A vertical edge (brightness steps along x) has horizontal gradients: orientation 0, the first bin; a
+    # horizontal edge (along y) orientation pi / 2, the fifth of the nine 20-degree bins.
+    x = torch.zeros(1, 4, 3, 32, 32)
+    x[..., :, 12:] = 1.0
+    y = x.transpose(-1, -2)
+    mask = torch.ones(1, 32, dtype=torch.bool)
+    mask[0, 0] = False  # hide every tubelet but one
+    for clip, bin_ in ((x, 0), (y, 4)):
+        target = model.reconstruction_target(clip, mask)  # (1, 31, t (p / k)² 9)
+        bins = target.unflatten(-1, (-1, 9))  # (1, 31, t (p / k)², 9): each cell's histogram
+        assert bins.sum() > 0
+        torch.testing.assert_close(bins.sum(dim=(0, 1, 2)), bins[..., bin_].sum() * torch.eye(9)[bin_])
+    # Each tubelet frame's histograms have unit norm (or are zero where the frame is flat), and a change of gain
+    # and offset leaves the target as it was.
+    x = clips(config)
+    mask = make_mask(2, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(0))
+    target = model.reconstruction_target(x, mask)
+    torch.testing.assert_close(target.unflatten(-1, (2, -1)).norm(dim=-1), torch.ones(2, 24, 2))
+    torch.testing.assert_close(model.reconstruction_target(3.0 * x + 1.0, mask), target, atol=1e-5, rtol=1e-5)
+    # The model trains on it, and has no pixels to reconstruct.
+    loss = model.train()(x, bool_masked_pos=mask).loss
+    loss.backward()
+    assert loss > 0 and model.decoder.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="predicts gradient histograms, which have no pixels to draw"):
+        model.reconstruct(x, target, mask)
+
+
+def test_a_hog_target_needs_norm_pix_loss_off():
+    with pytest.raises(Exception, match="reconstruction_target='hog' is normalised per tubelet frame already"):
+        tiny_config(reconstruction_target="hog", reconstruction_target_pool=4)
+
+
 def test_the_target_pool_must_divide_the_patch():
     with pytest.raises(Exception, match="reconstruction_target_pool=3 must be a positive divisor of patch_size=8"):
         tiny_config(reconstruction_target_pool=3)
