@@ -1736,8 +1736,7 @@ def save_reconstruction(
     std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
     visible = model.echoai.embeddings.patch_embeddings.visible_pixels(mask, clip.transpose(1, 2).shape)
     hidden = ~visible[0].transpose(0, 1)  # (T, 1, H, W): pixels of hidden tubelets
-    masked = torch.where(hidden, 0.0, clip[0])[None]
-    rows = {"original": clip[0], "masked input": masked[0]}
+    rows = {"original": clip[0], "masked input": torch.where(hidden, 0.0, clip[0])}
     if model.config.reconstruction_target == "hog":  # no pixels to draw: each cell's gradient energy instead
         with torch.no_grad():
             true_hog = model.reconstruction_target(clip, mask)
