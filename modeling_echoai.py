@@ -17,8 +17,9 @@ Architecture
   CPU's caches). The kernel is chosen by name, never swapped in behind another: the scripts pick it where
   docs/BENCHMARKS.md measured it faster than torch's SDPA (training on a CPU in bf16; `perf_echoai`).
 * **Pretraining** (`EchoAIForPreTraining`, VideoMAE): tube masking (90 % by default), a narrow decoder over
-  visible + mask tokens, pixels of the masked tubelets regressed with the norm-pix MSE loss; with
-  `decoder_mask_ratio` (VideoMAE V2's dual masking) a training step's decoder gets only a random part of them.
+  visible + mask tokens, pixels of the masked tubelets regressed with the norm-pix MSE loss (the `tiny` preset:
+  MaskFeat's gradient histograms under random masks, `hog_patches`); with `decoder_mask_ratio` (VideoMAE V2's dual
+  masking) a training step's decoder gets only a random part of them.
 * **Fine-tuning** (`EchoAIForVideoClassification`): mean-pooled tokens -> head; `num_labels=1` with
   `problem_type="regression"` estimates ejection fraction.
 

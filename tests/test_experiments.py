@@ -66,8 +66,9 @@ def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
         assert row["test_loss_own_ratio"] == pytest.approx(row["test_loss_common_ratio"])
         # The share predicted is 1 - loss / the target's variance: finite, and at most 1 (a perfect decoder).
         assert all(math.isfinite(r["test_share_predicted"]) and r["test_share_predicted"] <= 1 for r in rows)
-        # A loss is read on its target's scale: the report names the target (the tiny preset's: normalised pixels).
-        assert {r["reconstruction_target"] for r in rows} == {"the hidden tubelets' pixels, normalised per tubelet"}
+        # A loss is read on its target's scale: the report names the target (the tiny preset's: gradient histograms).
+        target = "the hidden tubelets' histograms of oriented gradients in 4 x 4 cells, normalised per frame"
+        assert {r["reconstruction_target"] for r in rows} == {target}
         assert f"Reconstruction target: {rows[0]['reconstruction_target']}." in (tmp_path / "results.md").read_text()
     if name != "mask_ratio":
         assert results["mean_predictor_test_mae"] > 0  # the floor every EF row is read against

@@ -2,10 +2,10 @@
 `scripts/evaluate.py` measures the fine-tuned model's validation MAE exactly as fine-tuning's validation chose it.
 
 `golden_runs.json` holds the values recorded from commit 5eedeae, before the training loop and the per-video
-predictor were restructured: a refactor of the library layer must leave every loss and metric unchanged. (For a
-while the `tiny` preset's target was motion and its pretraining losses were recorded again; with normalised pixels
-back, 5eedeae's values hold once more.) After a change that is meant to change results (a new recipe, a new
-default), regenerate the file and say why in the commit:
+predictor were restructured: a refactor of the library layer must leave every loss and metric unchanged. The
+pretraining losses were recorded again when the `tiny` preset's pretraining target became gradient histograms under
+random masks (docs/EXPERIMENTS.md, item 30); the fine-tuning values are 5eedeae's. After a change that is meant to
+change results (a new recipe, a new default), regenerate the file and say why in the commit:
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python tests/test_golden_runs.py --regenerate
 """

@@ -82,9 +82,10 @@ def test_pretraining_run_saves_a_loadable_model_processor_card_and_pictures(corp
     assert "echoai" in card.data.tags and card.data.library_name == "transformers"
     assert "not a medical device" in card.text and "EchoAIForPreTraining" in card.text
     assert "has **not** been shown to beat training from scratch" in card.text  # the claim is not yet reproduced
-    # The tiny preset's target, as the card's training procedure states it.
-    assert model.config.reconstruction_target == "pixels" and model.config.norm_pix_loss
-    assert "MSE on the hidden tubelets' pixels, normalised per tubelet" in card.text
+    # The tiny preset's target and masks, as the card's training procedure states them.
+    assert model.config.reconstruction_target == "hog" and model.config.reconstruction_target_pool == 4
+    assert model.config.mask_strategy == "random" and not model.config.norm_pix_loss
+    assert "random masking, MSE on the hidden tubelets' histograms of oriented gradients in 4 x 4 cells" in card.text
 
     pictures = sorted((output / "reconstructions").glob("*.png"))
     assert [p.name for p in pictures] == ["step_0000002.png", "step_0000004.png"]
