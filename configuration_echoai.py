@@ -267,7 +267,8 @@ class EchoAIConfig(PreTrainedConfig):
         if self.reconstruction_target == "hog" and self.norm_pix_loss:
             raise ValueError(
                 "EchoAIConfig.reconstruction_target='hog' is normalised per tubelet frame already; set "
-                "norm_pix_loss=False."
+                "norm_pix_loss=False, or reconstruction_target='pixels' (with reconstruction_target_pool=1 for every "
+                "pixel) for MAE's normalised pixels, which the tiny preset replaces with 'hog'."
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"EchoAIConfig.mask_ratio must lie in (0, 1), got {self.mask_ratio!r}.")
