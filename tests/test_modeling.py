@@ -792,12 +792,11 @@ def test_mean_max_min_pooling_is_the_slice_means_extremes():
 
 def test_tiny_preset_is_the_recipe_that_reads_ef():
     """The README and docs/EXPERIMENTS.md describe this recipe; the scripts build `tiny` from the preset."""
-    config = EchoAIConfig.from_preset("tiny")
+    config, small = EchoAIConfig.from_preset("tiny"), EchoAIConfig.from_preset("small")
     assert config.stem_channels == [24, 48, 96] and config.pooling == "mean_max_min"
-    assert EchoAIConfig.from_preset("small").stem_channels is None  # plain ViViT until measured at that scale
+    assert small.stem_channels is None  # plain ViViT until measured at that scale
     # Pretraining: the best-measured start at this scale, MaskFeat's target in 4 x 4 cells under random masks;
     # `small` keeps VideoMAE's normalised pixels under tube masks.
     assert (config.reconstruction_target, config.reconstruction_target_pool) == ("hog", 4)
     assert config.mask_strategy == "random" and not config.norm_pix_loss
-    small = EchoAIConfig.from_preset("small")
     assert (small.reconstruction_target, small.mask_strategy, small.norm_pix_loss) == ("pixels", "tube", True)
