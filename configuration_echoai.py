@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
     # labelled videos, the plain ViViT does not learn EF (it collapses to the mean or memorises the videos);
     # a convolutional stem and pooling over the clip's extreme states do (docs/EXPERIMENTS.md). Its pretraining
     # predicts MaskFeat's gradient histograms in 4 x 4 cells under random masks: of the pretraining targets and
-    # masks tried, the one level with scratch at every label count (docs/EXPERIMENTS.md, section 3, items 28-34;
+    # masks tried, the one level with scratch from 18 labels up (docs/EXPERIMENTS.md, section 3, items 28-36;
     # finer 2 x 2 cells lead with a quarter of the labels and trail with a tenth). Normalised pixels under tube
     # masks, which `small` and `base` keep, fine-tuned worse, and no target yet beats training from scratch at
     # this scale.
