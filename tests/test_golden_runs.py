@@ -31,6 +31,11 @@ GOLDEN = Path(__file__).with_name("golden_runs.json")
 NUM_STEPS = "20"
 NUM_VIDEOS = 12  # 8 train (4 steps an epoch at batch 2: five validations), 2 validation, 2 test
 EVAL_NUM_CLIPS = "2"
+# The recorded values come from one CPU; another vector width (AVX2 against AVX-512) sums the same products in
+# another order, which moves fp32 losses by up to ~1e-5 relative over 20 steps. 1e-4 is the bound every change that
+# claims to compute the same thing is held to (docs/BENCHMARKS.md); a changed recipe, seed or default moves them
+# by far more. Within one run (evaluate.py against fine-tuning's own figures) the match stays at 1e-6.
+ACROSS_MACHINES = dict(rtol=1e-4, atol=0.0)
 FIXED = ("--num_threads", "1", "--mixed_precision", "no", "--seed", "0", "--max_train_steps", NUM_STEPS)
 
 
@@ -87,16 +92,17 @@ def finetuned(corpus, tmp_path_factory) -> tuple[Path, dict]:
 def test_seeded_pretraining_gives_the_recorded_losses(corpus, golden, tmp_path):
     losses = pretraining_losses(corpus, tmp_path / "pretrain")
     assert len(losses) == int(NUM_STEPS)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden["pretraining"]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden["pretraining"]), **ACROSS_MACHINES)
 
 
 def test_seeded_finetuning_gives_the_recorded_losses_and_metrics(finetuned, golden):
     _, run = finetuned
     assert len(run["losses"]) == int(NUM_STEPS)
-    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(golden["finetuning"]["losses"]), rtol=1e-6,
-                               atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(run["losses"]), torch.tensor(golden["finetuning"]["losses"]), **ACROSS_MACHINES
+    )
     for key in ("validation_mae", "test_mae"):
-        assert run[key] == pytest.approx(golden["finetuning"][key], rel=1e-6, abs=0), key
+        assert run[key] == pytest.approx(golden["finetuning"][key], rel=ACROSS_MACHINES["rtol"], abs=0), key
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])
