@@ -404,6 +404,20 @@ def _bootstrap_intervals(
     return {**intervals, "bootstrap": int(bootstrap), "confidence": float(confidence)}
 
 
+# What `evaluate.py` and `finetune.py` record of `check_against_mean_predictor`'s verdict beside the metrics: the
+# verdict, its reason, and its evidence (the gain over the mean predictor with its interval, the spreads), so a run
+# that passes shows by how much, not only that it did.
+VERDICT_KEYS = (
+    "learned_ef",
+    "failure",
+    "mean_predictor",
+    "mae_gain",
+    "mae_gain_interval",
+    "prediction_sd",
+    "label_sd",
+)
+
+
 def check_against_mean_predictor(
     predictions: Sequence[float] | np.ndarray,
     references: Sequence[float] | np.ndarray,

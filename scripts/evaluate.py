@@ -18,7 +18,8 @@ The mean predictor is scored beside the model on the same videos: every video ge
 the model config's `regression_target_mean` (set by finetune.py). metrics.json holds its MAE / RMSE / R² under
 `mean_predictor` and the verdict of `metrics_echoai.check_against_mean_predictor`: `learned_ef` false, with the
 reason in `failure`, when the predictions collapsed to a constant (SD below 0.1 x the label SD) or their MAE is
-not below the mean predictor's (also a WARNING in the log).
+not below the mean predictor's beyond chance (also a WARNING in the log); `mae_gain` and `mae_gain_interval` (the
+mean predictor's MAE minus the model's, with its 95 % bootstrap interval over the videos) say by how much.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from inference_echoai import (
     prediction_options,
     scatter_plot,
 )
-from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
+from metrics_echoai import VERDICT_KEYS, check_against_mean_predictor, compute_ef_metrics
 from perf_echoai import keep_freed_memory, use_fastest_attention
 
 
@@ -171,8 +172,7 @@ def evaluation_metrics(args: argparse.Namespace, model, scored: pd.DataFrame, da
     if check is None:  # a config without the training mean (0.0, the default): no floor to compare with
         logger.warning("%s has no regression_target_mean: the mean predictor is not scored", args.model_name_or_path)
     else:
-        metrics.update({key: check[key] for key in ("mean_predictor", "learned_ef", "failure", "prediction_sd",
-                                                    "label_sd")})  # fmt: skip
+        metrics.update({key: check[key] for key in VERDICT_KEYS})
         if check["failure"]:
             logger.warning("%s did not learn EF -- %s", args.model_name_or_path, check["failure"])
     if args.beat_by_beat:

@@ -78,7 +78,7 @@ from datasets import Dataset, DatasetDict
 from baselines_echoai import BASELINES, build_baseline, save_baseline
 from configuration_echoai import EchoAIConfig
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
-from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
+from metrics_echoai import VERDICT_KEYS, check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForVideoClassification
 from perf_echoai import keep_freed_memory, use_fastest_attention
 from pipeline_echoai import save_ef_pipeline
@@ -286,13 +286,13 @@ def split_metrics(
     predictions: np.ndarray, references: np.ndarray, regression: bool, train_mean: float | None = None
 ) -> dict:
     """EF metrics (MAE, RMSE, R², ... from `metrics_echoai`) with, on the same videos, the mean predictor's
-    (`mean_predictor`: {ef, mae, rmse, r2}) and the verdict of `check_against_mean_predictor` (`learned_ef`,
-    `failure`, `prediction_sd`, `label_sd`); or accuracy. NaN (undefined) becomes None for JSON."""
+    (`mean_predictor`: {ef, mae, rmse, r2}) and the verdict of `check_against_mean_predictor` (`VERDICT_KEYS`:
+    `learned_ef`, `failure`, the gain over the mean predictor with its 95 % interval, the spreads); or accuracy. NaN (undefined) becomes None for JSON."""
     if regression:
         check = check_against_mean_predictor(predictions, references, train_mean)
         metrics = {
             **compute_ef_metrics(predictions, references),
-            **{key: check[key] for key in ("mean_predictor", "prediction_sd", "label_sd", "learned_ef", "failure")},
+            **{key: check[key] for key in VERDICT_KEYS},
         }
     else:
         metrics = {"n": len(references), "accuracy": float((predictions.argmax(-1) == references).mean())}

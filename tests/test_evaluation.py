@@ -126,6 +126,10 @@ def test_evaluate_writes_predictions_metrics_strata_and_figures(
     assert metrics["mean_predictor"]["ef"] == 55
     assert metrics["mean_predictor"]["mae"] == pytest.approx((predictions["EF"] - 55).abs().mean(), rel=1e-6)
     assert metrics["learned_ef"] == (metrics["failure"] is None)
+    # The verdict's evidence is recorded whichever way it goes: the gain over the mean predictor and its interval.
+    assert metrics["mae_gain"] == pytest.approx(metrics["mean_predictor"]["mae"] - metrics["mae"], rel=1e-6)
+    low, high = metrics["mae_gain_interval"]
+    assert low <= metrics["mae_gain"] <= high
 
     strata = pd.read_csv(output / "strata.csv")
     assert set(strata["stratum"]) == {"EF range", "FPS tercile", "frames tercile"}

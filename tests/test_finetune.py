@@ -143,6 +143,10 @@ def test_the_r2plus1d_baseline_trains_through_the_finetuning_script(corpus, tmp_
     assert results["model"] == "r2plus1d_18" and results["learning_rate"] == 1e-3 and results["layer_decay"] is None
     assert results["parameters"] < 20_000 and results["steps"] == 2
     assert "mean_predictor" in results["test"] and isinstance(results["learned_ef"], bool)
+    for split in ("validation", "test"):  # the verdict's evidence beside it, for the baseline as for EchoAI
+        gain, (low, high) = results[split]["mae_gain"], results[split]["mae_gain_interval"]
+        assert gain == pytest.approx(results[split]["mean_predictor"]["mae"] - results[split]["mae"], rel=1e-6)
+        assert low <= gain <= high
     assert not (tmp_path / "steps2" / "README.md").exists()  # no EchoAI model card for the baseline
     model = load_baseline(tmp_path / "steps2")
     assert model.config.regression_target_mean == pytest.approx(train_ef(corpus).mean())
