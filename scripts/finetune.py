@@ -287,7 +287,8 @@ def split_metrics(
 ) -> dict:
     """EF metrics (MAE, RMSE, R², ... from `metrics_echoai`) with, on the same videos, the mean predictor's
     (`mean_predictor`: {ef, mae, rmse, r2}) and the verdict of `check_against_mean_predictor` (`VERDICT_KEYS`:
-    `learned_ef`, `failure`, the gain over the mean predictor with its 95 % interval, the spreads); or accuracy. NaN (undefined) becomes None for JSON."""
+    `learned_ef`, `failure`, the gain over the mean predictor with its 95 % interval, the spreads); or accuracy.
+    NaN (undefined) becomes None for JSON."""
     if regression:
         check = check_against_mean_predictor(predictions, references, train_mean)
         metrics = {
