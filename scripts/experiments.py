@@ -51,7 +51,8 @@ clips averaged per video, `one_clip` when 1) of the model `finetune.py` kept (be
 validated about 20 times per run, every `--finetune_steps` / 20 steps, whatever the label fraction: at 10 % of a
 small split an epoch is a few steps, and validating after each would cost more than the training).
 Every EF table shows the mean predictor beside the model (its test MAE, from the model's own training mean) and
-whether the model learned EF at all (`metrics_echoai.check_against_mean_predictor` on the test split).
+whether the model learned EF at all (`metrics_echoai.check_against_mean_predictor` on the test split); the linear
+probe's table also shows by how much (its gain over the mean predictor with the 95 % bootstrap interval).
 
 Writes `results.md` (table), `results.json` (everything, with wall times) and `<experiment>.png` (plus
 `reconstruction_mask*.png` for `mask_ratio`) into `--output_dir`.
@@ -78,7 +79,7 @@ import torch
 from configuration_echoai import EchoAIConfig
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from inference_echoai import make_figure, predict_videos
-from metrics_echoai import check_against_mean_predictor, compute_ef_metrics
+from metrics_echoai import VERDICT_KEYS, check_against_mean_predictor, compute_ef_metrics
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask, token_grid
 from training_echoai import (
     describe_reconstruction_target,
@@ -493,7 +494,7 @@ def ridge_probe(features: dict[str, np.ndarray], targets: dict[str, np.ndarray])
     scores = compute_ef_metrics(predictions, targets["test"])
     verdict = check_against_mean_predictor(predictions, targets["test"], y_mean)
     train_r2 = 1 - np.square(x["train"] @ weights + y_mean - targets["train"]).mean() / targets["train"].var()
-    return {**{k: float(scores[k]) for k in ("mae", "rmse", "r2")}, "learned_ef": verdict["learned_ef"],
+    return {**{k: float(scores[k]) for k in ("mae", "rmse", "r2")}, **{k: verdict[k] for k in VERDICT_KEYS},
             "mean_predictor_mae": verdict["mean_predictor"]["mae"], "alpha": float(alpha),
             "validation_mae": validation_mae, "train_r2": float(train_r2)}  # fmt: skip
 
@@ -638,12 +639,18 @@ def baselines_cells(r: dict) -> list[str]:
 
 def table_linear_probe(args: argparse.Namespace, rows: list[dict]) -> list[str]:
     columns = ["encoder", "feature width", "test MAE", "test RMSE", "test R²", "train R²", "ridge penalty",
-               "mean-predictor MAE", "learned EF"]  # fmt: skip
+               "mean-predictor MAE", "learned EF", "gain over the mean predictor (95 % interval)"]  # fmt: skip
     return markdown_table(
         columns,
         ([r["init"], str(r["width"]), fmt(r["mae"]), fmt(r["rmse"]), fmt(r["r2"]), fmt(r["train_r2"]),
-          f"{r['alpha']:.3g}", fmt(r["mean_predictor_mae"]), LEARNED[r["learned_ef"]]] for r in rows),
+          f"{r['alpha']:.3g}", fmt(r["mean_predictor_mae"]), LEARNED[r["learned_ef"]], gain_cell(r)] for r in rows),
     )  # fmt: skip
+
+
+def gain_cell(row: dict) -> str:
+    """The mean predictor's MAE minus the model's, with its bootstrap interval over the test videos."""
+    low, high = row["mae_gain_interval"]
+    return f"{row['mae_gain']:.2f} ({low:.2f} to {high:.2f})"
 
 
 def plot_mask_ratio(args: argparse.Namespace, rows: list[dict], axis) -> None:

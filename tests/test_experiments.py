@@ -172,9 +172,15 @@ def test_ridge_probe_reads_a_linear_feature_and_not_noise():
     informative = {name: np.c_[3 * y - 5, rng.normal(size=(len(y), 7))] for name, y in targets.items()}
     probe = load_script("experiments").ridge_probe(informative, targets)
     assert probe["mae"] < 1.0 and probe["learned_ef"] is True and probe["r2"] > 0.99
+    # The evidence beside the verdict, as evaluate.py and finetune.py record it: the gain is the MAE difference,
+    # and its interval, all above 0, holds it.
+    low, high = probe["mae_gain_interval"]
+    assert probe["mae_gain"] == pytest.approx(probe["mean_predictor_mae"] - probe["mae"])
+    assert 0 < low <= probe["mae_gain"] <= high
     noise = {name: rng.normal(size=(len(y), 8)) for name, y in targets.items()}
     probe = load_script("experiments").ridge_probe(noise, targets)
     assert probe["learned_ef"] is False and probe["r2"] < 0.2
+    assert probe["mae_gain_interval"][0] <= 0 and probe["failure"]
 
 
 def test_report_header_names_a_given_checkpoint_not_this_calls_pretraining_settings():
