@@ -30,13 +30,15 @@ and no stochastic depth, the same warm-up + cosine, clipping and batch. `--confi
 saves `model.safetensors` + `baseline_config.json` (`baselines_echoai.load_baseline`), the processor and
 `all_results.json`; no model card (it is not an EchoAI model).
 
-Auxiliary LV segmentation (`--lv_segmentation_weight W`, off by default): EchoNet-Dynamic traces the left
-ventricle on two frames of every video (ED and ES, VolumeTracings.csv). With W > 0 each training clip is placed so
-that it shows one of them, and a light per-token head predicts that frame's LV mask from the encoder's tokens; the
-loss is the EF loss + W x (binary cross-entropy + soft Dice of the mask). It teaches the encoder where the
-ventricle is (EchoNet-Dynamic's own pipeline is segmentation-based), for fewer labels or a pretrained start. The
-head is saved with the model but never changes its predictions; `all_results.json` records the mask loss over the
-first and last steps (`lv_segmentation`).
+Auxiliary LV segmentation (`--lv_segmentation_weight W`; W = 1 by default when the training split has tracings):
+EchoNet-Dynamic traces the left ventricle on two frames of every video (ED and ES, VolumeTracings.csv). With W > 0
+each training clip is placed so that it shows one of them, and a light per-token head predicts that frame's LV mask
+from the encoder's tokens; the loss is the EF loss + W x (binary cross-entropy + soft Dice of the mask). It teaches
+the encoder where the ventricle is (EchoNet-Dynamic's own pipeline is segmentation-based): from scratch it lowers
+the test MAE at every label count measured, most with the fewest labels (docs/EXPERIMENTS.md, items 39, 40). When
+no training video has a usable pair of tracings the default is 0 (off), and an explicit W > 0 is an error;
+`--lv_segmentation_weight 0` turns it off. The head is saved with the model but never changes its predictions;
+`all_results.json` records the weight and the mask loss over the first and last steps (`lv_segmentation`).
 
 Fail loudly: the kept model is checked on validation and test against the mean predictor (every video gets the
 training split's mean EF; `metrics_echoai.check_against_mean_predictor`). Predictions whose SD is below 0.1 x the
@@ -124,6 +126,9 @@ RECIPES = {
     "echoai": dict(learning_rate=1e-3, layer_decay=1.0, drop_path_rate=0.0),
     "r2plus1d_18": dict(learning_rate=1e-3, layer_decay=None, drop_path_rate=None),
 }
+# The auxiliary LV-mask loss's weight when the training split has tracings and --lv_segmentation_weight is not given:
+# from scratch it lowered the test MAE at 5, 10, 25 and 100 % of the labels (docs/EXPERIMENTS.md, items 39, 40).
+DEFAULT_LV_SEGMENTATION_WEIGHT = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,10 +170,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "would cost more than training.",
     )  # fmt: skip
     add(
-        "--lv_segmentation_weight", type=float, default=0.0,
+        "--lv_segmentation_weight", type=float, default=None,
         help="Weight of an auxiliary loss that predicts the left-ventricle mask of the traced ED/ES frames "
         "(EchoNet-Dynamic's VolumeTracings.csv) from the encoder's tokens, so the encoder learns where the ventricle "
-        "is; each training clip then shows a traced frame. 0 (the default) is off; 1 weighs it as the EF loss.",
+        "is; each training clip then shows a traced frame. 0 is off; 1 weighs it as the EF loss. Default: "
+        f"{DEFAULT_LV_SEGMENTATION_WEIGHT:g} when a training video has tracings (EchoNet-Dynamic and the synthetic "
+        "corpus do), else 0; always 0 for --baseline.",
     )  # fmt: skip
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=None)
     args = parser.parse_args(argv)
@@ -188,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be positive, got {value}")
-    if args.lv_segmentation_weight < 0:
+    if args.lv_segmentation_weight is not None and args.lv_segmentation_weight < 0:
         parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args
 
@@ -205,6 +212,7 @@ def check_baseline_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--baseline {args.baseline} regresses one target; drop --num_labels {args.num_labels}")
     if args.lv_segmentation_weight:
         parser.error(f"--lv_segmentation_weight trains an EchoAI head; --baseline {args.baseline} has none")
+    args.lv_segmentation_weight = 0.0
     if args.push_to_hub:
         parser.error("--push_to_hub publishes EchoAI models; --baseline writes a state dict and results only")
 
@@ -237,6 +245,28 @@ def load_splits(args: argparse.Namespace, accelerator) -> tuple[Path, DatasetDic
     return data_dir, splits
 
 
+def resolve_lv_segmentation_weight(args: argparse.Namespace, train: Dataset) -> None:
+    """Settle `--lv_segmentation_weight` from the training split: unset, it is `DEFAULT_LV_SEGMENTATION_WEIGHT` when
+    a training video has a usable ED/ES tracing pair (EDFrame >= 0) and 0 when none has; set above 0 without any
+    tracings, the loss could never act, which is an error rather than a silent no-op."""
+    traced = int((np.asarray(train["EDFrame"]) >= 0).sum()) if "EDFrame" in train.column_names else 0
+    if args.lv_segmentation_weight is None:
+        args.lv_segmentation_weight = DEFAULT_LV_SEGMENTATION_WEIGHT if traced else 0.0
+        if traced:
+            logger.info(
+                "LV segmentation loss on (weight %g, the default): %d of %d training videos have ED/ES tracings; "
+                "--lv_segmentation_weight 0 turns it off", args.lv_segmentation_weight, traced, len(train),
+            )  # fmt: skip
+        else:
+            logger.info("LV segmentation loss off: no training video has ED/ES tracings (VolumeTracings.csv)")
+    elif args.lv_segmentation_weight > 0 and not traced:
+        raise ValueError(
+            f"--lv_segmentation_weight {args.lv_segmentation_weight:g} needs ED/ES tracings, but none of the "
+            f"{len(train)} training videos has a usable pair in VolumeTracings.csv; pass "
+            "--lv_segmentation_weight 0 (or leave it unset) to train without the LV segmentation loss"
+        )
+
+
 def class_boundaries(args: argparse.Namespace) -> list[float]:
     return [float(b) for b in args.class_boundaries.split(",")]
 
@@ -255,7 +285,9 @@ def label_names(args: argparse.Namespace) -> dict[int, str] | None:
 
 def build_model(args: argparse.Namespace, train: Dataset) -> torch.nn.Module:
     """The classifier, from a checkpoint (its pretraining decoder is dropped quietly) or a preset; or the baseline
-    (`--baseline`), randomly initialised, with the same EF scaling."""
+    (`--baseline`), randomly initialised, with the same EF scaling. Settles `--lv_segmentation_weight` from `train`
+    first (`resolve_lv_segmentation_weight`)."""
+    resolve_lv_segmentation_weight(args, train)
     head = dict(num_labels=args.num_labels)
     if args.drop_path_rate is not None:
         head.update(drop_path_rate=args.drop_path_rate)

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.commands.config.config_args import load_config_from_file
 from data_fixtures import tiny_corpus
+from datasets import Dataset
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_training import TINY_MODEL, load_script, pretrain_argv
@@ -242,12 +243,42 @@ def test_lv_segmentation_weight_builds_the_head_on_a_checkpoint_and_only_for_ech
     assert model.config.lv_segmentation_weight == 0.5 and model.lv_head is not None
     model.save_pretrained(tmp_path / "with_head")
     again = finetune.build_model(finetune.parse_args(finetune_argv(corpus, tmp_path, "--model_name_or_path",
-                                                                   str(tmp_path / "with_head"))), train)  # fmt: skip
+                                                                   str(tmp_path / "with_head"),
+                                                                   "--lv_segmentation_weight", "0")), train)  # fmt: skip
     assert again.lv_head is None and again.config.lv_segmentation_weight == 0  # the flag is off: the head goes
     for bad in (("--baseline", "r2plus1d_18", "--lv_segmentation_weight", "1"),
                 ("--from_scratch", "--lv_segmentation_weight", "-1")):  # fmt: skip
         with pytest.raises(SystemExit):
             finetune.parse_args(finetune_argv(corpus, tmp_path, *bad))
+
+
+def test_the_lv_segmentation_loss_is_on_by_default_only_where_the_training_split_has_tracings(corpus, caplog):
+    finetune, train = load_script("finetune"), load_echonet_dynamic(corpus)["train"]
+    assert all(frame >= 0 for frame in train["EDFrame"])  # the synthetic corpus traces every video
+
+    def settled(data: Dataset, *flags: str) -> float:
+        args = finetune.parse_args(["--from_scratch", *flags])
+        finetune.resolve_lv_segmentation_weight(args, data)
+        return args.lv_segmentation_weight
+
+    with caplog.at_level("INFO", logger="finetune"):
+        assert settled(train) == finetune.DEFAULT_LV_SEGMENTATION_WEIGHT == 1.0
+    assert f"{len(train)} of {len(train)} training videos have ED/ES tracings" in caplog.text
+    model = finetune.build_model(finetune.parse_args(finetune_argv(corpus, Path("unused"), "--from_scratch",
+                                                                   "--config_overrides", TINY_MODEL)), train)  # fmt: skip
+    assert model.config.lv_segmentation_weight == 1.0 and model.lv_head is not None
+    assert settled(train, "--lv_segmentation_weight", "0") == 0.0
+    assert settled(train, "--lv_segmentation_weight", "0.5") == 0.5
+    one_traced = Dataset.from_dict({"EDFrame": [-1, 7, -1]})
+    assert settled(one_traced) == 1.0
+    untraced = Dataset.from_dict({"EDFrame": [-1, -1]})
+    assert settled(untraced) == 0.0 and settled(Dataset.from_dict({"EF": [50.0]})) == 0.0
+    with pytest.raises(ValueError, match=r"--lv_segmentation_weight 1 needs ED/ES tracings, but none of the 2 .*"
+                                         r"pass --lv_segmentation_weight 0"):  # fmt: skip
+        settled(untraced, "--lv_segmentation_weight", "1")
+    baseline = finetune.parse_args(["--baseline", "r2plus1d_18"])
+    finetune.resolve_lv_segmentation_weight(baseline, train)
+    assert baseline.lv_segmentation_weight == 0.0  # the CNN has no mask head, tracings or not
 
 
 def test_label_fraction_uses_a_seeded_half_of_the_training_videos(corpus, tmp_path):
@@ -377,6 +408,7 @@ def test_recipe_defaults_are_the_ones_the_readme_states():
     assert (pretrained.learning_rate, pretrained.layer_decay, pretrained.drop_path_rate) == (1e-3, 1.0, 0.0)
     explicit = finetune.parse_args(["--from_scratch", "--learning_rate", "3e-4", "--layer_decay", "0.8"])
     assert (explicit.learning_rate, explicit.layer_decay) == (3e-4, 0.8)
+    assert scratch.lv_segmentation_weight is pretrained.lv_segmentation_weight is None  # settled by the training split
     assert load_script("pretrain").parse_args([]).period == 4
     processor = EchoAIVideoProcessor()
     augmentation = (processor.augment_padding, processor.brightness_jitter, processor.contrast_jitter)
