@@ -54,6 +54,12 @@ higher kept).
     python bench/bench_pretrain.py              # the full run (about 10 minutes on the 2-core machine)
     python bench/bench_pretrain.py --compile    # + both models under torch.compile (a few minutes more)
     python bench/bench_pretrain.py --quick      # a smoke run (about a minute)
+    python bench/bench_pretrain.py --profile    # where a bf16 step's time goes, by kind of operator
+
+`--profile` times no contest: it runs `torch.profiler` over a few pretraining steps of EchoAI and of the fastest
+bf16 VideoMAE (eager attention) at `--profile_precision` and prints each one's self CPU time per step, summed
+over kinds of operator (`OPERATOR_KINDS`: the linear layers' matmuls, attention, normalisation, casts and
+copies, the optimizer, ...), so a speed-up is aimed at where the time is.
 """
 
 from __future__ import annotations
@@ -327,6 +333,82 @@ def measure_rss(args, name: str, precision: str, steps: int, attention: str = "s
 
 
 # --------------------------------------------------------------------------------------------------
+# Profile: where a step's time goes
+# --------------------------------------------------------------------------------------------------
+
+# (kind, operator names): each profiled operator's self CPU time is counted under the first kind naming it;
+# operators named nowhere count as "other" (indexing, views, reductions, the loss, per-operator overhead).
+OPERATOR_KINDS = (
+    ("linear layers (mm, addmm)", ("aten::mm", "aten::addmm")),
+    ("attention matmuls (bmm)", ("aten::bmm", "aten::baddbmm")),
+    ("fused SDPA kernels", ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                            "aten::_scaled_dot_product_flash_attention_for_cpu_backward")),
+    ("softmax", ("aten::_softmax", "aten::_softmax_backward_data", "aten::_safe_softmax")),
+    ("LayerNorm / GroupNorm", ("aten::native_layer_norm", "aten::native_layer_norm_backward",
+                               "aten::native_group_norm", "aten::native_group_norm_backward")),
+    ("GELU", ("aten::gelu", "aten::gelu_backward")),
+    ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")),
+    ("tubelet convolution", ("aten::mkldnn_convolution", "aten::convolution_backward")),
+    ("elementwise arithmetic", ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub", "aten::div",
+                                "aten::div_", "aten::pow", "aten::sqrt", "aten::rsqrt", "aten::neg", "aten::fill_",
+                                "aten::zero_")),
+    ("fused AdamW", ("aten::_fused_adamw_",)),
+)  # fmt: skip
+
+
+def operator_kind(name: str) -> str:
+    return next((kind for kind, names in OPERATOR_KINDS if name in names), "other")
+
+
+def time_by_kind(self_cpu_us: dict[str, float], steps: int) -> dict[str, float]:
+    """Self CPU microseconds per operator name over `steps` steps -> milliseconds per step per kind, every kind of
+    `OPERATOR_KINDS` and "other" present (0 where none ran)."""
+    per_kind = dict.fromkeys([kind for kind, _ in OPERATOR_KINDS] + ["other"], 0.0)
+    for name, micros in self_cpu_us.items():
+        per_kind[operator_kind(name)] += micros / 1e3 / steps
+    return per_kind
+
+
+def profile_step(step, steps: int) -> dict[str, float]:
+    """`steps` calls of `step` under `torch.profiler` (after the caller's warm-up): milliseconds per step by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return time_by_kind({event.key: event.self_cpu_time_total for event in prof.key_averages()}, steps)
+
+
+def run_profile(args, config: EchoAIConfig) -> None:
+    """Each contender's time per step by kind of operator, its share of the profiled step, and the unprofiled
+    median step (the profiler's own overhead is the difference)."""
+    pixel_values, mask = inputs(config, args.batch_size)
+    precision = args.profile_precision
+    attention = "eager" if precision == "bf16" else "sdpa"  # VideoMAE's fastest attention at each precision
+    tables, medians = {}, {}
+    for label, name in ((f"VideoMAE-{attention}", "VideoMAE"), ("EchoAI", "EchoAI")):
+        step = pretraining_step(build_pretraining(name, config, precision, attention), pixel_values, mask, precision)
+        medians[label] = statistics.median(alternate({label: step}, args.warmup, args.steps)[label]) * 1e3
+        tables[label] = profile_step(step, args.steps)
+        print(f"  {label} {precision}: profiled", flush=True)
+    labels = list(tables)
+    rows = []
+    for kind in [kind for kind, _ in OPERATOR_KINDS] + ["other"]:
+        row = [kind]
+        for label in labels:
+            total = sum(tables[label].values())
+            row.append(f"{tables[label][kind]:.1f} ({100 * tables[label][kind] / total:.0f} %)")
+        rows.append(row)
+    rows.append(["**profiled step**"] + [f"**{sum(tables[label].values()):.1f}**" for label in labels])
+    rows.append(["median step, unprofiled"] + [f"{medians[label]:.1f}" for label in labels])
+    print(
+        f"\nSelf CPU ms per {precision} pretraining step by kind of operator (batch {args.batch_size}, "
+        f"{args.steps} profiled steps after {args.warmup} warm-up):"
+    )
+    print(markdown_table(["kind of operator"] + [f"{label} ms (share)" for label in labels], rows))
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 
@@ -452,6 +534,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--rss_runs", type=int, default=None, help="Fresh processes per peak-RSS figure (3).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: batch 2, 1 warm-up, 2 rounds, 40 frames.")
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="Instead of the contest: where EchoAI's and VideoMAE's pretraining step spend their time, by kind of "
+        "operator (torch.profiler).",
+    )  # fmt: skip
+    parser.add_argument("--profile_precision", choices=PRECISIONS, default="bf16", help="Precision to profile.")
     parser.add_argument("--rss_child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     fill_unset(args, quick=dict(batch_size=2, steps=2, videos=1, warmup=1, rss_runs=1),
@@ -564,6 +652,10 @@ def main(argv=None) -> None:
     info["malloc"] = "glibc defaults" if args.default_malloc else "keep_freed_memory()"
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print("command: python " + " ".join(sys.argv))
+    if args.profile:
+        run_profile(args, config)
+        print(f"wall time: {time.perf_counter() - started:.0f} s")
+        return
 
     # Attainable matmul peak, the MFU denominator: measured now and again at the end, the better one kept,
     # so a burst of load from other jobs during one measurement does not inflate every MFU.

@@ -67,3 +67,22 @@ def test_bench_pretrain_takes_the_fastest_videomae_as_its_reference():
     by_key = {f"{row[0]} {row[1]}": row for row in rows}
     assert by_key["VideoMAE-eager bf16"][5] == "1 (ref)"
     assert by_key["VideoMAE-sdpa bf16"][5].startswith("0.67")
+
+
+def test_bench_pretrain_profile_accounts_every_operator_once(capsys):
+    """`bench/bench_pretrain.py --profile` sorts each profiled operator's self time into one kind: the kinds add
+    up to the whole profile, and a real (tiny) profiled step puts time under the linear layers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pretrain
+
+    per_step = bench_pretrain.time_by_kind({"aten::addmm": 3000.0, "aten::bmm": 1000.0, "aten::index": 2000.0}, 2)
+    assert per_step["linear layers (mm, addmm)"] == 1.5
+    assert per_step["attention matmuls (bmm)"] == 0.5
+    assert per_step["other"] == 1.0
+    assert sum(per_step.values()) == 3.0
+
+    bench_pretrain.main(["--profile", "--quick", "--preset", "tiny"])
+    out = capsys.readouterr().out
+    assert "| kind of operator | VideoMAE-eager ms (share) | EchoAI ms (share) |" in out
+    linear_row = next(line for line in out.splitlines() if line.startswith("| linear layers"))
+    assert all(float(cell.split()[0]) > 0 for cell in linear_row.strip("|").split("|")[1:])
