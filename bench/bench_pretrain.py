@@ -57,9 +57,10 @@ higher kept).
     python bench/bench_pretrain.py --profile    # where a bf16 step's time goes, by kind of operator
 
 `--profile` times no contest: it runs `torch.profiler` over a few pretraining steps of EchoAI and of the fastest
-bf16 VideoMAE (eager attention) at `--profile_precision` and prints each one's self CPU time per step, summed
-over kinds of operator (`OPERATOR_KINDS`: the linear layers' matmuls, attention, normalisation, casts and
-copies, the optimizer, ...), so a speed-up is aimed at where the time is.
+VideoMAE at `--profile_precision` (eager attention in bf16, SDPA in fp32) and prints each one's self CPU time per
+step, summed over kinds of operator (`OPERATOR_KINDS`: the linear layers' matmuls, attention, normalisation, casts
+and copies, the optimizer, ...), beside its unprofiled median step, so a speed-up is aimed at where the time is.
+`--profile_models EchoAI` (or `VideoMAE`) profiles one model per process, the cleaner breakdown.
 """
 
 from __future__ import annotations
@@ -370,13 +371,20 @@ def time_by_kind(self_cpu_us: dict[str, float], steps: int) -> dict[str, float]:
 
 
 def profile_step(step, steps: int) -> dict[str, float]:
-    """`steps` calls of `step` under `torch.profiler` (after the caller's warm-up): milliseconds per step by kind."""
+    """`steps` calls of `step` under `torch.profiler` (after the caller's warm-up): self CPU microseconds per
+    operator name, summed over the steps."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    return time_by_kind({event.key: event.self_cpu_time_total for event in prof.key_averages()}, steps)
+    return {event.key: event.self_cpu_time_total for event in prof.key_averages()}
+
+
+def largest_others(self_cpu_us: dict[str, float], steps: int, count: int = 6) -> str:
+    """The `count` operators of kind "other" with the most self time, as "name ms" per step."""
+    others = sorted(((us, name) for name, us in self_cpu_us.items() if operator_kind(name) == "other"), reverse=True)
+    return ", ".join(f"{name.removeprefix('aten::')} {us / 1e3 / steps:.1f}" for us, name in others[:count])
 
 
 def run_profile(args, config: EchoAIConfig) -> None:
@@ -385,11 +393,15 @@ def run_profile(args, config: EchoAIConfig) -> None:
     pixel_values, mask = inputs(config, args.batch_size)
     precision = args.profile_precision
     attention = "eager" if precision == "bf16" else "sdpa"  # VideoMAE's fastest attention at each precision
-    tables, medians = {}, {}
+    tables, medians, others = {}, {}, {}
     for label, name in ((f"VideoMAE-{attention}", "VideoMAE"), ("EchoAI", "EchoAI")):
+        if name not in args.profile_models:
+            continue
         step = pretraining_step(build_pretraining(name, config, precision, attention), pixel_values, mask, precision)
         medians[label] = statistics.median(alternate({label: step}, args.warmup, args.steps)[label]) * 1e3
-        tables[label] = profile_step(step, args.steps)
+        self_cpu_us = profile_step(step, args.steps)
+        tables[label] = time_by_kind(self_cpu_us, args.steps)
+        others[label] = largest_others(self_cpu_us, args.steps)
         print(f"  {label} {precision}: profiled", flush=True)
     labels = list(tables)
     rows = []
@@ -406,6 +418,8 @@ def run_profile(args, config: EchoAIConfig) -> None:
         f"{args.steps} profiled steps after {args.warmup} warm-up):"
     )
     print(markdown_table(["kind of operator"] + [f"{label} ms (share)" for label in labels], rows))
+    for label in labels:
+        print(f'{label}, largest in "other" (ms per step): {others[label]}')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,6 +554,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "operator (torch.profiler).",
     )  # fmt: skip
     parser.add_argument("--profile_precision", choices=PRECISIONS, default="bf16", help="Precision to profile.")
+    parser.add_argument(
+        "--profile_models", nargs="+", choices=("VideoMAE", "EchoAI"), default=["VideoMAE", "EchoAI"],
+        help="Models to profile. One per process gives the cleaner breakdown: a model profiled after another in "
+        "the same process can show time in its loss that its unprofiled step does not spend.",
+    )  # fmt: skip
     parser.add_argument("--rss_child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     fill_unset(args, quick=dict(batch_size=2, steps=2, videos=1, warmup=1, rss_runs=1),
