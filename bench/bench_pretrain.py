@@ -59,7 +59,7 @@ higher kept).
 `--profile` times no contest: it runs `torch.profiler` over a few pretraining steps of EchoAI and of the fastest
 VideoMAE at `--profile_precision` (eager attention in bf16, SDPA in fp32) and prints each one's self CPU time per
 step, summed over kinds of operator (`OPERATOR_KINDS`: the linear layers' matmuls, attention, normalisation, casts
-and copies, the optimizer, ...), beside its unprofiled median step, so a speed-up is aimed at where the time is.
+and copies of parameter-shaped tensors and of activations, the optimizer, ...), beside its unprofiled median step, so a speed-up is aimed at where the time is.
 `--profile_models EchoAI` (or `VideoMAE`) profiles one model per process, the cleaner breakdown.
 """
 
@@ -337,6 +337,10 @@ def measure_rss(args, name: str, precision: str, steps: int, attention: str = "s
 # Profile: where a step's time goes
 # --------------------------------------------------------------------------------------------------
 
+COPY_OPERATORS = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")
+# A copy whose input has the shape of one of the model's parameters: under autocast, the bf16 casts of the fp32
+# master weights and of their gradients back (an activation of exactly a parameter's shape is rare).
+PARAMETER_SHAPED = "(parameter-shaped)"
 # (kind, operator names): each profiled operator's self CPU time is counted under the first kind naming it;
 # operators named nowhere count as "other" (indexing, views, reductions, the loss, per-operator overhead).
 OPERATOR_KINDS = (
@@ -348,7 +352,8 @@ OPERATOR_KINDS = (
     ("LayerNorm / GroupNorm", ("aten::native_layer_norm", "aten::native_layer_norm_backward",
                                "aten::native_group_norm", "aten::native_group_norm_backward")),
     ("GELU", ("aten::gelu", "aten::gelu_backward")),
-    ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")),
+    ("casts and copies of parameter-shaped tensors", tuple(f"{name} {PARAMETER_SHAPED}" for name in COPY_OPERATORS)),
+    ("casts and copies of activations", COPY_OPERATORS),
     ("tubelet convolution", ("aten::mkldnn_convolution", "aten::convolution_backward")),
     ("elementwise arithmetic", ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub", "aten::div",
                                 "aten::div_", "aten::pow", "aten::sqrt", "aten::rsqrt", "aten::neg", "aten::fill_",
@@ -370,15 +375,23 @@ def time_by_kind(self_cpu_us: dict[str, float], steps: int) -> dict[str, float]:
     return per_kind
 
 
-def profile_step(step, steps: int) -> dict[str, float]:
+def profile_step(step, steps: int, model: torch.nn.Module) -> dict[str, float]:
     """`steps` calls of `step` under `torch.profiler` (after the caller's warm-up): self CPU microseconds per
-    operator name, summed over the steps."""
+    operator name, summed over the steps; copies of a tensor shaped like one of `model`'s parameters are named
+    apart (`PARAMETER_SHAPED`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    parameter_shapes = {tuple(parameter.shape) for parameter in model.parameters()}
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             step()
-    return {event.key: event.self_cpu_time_total for event in prof.key_averages()}
+    self_cpu_us: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        name = event.key
+        if name in COPY_OPERATORS and event.input_shapes and tuple(event.input_shapes[0]) in parameter_shapes:
+            name = f"{name} {PARAMETER_SHAPED}"
+        self_cpu_us[name] = self_cpu_us.get(name, 0.0) + event.self_cpu_time_total
+    return self_cpu_us
 
 
 def largest_others(self_cpu_us: dict[str, float], steps: int, count: int = 6) -> str:
@@ -397,9 +410,10 @@ def run_profile(args, config: EchoAIConfig) -> None:
     for label, name in ((f"VideoMAE-{attention}", "VideoMAE"), ("EchoAI", "EchoAI")):
         if name not in args.profile_models:
             continue
-        step = pretraining_step(build_pretraining(name, config, precision, attention), pixel_values, mask, precision)
+        model = build_pretraining(name, config, precision, attention)
+        step = pretraining_step(model, pixel_values, mask, precision)
         medians[label] = statistics.median(alternate({label: step}, args.warmup, args.steps)[label]) * 1e3
-        self_cpu_us = profile_step(step, args.steps)
+        self_cpu_us = profile_step(step, args.steps, model)
         tables[label] = time_by_kind(self_cpu_us, args.steps)
         others[label] = largest_others(self_cpu_us, args.steps)
         print(f"  {label} {precision}: profiled", flush=True)

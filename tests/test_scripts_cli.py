@@ -80,6 +80,9 @@ def test_bench_pretrain_profile_accounts_every_operator_once(capsys):
     assert per_step["attention matmuls (bmm)"] == 0.5
     assert per_step["other"] == 1.0
     assert sum(per_step.values()) == 3.0
+    copies = bench_pretrain.time_by_kind({"aten::copy_ (parameter-shaped)": 2000.0, "aten::copy_": 1000.0}, 1)
+    assert copies["casts and copies of parameter-shaped tensors"] == 2.0
+    assert copies["casts and copies of activations"] == 1.0
 
     bench_pretrain.main(["--profile", "--quick", "--preset", "tiny"])
     out = capsys.readouterr().out
