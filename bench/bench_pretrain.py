@@ -59,7 +59,8 @@ higher kept).
 `--profile` times no contest: it runs `torch.profiler` over a few pretraining steps of EchoAI and of the fastest
 VideoMAE at `--profile_precision` (eager attention in bf16, SDPA in fp32) and prints each one's self CPU time per
 step, summed over kinds of operator (`OPERATOR_KINDS`: the linear layers' matmuls, attention, normalisation, casts
-and copies of parameter-shaped tensors and of activations, the optimizer, ...), beside its unprofiled median step, so a speed-up is aimed at where the time is.
+and copies of parameter-shaped tensors and of activations, the optimizer, ...), beside its unprofiled median step,
+so a speed-up is aimed at where the time is.
 `--profile_models EchoAI` (or `VideoMAE`) profiles one model per process, the cleaner breakdown.
 """
 
@@ -362,6 +363,9 @@ OPERATOR_KINDS = (
 )  # fmt: skip
 
 
+KIND_NAMES = tuple(kind for kind, _ in OPERATOR_KINDS) + ("other",)  # the profile table's rows, in order
+
+
 def operator_kind(name: str) -> str:
     return next((kind for kind, names in OPERATOR_KINDS if name in names), "other")
 
@@ -369,7 +373,7 @@ def operator_kind(name: str) -> str:
 def time_by_kind(self_cpu_us: dict[str, float], steps: int) -> dict[str, float]:
     """Self CPU microseconds per operator name over `steps` steps -> milliseconds per step per kind, every kind of
     `OPERATOR_KINDS` and "other" present (0 where none ran)."""
-    per_kind = dict.fromkeys([kind for kind, _ in OPERATOR_KINDS] + ["other"], 0.0)
+    per_kind = dict.fromkeys(KIND_NAMES, 0.0)
     for name, micros in self_cpu_us.items():
         per_kind[operator_kind(name)] += micros / 1e3 / steps
     return per_kind
@@ -418,14 +422,12 @@ def run_profile(args, config: EchoAIConfig) -> None:
         others[label] = largest_others(self_cpu_us, args.steps)
         print(f"  {label} {precision}: profiled", flush=True)
     labels = list(tables)
-    rows = []
-    for kind in [kind for kind, _ in OPERATOR_KINDS] + ["other"]:
-        row = [kind]
-        for label in labels:
-            total = sum(tables[label].values())
-            row.append(f"{tables[label][kind]:.1f} ({100 * tables[label][kind] / total:.0f} %)")
-        rows.append(row)
-    rows.append(["**profiled step**"] + [f"**{sum(tables[label].values()):.1f}**" for label in labels])
+    totals = {label: sum(tables[label].values()) for label in labels}
+    rows = [
+        [kind] + [f"{tables[label][kind]:.1f} ({100 * tables[label][kind] / totals[label]:.0f} %)" for label in labels]
+        for kind in KIND_NAMES
+    ]
+    rows.append(["**profiled step**"] + [f"**{totals[label]:.1f}**" for label in labels])
     rows.append(["median step, unprofiled"] + [f"{medians[label]:.1f}" for label in labels])
     print(
         f"\nSelf CPU ms per {precision} pretraining step by kind of operator (batch {args.batch_size}, "
