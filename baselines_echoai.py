@@ -16,6 +16,13 @@ torchvision's model, so it is the network EchoNet-Dynamic trains, randomly initi
   time, height and width (stride 2 in both parts of its (2+1)D convolution) and projects its shortcut with a
   1 × 1 × 1 convolution + BN.
 * Global average pooling over (T, H, W), then a linear head.
+* Optional (`lv_segmentation_weight` > 0), for the auxiliary LV-mask loss EchoAI trains with when the training videos
+  have tracings: the counterpart of `EchoAILVMaskHead` -- a LayerNorm and a linear layer on each cell of the last
+  stage's feature map, in the temporal slice that holds the traced frame, each cell giving the mask logits of the
+  16 × 16 pixels it covers (the map's stride; EchoAI's tiny preset has 16-pixel patches, so both heads are one
+  linear layer per 16 × 16 block on the deepest features). The same loss (`modeling_echoai.lv_segmentation_loss`),
+  so both models can get the same supervision. EchoNet-Dynamic segments with a separate DeepLabV3; this head is
+  not that network, only the same extra signal.
 
 31,300,638 parameters with one output: torchvision's 31,505,325 with its 400-class head, less 400 × 513, plus
 513. The baseline is the default, full width. `base_width` / `stem_width` / `blocks_per_stage` shrink it, for tests
@@ -42,7 +49,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.modeling_outputs import ImageClassifierOutput
+
+from modeling_echoai import EchoAIForVideoClassificationOutput, lv_segmentation_loss
 
 
 CONFIG_FILE = "baseline_config.json"
@@ -63,6 +71,8 @@ class R2Plus1DConfig:
         num_labels: outputs of the head; 1 regresses EF.
         regression_loss: "mse", "l1" or "huber", on the unit-scale target.
         regression_target_mean, regression_target_std: the head predicts (EF - mean) / std; `logits` are EF in %.
+        lv_segmentation_weight: weight of the auxiliary LV-mask loss (`EchoAIConfig.lv_segmentation_weight`); above
+            0 the model has an LV head (`R2Plus1DLVMaskHead`), trained only through `lv_masks`.
     """
 
     num_channels: int = 3
@@ -75,6 +85,7 @@ class R2Plus1DConfig:
     regression_loss: str = "mse"
     regression_target_mean: float = 0.0
     regression_target_std: float = 1.0
+    lv_segmentation_weight: float = 0.0
     problem_type: str = "regression"  # read by code written for `EchoAIConfig`; the baseline only regresses
 
     def __post_init__(self):
@@ -90,6 +101,11 @@ class R2Plus1DConfig:
         if self.regression_loss not in ("mse", "l1", "huber"):
             raise ValueError(
                 f"R2Plus1DConfig.regression_loss must be 'mse', 'l1' or 'huber', got {self.regression_loss!r}."
+            )
+        weight = self.lv_segmentation_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(
+                f"R2Plus1DConfig.lv_segmentation_weight must be a number >= 0 (0: no LV head), got {weight!r}."
             )
         if not self.regression_target_std > 0:
             raise ValueError(
@@ -155,6 +171,35 @@ class ResidualBlock(nn.Module):
         return F.relu(out + self.shortcut(x), inplace=True)
 
 
+# The last stage's feature map is 16 times coarser than the frame: stride 2 in the stem and in stages 2, 3 and 4.
+FEATURE_STRIDE = 16
+
+
+class R2Plus1DLVMaskHead(nn.Module):
+    """The LV-mask head: each cell of the last stage's map, in the temporal slice that holds the traced frame, gives
+    the FEATURE_STRIDE × FEATURE_STRIDE mask logits of the pixels it covers (LayerNorm + Linear per cell, as
+    `EchoAILVMaskHead` per token), reassembled into the (H, W) logit image."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.proj = nn.Linear(channels, FEATURE_STRIDE**2)
+
+    def forward(
+        self, features: torch.Tensor, frames: torch.Tensor, num_frames: int, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """(B, D, T', H', W') features of `num_frames`-frame clips, (B,) frame positions (-1: none, read as 0) ->
+        the logits (B, H, W) of each clip's frame at the clip's frame `size`."""
+        num_slices = features.shape[2]
+        slices = (frames.clamp(min=0).to(features.device) * num_slices) // num_frames  # (B,) the slice holding it
+        cells = features[torch.arange(len(slices), device=features.device), :, slices]  # (B, D, H', W')
+        logits = self.proj(self.norm(rearrange(cells, "b d h w -> b h w d")))  # (B, H', W', s * s)
+        image = rearrange(logits, "b h w (p q) -> b (h p) (w q)", p=FEATURE_STRIDE, q=FEATURE_STRIDE)
+        if tuple(image.shape[-2:]) != tuple(size):  # a frame size that is not a multiple of the stride
+            image = F.interpolate(image[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return image
+
+
 class R2Plus1DForEF(nn.Module):
     """R(2+1)D (18 layers by default) with a one-output EF head, trained like `EchoAIForVideoClassification`."""
 
@@ -182,6 +227,8 @@ class R2Plus1DForEF(nn.Module):
             in_channels = out_channels
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(in_channels, config.num_labels)
+        # Only trained through `lv_masks`; predictions never read it.
+        self.lv_head = R2Plus1DLVMaskHead(in_channels) if config.lv_segmentation_weight > 0 else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -196,11 +243,14 @@ class R2Plus1DForEF(nn.Module):
                 nn.init.normal_(module.weight, 0.0, 0.01)
                 nn.init.zeros_(module.bias)  # unit-scale target: 0 is the training mean EF
 
+    def forward_feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) clips -> (B, D, T', H', W'), the last stage's feature map."""
+        x = rearrange(pixel_values, "b t c h w -> b c t h w")  # Conv3d wants channels before time
+        return self.stages(self.stem(x))
+
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) clips -> (B, D) pooled features."""
-        x = rearrange(pixel_values, "b t c h w -> b c t h w")  # Conv3d wants channels before time
-        x = self.stages(self.stem(x))  # (B, D, T', H', W')
-        return x.mean(dim=(2, 3, 4))  # (B, D)
+        return self.forward_feature_map(pixel_values).mean(dim=(2, 3, 4))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, 1) unit-scale EF."""
@@ -212,13 +262,41 @@ class R2Plus1DForEF(nn.Module):
         losses = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
         return losses[self.config.regression_loss](head_output.float(), target.float())
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
-        """`pixel_values` (B, T, C, H, W) normalised by the processor; `labels` EF in %, shape (B,) or (B, 1).
-        Returns `logits` (B, 1) in EF % and, with labels, the loss on the unit-scale target."""
-        head_output = self.forward_head(self.forward_features(pixel_values))  # (B, 1)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        lv_masks: torch.Tensor | None = None,
+        lv_mask_frames: torch.Tensor | None = None,
+    ) -> EchoAIForVideoClassificationOutput:
+        """`pixel_values` (B, T, C, H, W) normalised by the processor; `labels` EF in %, shape (B,) or (B, 1);
+        `lv_masks` (B, H, W) and `lv_mask_frames` (B,) as `EchoAIForVideoClassification` takes them (training with
+        `lv_segmentation_weight` > 0). Returns `logits` (B, 1) in EF % and, with labels, the loss on the unit-scale
+        target, plus the weighted LV-mask loss and the loss's parts when masks are given."""
+        feature_map = self.forward_feature_map(pixel_values)  # (B, D, T', H', W')
+        head_output = self.forward_head(feature_map.mean(dim=(2, 3, 4)))  # (B, 1)
         logits = head_output * self.config.regression_target_std + self.config.regression_target_mean
         loss = self.regression_loss(head_output, labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        parts = {}
+        if lv_masks is not None:
+            if self.lv_head is None:
+                raise ValueError(
+                    "lv_masks were given but this baseline has no LV head: build it with lv_segmentation_weight > 0 "
+                    "(finetune.py --lv_segmentation_weight)."
+                )
+            if lv_mask_frames is None:
+                raise ValueError("lv_masks need lv_mask_frames: each mask's frame position in its clip (-1: none)")
+            size = tuple(pixel_values.shape[-2:])
+            if tuple(lv_masks.shape) != (len(pixel_values), *size):
+                raise ValueError(
+                    f"lv_masks must be (batch, height, width) = {(len(pixel_values), *size)}, got {tuple(lv_masks.shape)}"
+                )
+            lv_logits = self.lv_head(feature_map, lv_mask_frames, pixel_values.shape[1], size)
+            lv_loss = lv_segmentation_loss(lv_logits, lv_masks, lv_mask_frames)
+            parts = dict(head_loss=loss, lv_segmentation_loss=lv_loss, lv_mask_logits=lv_logits)
+            weighted = self.config.lv_segmentation_weight * lv_loss
+            loss = weighted if loss is None else loss + weighted
+        return EchoAIForVideoClassificationOutput(loss=loss, logits=logits, **parts)
 
 
 BASELINES = {"r2plus1d_18": R2Plus1DForEF}
@@ -252,4 +330,13 @@ def load_baseline(folder: str | os.PathLike) -> R2Plus1DForEF:
     return model
 
 
-__all__ = ["BASELINES", "R2Plus1DConfig", "R2Plus1DForEF", "build_baseline", "load_baseline", "mid_channels"]
+__all__ = [
+    "BASELINES",
+    "FEATURE_STRIDE",
+    "R2Plus1DConfig",
+    "R2Plus1DForEF",
+    "R2Plus1DLVMaskHead",
+    "build_baseline",
+    "load_baseline",
+    "mid_channels",
+]

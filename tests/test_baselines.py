@@ -74,3 +74,57 @@ def test_a_saved_baseline_loads_with_the_same_predictions(tmp_path):
         torch.testing.assert_close(loaded(clips).logits, model(clips).logits, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="finetune.py --baseline"):
         load_baseline(tmp_path / "missing")
+
+
+def test_the_lv_head_gives_each_16_pixel_block_of_the_traced_frame_from_its_cell_of_the_last_stage():
+    """With `lv_segmentation_weight`, the baseline predicts the traced frame's LV mask as EchoAI does: the last
+    stage's cell (r, c) in the temporal slice holding the frame gives pixels 16r..16r+15 x 16c..16c+15, and the loss
+    is the EF loss + weight x `modeling_echoai.lv_segmentation_loss`."""
+    from modeling_echoai import lv_segmentation_loss
+
+    model = tiny_baseline(num_frames=16, lv_segmentation_weight=0.5)
+    pixel_values, labels = torch.randn(3, 16, 3, 32, 32), torch.tensor([40.0, 55.0, 70.0])
+    masks = (torch.rand(3, 32, 32) > 0.5).float()
+    frames = torch.tensor([3, 12, -1])  # 16 frames in 2 slices of the last stage: slices 0, 1 and (none) 0
+    outputs = model(pixel_values=pixel_values, labels=labels, lv_masks=masks, lv_mask_frames=frames)
+
+    features = model.forward_feature_map(pixel_values)
+    assert features.shape[2:] == (2, 2, 2)  # (T', H', W'): time / 8, space / 16
+    by_hand = torch.zeros(3, 32, 32)
+    for b, slice_ in enumerate((0, 1, 0)):
+        for r in range(2):
+            for c in range(2):
+                cell = model.lv_head.proj(model.lv_head.norm(features[b, :, slice_, r, c]))  # (256,)
+                by_hand[b, 16 * r : 16 * r + 16, 16 * c : 16 * c + 16] = cell.view(16, 16)
+    torch.testing.assert_close(outputs.lv_mask_logits, by_hand, rtol=1e-5, atol=1e-6)
+    mask_loss = lv_segmentation_loss(by_hand, masks, frames)
+    torch.testing.assert_close(outputs.lv_segmentation_loss, mask_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs.loss, outputs.head_loss + 0.5 * mask_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs.head_loss, model(pixel_values, labels=labels).loss, rtol=0, atol=0)
+
+    model(pixel_values, lv_masks=masks, lv_mask_frames=frames).loss.backward()  # the mask loss alone
+    assert model.head.weight.grad is None  # does not train the EF head
+    assert model.stem[0].weight.grad.abs().sum() > 0  # but reaches the first convolution
+    # A frame size that is not a multiple of the stride still gets a full-size mask.
+    odd = model(torch.randn(2, 16, 3, 40, 36), lv_masks=torch.zeros(2, 40, 36), lv_mask_frames=torch.tensor([0, 9]))
+    assert odd.lv_mask_logits.shape == (2, 40, 36)
+
+
+def test_without_the_weight_there_is_no_lv_head_and_the_head_never_changes_predictions(tmp_path):
+    off, on = tiny_baseline(), tiny_baseline(lv_segmentation_weight=1.0)
+    assert off.lv_head is None and not any(k.startswith("lv_head") for k in off.state_dict())
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if not k.startswith("lv_head")})
+    clips = torch.randn(2, 4, 3, 32, 32)
+    assert torch.equal(on(clips).logits, off(clips).logits)
+    with pytest.raises(ValueError, match="no LV head: build it with lv_segmentation_weight > 0"):
+        off(clips, lv_masks=torch.zeros(2, 32, 32), lv_mask_frames=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="lv_masks need lv_mask_frames"):
+        on(clips, lv_masks=torch.zeros(2, 32, 32))
+    with pytest.raises(ValueError, match=r"lv_masks must be \(batch, height, width\) = \(2, 32, 32\)"):
+        on(clips, lv_masks=torch.zeros(2, 16, 32), lv_mask_frames=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="lv_segmentation_weight must be a number >= 0"):
+        R2Plus1DConfig(lv_segmentation_weight=-1.0)
+    save_baseline(on, tmp_path)  # the head and its weight travel with the model
+    loaded = load_baseline(tmp_path)
+    assert loaded.config.lv_segmentation_weight == 1.0 and loaded.lv_head is not None
+    assert torch.equal(loaded(clips).logits, on(clips).logits)

@@ -235,7 +235,7 @@ def test_lv_segmentation_loss_trains_from_scratch_and_saves_a_model_that_predict
     assert math.isfinite(prediction.ef) and prediction.num_clips == 2
 
 
-def test_lv_segmentation_weight_builds_the_head_on_a_checkpoint_and_only_for_echoai(corpus, pretrained, tmp_path):
+def test_lv_segmentation_weight_builds_the_head_on_a_checkpoint_and_on_the_baseline(corpus, pretrained, tmp_path):
     finetune, train = load_script("finetune"), load_echonet_dynamic(corpus)["train"]
     checkpoint = ("--model_name_or_path", str(pretrained))
     args = finetune.parse_args(finetune_argv(corpus, tmp_path, *checkpoint, "--lv_segmentation_weight", "0.5"))
@@ -246,10 +246,12 @@ def test_lv_segmentation_weight_builds_the_head_on_a_checkpoint_and_only_for_ech
                                                                    str(tmp_path / "with_head"),
                                                                    "--lv_segmentation_weight", "0")), train)  # fmt: skip
     assert again.lv_head is None and again.config.lv_segmentation_weight == 0  # the flag is off: the head goes
-    for bad in (("--baseline", "r2plus1d_18", "--lv_segmentation_weight", "1"),
-                ("--from_scratch", "--lv_segmentation_weight", "-1")):  # fmt: skip
-        with pytest.raises(SystemExit):
-            finetune.parse_args(finetune_argv(corpus, tmp_path, *bad))
+    cnn = finetune.build_model(finetune.parse_args(finetune_argv(corpus, tmp_path, "--baseline", "r2plus1d_18",
+                                                                 "--config_overrides", "base_width=2,stem_width=2",
+                                                                 "--lv_segmentation_weight", "0.5")), train)  # fmt: skip
+    assert cnn.config.lv_segmentation_weight == 0.5 and cnn.lv_head is not None  # the same supervision for the CNN
+    with pytest.raises(SystemExit):
+        finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", "--lv_segmentation_weight", "-1"))
 
 
 def test_the_lv_segmentation_loss_is_on_by_default_only_where_the_training_split_has_tracings(corpus, caplog):
@@ -278,7 +280,10 @@ def test_the_lv_segmentation_loss_is_on_by_default_only_where_the_training_split
         settled(untraced, "--lv_segmentation_weight", "1")
     baseline = finetune.parse_args(["--baseline", "r2plus1d_18"])
     finetune.resolve_lv_segmentation_weight(baseline, train)
-    assert baseline.lv_segmentation_weight == 0.0  # the CNN has no mask head, tracings or not
+    assert baseline.lv_segmentation_weight == 0.0  # the CNN's default, tracings or not (EXPERIMENTS.md, item 42)
+    asked = finetune.parse_args(["--baseline", "r2plus1d_18", "--lv_segmentation_weight", "1"])
+    finetune.resolve_lv_segmentation_weight(asked, train)
+    assert asked.lv_segmentation_weight == 1.0  # its mask head, when asked for
 
 
 def test_label_fraction_uses_a_seeded_half_of_the_training_videos(corpus, tmp_path):
