@@ -696,6 +696,9 @@ def chunked_attention_forward(
     beat torch's fused SDPA kernel (bench/bench_attention.py, docs/BENCHMARKS.md)."""
     batch_size, num_heads, length, _ = query.shape
     chunk = max(1, ATTENTION_CHUNK_ELEMENTS // (num_heads * length * key.shape[2]))
+    if chunk >= batch_size:
+        # One chunk: no slicing, whose backward would write each of q, k and v's gradients into a zero-filled copy.
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)[0], None
     outputs = []
     for start in range(0, batch_size, chunk):
         part = slice(start, start + chunk)
