@@ -39,8 +39,8 @@ the test MAE at every label count measured, most with the fewest labels (docs/EX
 no training video has a usable pair of tracings the default is 0 (off), and an explicit W > 0 is an error;
 `--lv_segmentation_weight 0` turns it off. The head is saved with the model but never changes its predictions;
 `all_results.json` records the weight and the mask loss over the first and last steps (`lv_segmentation`). The
-baseline has the same loss on its last stage's feature map (`baselines_echoai.R2Plus1DLVMaskHead`), off unless
-`--lv_segmentation_weight` is given: it did not lower the CNN's error (docs/EXPERIMENTS.md, item 42).
+baseline takes the same loss, by the same default, through a head on its last stage's feature map
+(`baselines_echoai.R2Plus1DLVMaskHead`), so both models learn from the same labels (docs/EXPERIMENTS.md, item 42).
 
 Fail loudly: the kept model is checked on validation and test against the mean predictor (every video gets the
 training split's mean EF; `metrics_echoai.check_against_mean_predictor`). Predictions whose SD is below 0.1 x the
@@ -177,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(EchoNet-Dynamic's VolumeTracings.csv) from the encoder's tokens, so the encoder learns where the ventricle "
         "is; each training clip then shows a traced frame. 0 is off; 1 weighs it as the EF loss. Default: "
         f"{DEFAULT_LV_SEGMENTATION_WEIGHT:g} when a training video has tracings (EchoNet-Dynamic and the synthetic "
-        "corpus do), else 0. With --baseline the CNN's own mask head on its last stage; 0 unless given.",
+        "corpus do), else 0. With --baseline, a mask head on the CNN's last stage, by the same rule.",
     )  # fmt: skip
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=None)
     args = parser.parse_args(argv)
@@ -247,18 +247,10 @@ def load_splits(args: argparse.Namespace, accelerator) -> tuple[Path, DatasetDic
 def resolve_lv_segmentation_weight(args: argparse.Namespace, train: Dataset) -> None:
     """Settle `--lv_segmentation_weight` from the training split: unset, it is `DEFAULT_LV_SEGMENTATION_WEIGHT` when
     a training video has a usable ED/ES tracing pair (EDFrame >= 0) and 0 when none has; set above 0 without any
-    tracings, the loss could never act, which is an error rather than a silent no-op. `--baseline` leaves it unset
-    at 0: the CNN's mask head is there to give it the same supervision as EchoAI when asked for, and did not lower
-    its error (docs/EXPERIMENTS.md, item 42), so the baseline's default stays its own best recipe."""
+    tracings, the loss could never act, which is an error rather than a silent no-op. The same for `--baseline`
+    (its mask head), so that EchoAI and the CNN learn from the same labels."""
     traced = int((np.asarray(train["EDFrame"]) >= 0).sum()) if "EDFrame" in train.column_names else 0
-    if args.lv_segmentation_weight is None and args.baseline:
-        args.lv_segmentation_weight = 0.0
-        if traced:
-            logger.info(
-                "LV segmentation loss off for --baseline %s (its default); --lv_segmentation_weight 1 trains its mask "
-                "head on the %d traced training videos", args.baseline, traced,
-            )  # fmt: skip
-    elif args.lv_segmentation_weight is None:
+    if args.lv_segmentation_weight is None:
         args.lv_segmentation_weight = DEFAULT_LV_SEGMENTATION_WEIGHT if traced else 0.0
         if traced:
             logger.info(

@@ -280,10 +280,10 @@ def test_the_lv_segmentation_loss_is_on_by_default_only_where_the_training_split
         settled(untraced, "--lv_segmentation_weight", "1")
     baseline = finetune.parse_args(["--baseline", "r2plus1d_18"])
     finetune.resolve_lv_segmentation_weight(baseline, train)
-    assert baseline.lv_segmentation_weight == 0.0  # the CNN's default, tracings or not (EXPERIMENTS.md, item 42)
-    asked = finetune.parse_args(["--baseline", "r2plus1d_18", "--lv_segmentation_weight", "1"])
-    finetune.resolve_lv_segmentation_weight(asked, train)
-    assert asked.lv_segmentation_weight == 1.0  # its mask head, when asked for
+    assert baseline.lv_segmentation_weight == 1.0  # the CNN learns from the same tracings (its mask head)
+    off = finetune.parse_args(["--baseline", "r2plus1d_18", "--lv_segmentation_weight", "0"])
+    finetune.resolve_lv_segmentation_weight(off, untraced)
+    assert off.lv_segmentation_weight == 0.0
 
 
 def test_label_fraction_uses_a_seeded_half_of_the_training_videos(corpus, tmp_path):
