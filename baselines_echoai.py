@@ -50,7 +50,11 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modeling_echoai import EchoAIForVideoClassificationOutput, lv_segmentation_loss
+
+try:  # loaded as Hub remote code, beside a fine-tuned model, through `inference_echoai.py`
+    from .modeling_echoai import EchoAIForVideoClassificationOutput, lv_segmentation_loss
+except ImportError:  # installed as a top-level module
+    from modeling_echoai import EchoAIForVideoClassificationOutput, lv_segmentation_loss
 
 
 CONFIG_FILE = "baseline_config.json"
