@@ -20,7 +20,7 @@ torchvision's model, so it is the network EchoNet-Dynamic trains, randomly initi
   have tracings: the counterpart of `EchoAILVMaskHead` -- a LayerNorm and a linear layer on each cell of the last
   stage's feature map, in the temporal slice that holds the traced frame, each cell giving the mask logits of the
   16 × 16 pixels it covers (the map's stride; EchoAI's tiny preset has 16-pixel patches, so both heads are one
-  linear layer per 16 × 16 block on the deepest features). The same loss (`modeling_echoai.lv_segmentation_loss`),
+  linear layer per 16 × 16 block on the deepest features). The same loss (`modeling_echoai.add_lv_segmentation_loss`),
   so both models can get the same supervision. EchoNet-Dynamic segments with a separate DeepLabV3; this head is
   not that network, only the same extra signal.
 
@@ -52,9 +52,9 @@ from torch import nn
 
 
 try:  # loaded as Hub remote code, beside a fine-tuned model, through `inference_echoai.py`
-    from .modeling_echoai import EchoAIForVideoClassificationOutput, lv_segmentation_loss
+    from .modeling_echoai import EchoAIForVideoClassificationOutput, add_lv_segmentation_loss
 except ImportError:  # installed as a top-level module
-    from modeling_echoai import EchoAIForVideoClassificationOutput, lv_segmentation_loss
+    from modeling_echoai import EchoAIForVideoClassificationOutput, add_lv_segmentation_loss
 
 
 CONFIG_FILE = "baseline_config.json"
@@ -288,18 +288,11 @@ class R2Plus1DForEF(nn.Module):
                     "lv_masks were given but this baseline has no LV head: build it with lv_segmentation_weight > 0 "
                     "(finetune.py --lv_segmentation_weight)."
                 )
-            if lv_mask_frames is None:
-                raise ValueError("lv_masks need lv_mask_frames: each mask's frame position in its clip (-1: none)")
-            size = tuple(pixel_values.shape[-2:])
-            if tuple(lv_masks.shape) != (len(pixel_values), *size):
-                raise ValueError(
-                    f"lv_masks must be (batch, height, width) = {(len(pixel_values), *size)}, got {tuple(lv_masks.shape)}"
-                )
-            lv_logits = self.lv_head(feature_map, lv_mask_frames, pixel_values.shape[1], size)
-            lv_loss = lv_segmentation_loss(lv_logits, lv_masks, lv_mask_frames)
-            parts = dict(head_loss=loss, lv_segmentation_loss=lv_loss, lv_mask_logits=lv_logits)
-            weighted = self.config.lv_segmentation_weight * lv_loss
-            loss = weighted if loss is None else loss + weighted
+            num_frames, size = pixel_values.shape[1], tuple(pixel_values.shape[-2:])
+            loss, parts = add_lv_segmentation_loss(
+                loss, self.config.lv_segmentation_weight, lv_masks, lv_mask_frames,
+                lambda frames: self.lv_head(feature_map, frames, num_frames, size),
+            )  # fmt: skip
         return EchoAIForVideoClassificationOutput(loss=loss, logits=logits, **parts)
 
 

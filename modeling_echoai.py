@@ -1181,6 +1181,28 @@ def lv_segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, frames: torc
     return ((bce + dice) * has_mask).sum() / has_mask.sum().clamp(min=1)
 
 
+def add_lv_segmentation_loss(
+    loss: torch.Tensor | None,
+    weight: float,
+    masks: torch.Tensor,
+    frames: torch.Tensor | None,
+    predict_masks: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """The auxiliary LV-mask loss of a model with an LV head, for EchoAI and the R(2+1)D baseline alike:
+    `predict_masks(frames)` gives the head's logits (B, H, W) on each clip's traced frame, scored against `masks`
+    (`lv_segmentation_loss`) and added to the EF `loss` with `weight` (alone where there is none). Returns the total
+    loss and the output's parts (`head_loss`, `lv_segmentation_loss`, `lv_mask_logits`)."""
+    if frames is None:
+        raise ValueError("lv_masks need lv_mask_frames: each mask's frame position in its clip (-1: none)")
+    logits = predict_masks(frames)
+    if masks.shape != logits.shape:
+        raise ValueError(f"lv_masks must be (batch, height, width) = {tuple(logits.shape)}, got {tuple(masks.shape)}")
+    lv_loss = lv_segmentation_loss(logits, masks, frames)
+    weighted = weight * lv_loss
+    total = weighted if loss is None else loss + weighted
+    return total, dict(head_loss=loss, lv_segmentation_loss=lv_loss, lv_mask_logits=logits)
+
+
 class EchoAIForVideoClassification(EchoAIPreTrainedModel):
     """EchoAI encoder + a head on the pooled tokens (`config.pooling`: the mean of all tokens, or the mean,
     maximum and minimum over time of each token slice's mean).
@@ -1222,26 +1244,6 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
         losses = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
         return losses[self.config.regression_loss](head_output.float(), target.float())
 
-    def forward_lv_loss(
-        self,
-        last_hidden_state: torch.Tensor,
-        grid: tuple[int, int, int],
-        lv_masks: torch.Tensor,
-        lv_mask_frames: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LV head's logits (B, H, W) on each clip's traced frame and their `lv_segmentation_loss`."""
-        if self.lv_head is None:
-            raise ValueError(
-                "lv_masks were given but this model has no LV segmentation head: build it with "
-                "lv_segmentation_weight > 0 (finetune.py --lv_segmentation_weight)."
-            )
-        logits = self.lv_head(last_hidden_state, grid, lv_mask_frames)
-        if lv_masks.shape != logits.shape:
-            raise ValueError(
-                f"lv_masks must be (batch, height, width) = {tuple(logits.shape)}, got {tuple(lv_masks.shape)}"
-            )
-        return logits, lv_segmentation_loss(logits, lv_masks, lv_mask_frames)
-
     @can_return_tuple
     def forward(
         self,
@@ -1279,13 +1281,16 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
                 loss = self.loss_function(labels, logits, self.config, **kwargs)
         parts = {}
         if lv_masks is not None:
-            if lv_mask_frames is None:
-                raise ValueError("lv_masks need lv_mask_frames: each mask's frame position in its clip (-1: none)")
+            if self.lv_head is None:
+                raise ValueError(
+                    "lv_masks were given but this model has no LV segmentation head: build it with "
+                    "lv_segmentation_weight > 0 (finetune.py --lv_segmentation_weight)."
+                )
             grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
-            lv_logits, lv_loss = self.forward_lv_loss(outputs.last_hidden_state, grid, lv_masks, lv_mask_frames)
-            weighted = self.config.lv_segmentation_weight * lv_loss
-            parts = dict(head_loss=loss, lv_segmentation_loss=lv_loss, lv_mask_logits=lv_logits)
-            loss = weighted if loss is None else loss + weighted
+            loss, parts = add_lv_segmentation_loss(
+                loss, self.config.lv_segmentation_weight, lv_masks, lv_mask_frames,
+                lambda frames: self.lv_head(outputs.last_hidden_state, grid, frames),
+            )  # fmt: skip
         return EchoAIForVideoClassificationOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **parts
         )
