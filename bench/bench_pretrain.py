@@ -342,6 +342,10 @@ COPY_OPERATORS = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contigu
 # A copy whose input has the shape of one of the model's parameters: under autocast, the bf16 casts of the fp32
 # master weights and of their gradients back (an activation of exactly a parameter's shape is rare).
 PARAMETER_SHAPED = "(parameter-shaped)"
+# Any other copy that changes the dtype (`_to_copy`, or `copy_` between two dtypes): autocast's bf16 casts of
+# activations and their gradients' casts back. The rest keep the dtype and change the layout (a permute or transpose
+# made contiguous, a clone, autograd writing a gradient into a slice of a zero-filled buffer).
+DTYPE_CAST = "(dtype cast)"
 # (kind, operator names): each profiled operator's self CPU time is counted under the first kind naming it;
 # operators named nowhere count as "other" (indexing, views, reductions, the loss, per-operator overhead).
 OPERATOR_KINDS = (
@@ -354,7 +358,8 @@ OPERATOR_KINDS = (
                                "aten::native_group_norm", "aten::native_group_norm_backward")),
     ("GELU", ("aten::gelu", "aten::gelu_backward")),
     ("casts and copies of parameter-shaped tensors", tuple(f"{name} {PARAMETER_SHAPED}" for name in COPY_OPERATORS)),
-    ("casts and copies of activations", COPY_OPERATORS),
+    ("dtype casts of activations", tuple(f"{name} {DTYPE_CAST}" for name in COPY_OPERATORS)),
+    ("layout copies of activations", COPY_OPERATORS),
     ("tubelet convolution", ("aten::mkldnn_convolution", "aten::convolution_backward")),
     ("elementwise arithmetic", ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub", "aten::div",
                                 "aten::div_", "aten::pow", "aten::sqrt", "aten::rsqrt", "aten::neg", "aten::fill_",
@@ -379,10 +384,24 @@ def time_by_kind(self_cpu_us: dict[str, float], steps: int) -> dict[str, float]:
     return per_kind
 
 
+def copy_name(name: str, input_shapes: list, input_dtypes: list, parameter_shapes: set[tuple]) -> str:
+    """The name a profiled operator is counted under: a copy of a tensor shaped like a parameter is named apart
+    (`PARAMETER_SHAPED`), then one that changes the dtype (`DTYPE_CAST`: `_to_copy`, whose own time is the output's
+    allocation, or `copy_` from one dtype into another); every other operator keeps its name."""
+    if name not in COPY_OPERATORS:
+        return name
+    if input_shapes and tuple(input_shapes[0]) in parameter_shapes:
+        return f"{name} {PARAMETER_SHAPED}"
+    if name == "aten::_to_copy" or (
+        name == "aten::copy_" and len(input_dtypes) > 1 and input_dtypes[0] != input_dtypes[1]
+    ):
+        return f"{name} {DTYPE_CAST}"
+    return name
+
+
 def profile_step(step, steps: int, model: torch.nn.Module) -> dict[str, float]:
     """`steps` calls of `step` under `torch.profiler` (after the caller's warm-up): self CPU microseconds per
-    operator name, summed over the steps; copies of a tensor shaped like one of `model`'s parameters are named
-    apart (`PARAMETER_SHAPED`)."""
+    operator name (`copy_name`), summed over the steps."""
     from torch.profiler import ProfilerActivity, profile
 
     parameter_shapes = {tuple(parameter.shape) for parameter in model.parameters()}
@@ -390,10 +409,8 @@ def profile_step(step, steps: int, model: torch.nn.Module) -> dict[str, float]:
         for _ in range(steps):
             step()
     self_cpu_us: dict[str, float] = {}
-    for event in prof.key_averages(group_by_input_shape=True):
-        name = event.key
-        if name in COPY_OPERATORS and event.input_shapes and tuple(event.input_shapes[0]) in parameter_shapes:
-            name = f"{name} {PARAMETER_SHAPED}"
+    for event in prof.events():
+        name = copy_name(event.name, event.input_shapes, event.input_dtypes or [], parameter_shapes)
         self_cpu_us[name] = self_cpu_us.get(name, 0.0) + event.self_cpu_time_total
     return self_cpu_us
 

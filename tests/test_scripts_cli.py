@@ -80,9 +80,22 @@ def test_bench_pretrain_profile_accounts_every_operator_once(capsys):
     assert per_step["attention matmuls (bmm)"] == 0.5
     assert per_step["other"] == 1.0
     assert sum(per_step.values()) == 3.0
-    copies = bench_pretrain.time_by_kind({"aten::copy_ (parameter-shaped)": 2000.0, "aten::copy_": 1000.0}, 1)
+    parameters = {(64, 32)}
+    names = [
+        bench_pretrain.copy_name("aten::copy_", [[64, 32], [64, 32]], ["c10::BFloat16", "float"], parameters),
+        bench_pretrain.copy_name("aten::copy_", [[8, 32], [8, 32]], ["c10::BFloat16", "float"], parameters),
+        bench_pretrain.copy_name("aten::_to_copy", [[8, 32]], ["float"], parameters),
+        bench_pretrain.copy_name("aten::copy_", [[8, 32], [8, 32]], ["c10::BFloat16", "c10::BFloat16"], parameters),
+        bench_pretrain.copy_name("aten::clone", [[8, 32]], ["float"], parameters),
+        bench_pretrain.copy_name("aten::addmm", [[64, 32]], ["float"], parameters),
+    ]
+    copies = bench_pretrain.time_by_kind(
+        dict(zip(names, [2000.0, 1000.0, 500.0, 300.0, 200.0, 100.0], strict=True)), 1
+    )
     assert copies["casts and copies of parameter-shaped tensors"] == 2.0
-    assert copies["casts and copies of activations"] == 1.0
+    assert copies["dtype casts of activations"] == 1.5
+    assert copies["layout copies of activations"] == 0.5
+    assert copies["linear layers (mm, addmm)"] == 0.1
 
     bench_pretrain.main(["--profile", "--quick", "--preset", "tiny"])
     out = capsys.readouterr().out
