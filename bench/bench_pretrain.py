@@ -59,8 +59,8 @@ higher kept).
 `--profile` times no contest: it runs `torch.profiler` over a few pretraining steps of EchoAI and of the fastest
 VideoMAE at `--profile_precision` (eager attention in bf16, SDPA in fp32) and prints each one's self CPU time per
 step, summed over kinds of operator (`OPERATOR_KINDS`: the linear layers' matmuls, attention, normalisation, casts
-and copies of parameter-shaped tensors and of activations, the optimizer, ...), beside its unprofiled median step,
-so a speed-up is aimed at where the time is.
+and copies of parameter-shaped tensors, dtype casts and layout copies of activations, the optimizer, ...), beside
+its unprofiled median step, so a speed-up is aimed at where the time is.
 `--profile_models EchoAI` (or `VideoMAE`) profiles one model per process, the cleaner breakdown.
 """
 
