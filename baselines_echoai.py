@@ -283,15 +283,10 @@ class R2Plus1DForEF(nn.Module):
         loss = self.regression_loss(head_output, labels) if labels is not None else None
         parts = {}
         if lv_masks is not None:
-            if self.lv_head is None:
-                raise ValueError(
-                    "lv_masks were given but this baseline has no LV head: build it with lv_segmentation_weight > 0 "
-                    "(finetune.py --lv_segmentation_weight)."
-                )
             num_frames, size = pixel_values.shape[1], tuple(pixel_values.shape[-2:])
             loss, parts = add_lv_segmentation_loss(
                 loss, self.config.lv_segmentation_weight, lv_masks, lv_mask_frames,
-                lambda frames: self.lv_head(feature_map, frames, num_frames, size),
+                None if self.lv_head is None else lambda frames: self.lv_head(feature_map, frames, num_frames, size),
             )  # fmt: skip
         return EchoAIForVideoClassificationOutput(loss=loss, logits=logits, **parts)
 

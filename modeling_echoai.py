@@ -1186,12 +1186,18 @@ def add_lv_segmentation_loss(
     weight: float,
     masks: torch.Tensor,
     frames: torch.Tensor | None,
-    predict_masks: Callable[[torch.Tensor], torch.Tensor],
+    predict_masks: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """The auxiliary LV-mask loss of a model with an LV head, for EchoAI and the R(2+1)D baseline alike:
     `predict_masks(frames)` gives the head's logits (B, H, W) on each clip's traced frame, scored against `masks`
-    (`lv_segmentation_loss`) and added to the EF `loss` with `weight` (alone where there is none). Returns the total
-    loss and the output's parts (`head_loss`, `lv_segmentation_loss`, `lv_mask_logits`)."""
+    (`lv_segmentation_loss`) and added to the EF `loss` with `weight` (alone where there is none); `None` for a
+    model built without the head. Returns the total loss and the output's parts (`head_loss`,
+    `lv_segmentation_loss`, `lv_mask_logits`)."""
+    if predict_masks is None:
+        raise ValueError(
+            "lv_masks were given but this model has no LV segmentation head: build it with lv_segmentation_weight > 0 "
+            "(finetune.py --lv_segmentation_weight)."
+        )
     if frames is None:
         raise ValueError("lv_masks need lv_mask_frames: each mask's frame position in its clip (-1: none)")
     logits = predict_masks(frames)
@@ -1281,15 +1287,10 @@ class EchoAIForVideoClassification(EchoAIPreTrainedModel):
                 loss = self.loss_function(labels, logits, self.config, **kwargs)
         parts = {}
         if lv_masks is not None:
-            if self.lv_head is None:
-                raise ValueError(
-                    "lv_masks were given but this model has no LV segmentation head: build it with "
-                    "lv_segmentation_weight > 0 (finetune.py --lv_segmentation_weight)."
-                )
             grid = token_grid(self.config, pixel_values, interpolate_pos_encoding)
             loss, parts = add_lv_segmentation_loss(
                 loss, self.config.lv_segmentation_weight, lv_masks, lv_mask_frames,
-                lambda frames: self.lv_head(outputs.last_hidden_state, grid, frames),
+                None if self.lv_head is None else lambda frames: self.lv_head(outputs.last_hidden_state, grid, frames),
             )  # fmt: skip
         return EchoAIForVideoClassificationOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **parts

@@ -116,7 +116,7 @@ def test_without_the_weight_there_is_no_lv_head_and_the_head_never_changes_predi
     off.load_state_dict({k: v for k, v in on.state_dict().items() if not k.startswith("lv_head")})
     clips = torch.randn(2, 4, 3, 32, 32)
     assert torch.equal(on(clips).logits, off(clips).logits)
-    with pytest.raises(ValueError, match="no LV head: build it with lv_segmentation_weight > 0"):
+    with pytest.raises(ValueError, match="no LV segmentation head: build it with lv_segmentation_weight > 0"):
         off(clips, lv_masks=torch.zeros(2, 32, 32), lv_mask_frames=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="lv_masks need lv_mask_frames"):
         on(clips, lv_masks=torch.zeros(2, 32, 32))
