@@ -15,8 +15,9 @@ MAE / VideoMAE fine-tuning recipe (`--learning_rate 5e-4 --layer_decay 0.75 --dr
 `tiny` preset, from a checkpoint and from scratch alike (docs/EXPERIMENTS.md, section 3, items 5, 17, 18); it
 remains the usual start for a large checkpoint such as a converted VideoMAE-B, not measured here. Clips are 16
 frames taken every 4th (`--period 4`, EchoNet-Dynamic's 64-frame span) with mild augmentation (the processor's
-defaults), for 45 epochs of the whole training split (with `--label_fraction f`, 45 / f epochs of the subset:
-about as many steps), and the `tiny` preset has a convolutional stem and pools each clip's extreme states
+defaults), for 45 epochs of the whole training split from scratch and 90 from a checkpoint (with `--label_fraction
+f`, 45 / f or 90 / f epochs of the subset: about as many steps; a pretrained start gains from the longer run, a
+random one does not, docs/EXPERIMENTS.md, items 43, 44), and the `tiny` preset has a convolutional stem and pools each clip's extreme states
 (`EchoAIConfig.stem_channels`, `pooling`): the recipe that reads EF from a few hundred videos
 (docs/EXPERIMENTS.md). The regression head learns a unit-scale target: `regression_target_mean/std` are set
 from the training split's EF, so `logits` -- and the saved model's predictions -- are EF in %.
@@ -115,11 +116,12 @@ from training_echoai import (
 
 logger = logging.getLogger("finetune")
 LABEL = "label"  # the column that holds class indices when --class_boundaries bins a continuous column
-# The default training length, in epochs of the whole training split. A --label_fraction f subset trains for
-# FULL_SPLIT_EPOCHS / f epochs, about as many steps (each epoch drops its short last batch): at 45 epochs of its
-# own 45 videos, a quarter of the phantom's labels stopped at 225 steps, far from converged (docs/EXPERIMENTS.md,
-# section 3, item 18).
-FULL_SPLIT_EPOCHS = 45
+# The default training length, in epochs of the whole training split, by start. A --label_fraction f subset trains
+# for these / f epochs, about as many steps (each epoch drops its short last batch): at 45 epochs of its own 45
+# videos, a quarter of the phantom's labels stopped at 225 steps, far from converged (docs/EXPERIMENTS.md, section 3,
+# item 18). A checkpoint fine-tunes twice as long as a random start: doubling the length lowered the pretrained
+# start's test MAE at a quarter and a tenth of the labels, and left scratch's level or higher (items 43, 44).
+FULL_SPLIT_EPOCHS = {"scratch": 45, "checkpoint": 90}
 
 # Learning rate, layer decay, drop path of each model when not given (see the module docstring). EchoAI's is one
 # recipe for every start: the MAE recipe's layer decay 0.75 and drop path 0.1 (learning rate 5e-4) held a `tiny`
@@ -181,8 +183,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=None)
     args = parser.parse_args(argv)
-    if args.num_train_epochs is None:  # as many steps as the whole split's epochs, whatever --label_fraction keeps
-        args.num_train_epochs = math.ceil(FULL_SPLIT_EPOCHS / args.label_fraction)
     if args.baseline:
         check_baseline_args(parser, args)
         args.from_scratch = True
@@ -193,6 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass either --model_name_or_path (a pretraining output or Hub id) or --from_scratch")
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must lie in (0, 1], got {args.label_fraction}")
+    if args.num_train_epochs is None:  # as many steps as the whole split's epochs, whatever --label_fraction keeps
+        start = "scratch" if args.from_scratch else "checkpoint"
+        args.num_train_epochs = math.ceil(FULL_SPLIT_EPOCHS[start] / args.label_fraction)
     for flag in ("num_labels", "eval_num_clips", "eval_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:

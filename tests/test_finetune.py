@@ -299,12 +299,16 @@ def test_label_fraction_uses_a_seeded_half_of_the_training_videos(corpus, tmp_pa
 def test_a_label_fraction_trains_as_many_steps_as_the_whole_split_unless_told(corpus, tmp_path):
     finetune = load_script("finetune")
 
-    def epochs(*extra: str) -> int:
-        return finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", *extra)).num_train_epochs
+    def epochs(*extra: str, start: tuple[str, ...] = ("--from_scratch",)) -> int:
+        return finetune.parse_args(finetune_argv(corpus, tmp_path, *start, *extra)).num_train_epochs
 
-    assert epochs("--label_fraction", "0.25") == 4 * epochs()
+    assert epochs() == 45 and epochs("--label_fraction", "0.25") == 4 * epochs()
     assert epochs("--label_fraction", "0.3") == 150 and epochs("--label_fraction", "0.7") == 65  # 64.3 rounds up
     assert epochs("--label_fraction", "0.25", "--num_train_epochs", "7") == 7
+    # A checkpoint fine-tunes twice as long as a random start; the baseline is a random start.
+    checkpoint = ("--model_name_or_path", str(tmp_path / "pretrained"))
+    assert epochs(start=checkpoint) == 90 and epochs("--label_fraction", "0.25", start=checkpoint) == 360
+    assert epochs(start=("--baseline", "r2plus1d_18")) == 45
 
 
 def test_eval_steps_validates_at_the_first_epoch_end_past_each_multiple_and_after_the_last_step(
