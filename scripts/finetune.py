@@ -17,7 +17,8 @@ remains the usual start for a large checkpoint such as a converted VideoMAE-B, n
 frames taken every 4th (`--period 4`, EchoNet-Dynamic's 64-frame span) with mild augmentation (the processor's
 defaults), for 45 epochs of the whole training split from scratch and 90 from a checkpoint (with `--label_fraction
 f`, 45 / f or 90 / f epochs of the subset: about as many steps; a pretrained start gains from the longer run, a
-random one does not, docs/EXPERIMENTS.md, items 43, 44, 46), and the `tiny` preset has a convolutional stem and
+random one did not from a quarter or a tenth of the labels, and the shorter run keeps a full-label one short on a
+CPU, docs/EXPERIMENTS.md, items 43, 44, 46, 48), and the `tiny` preset has a convolutional stem and
 pools each clip's extreme states (`EchoAIConfig.stem_channels`, `pooling`): the recipe that reads EF from a few
 hundred videos (docs/EXPERIMENTS.md). The regression head learns a unit-scale target: `regression_target_mean/std`
 are set from the training split's EF, so `logits` -- and the saved model's predictions -- are EF in %.
@@ -121,6 +122,8 @@ LABEL = "label"  # the column that holds class indices when --class_boundaries b
 # videos, a quarter of the phantom's labels stopped at 225 steps, far from converged (docs/EXPERIMENTS.md, section 3,
 # item 18). A checkpoint fine-tunes twice as long as a random start: doubling the length lowered the pretrained
 # start's test MAE at a quarter and a tenth of the labels, and left scratch's level or higher (items 43, 44, 46).
+# With all the labels the longer run lowers scratch's too (item 48); scratch keeps 45 epochs so that a full-label
+# run stays short on a CPU (the item has the times and errors of both lengths).
 FULL_SPLIT_EPOCHS = {"scratch": 45, "checkpoint": 90}
 
 # Learning rate, layer decay, drop path of each model when not given (see the module docstring). EchoAI's is one
