@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The seed paper's three experiments at CPU scale, and the baselines, one command each, on the real training scripts.
 
-    python scripts/experiments.py --experiment mask_ratio     # pretrain at mask 0.8 / 0.9 / 0.95, held-out loss
+    python scripts/experiments.py --experiment mask_ratio     # pretrain at mask 0.8 / 0.9 / 0.95: held-out loss, EF
     python scripts/experiments.py --experiment num_frames     # EF MAE with 4 / 8 / 16 frames, one 16-frame checkpoint
     python scripts/experiments.py --experiment pretraining    # EF MAE, pretrained vs from scratch, 10 % / 100 % labels
     python scripts/experiments.py --experiment baselines      # mean predictor, R(2+1)D-18, EchoAI: same time budget
@@ -22,11 +22,13 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
   models face the same task; and, at its own ratio, the share of the target's variance it predicts (near 0: the
   decoder collapsed to the target's mean, and the loss alone would not say so).
   The masks are nested (the generator's noise is shared, a higher ratio hides a superset). One
-  reconstruction picture per model (`training_echoai.save_reconstruction`).
+  reconstruction picture per model (`training_echoai.save_reconstruction`). Then EF, what a ratio is for: each
+  checkpoint, and a random start beside them, fine-tuned alike at each `--label_fractions` (default 1.0) for
+  `--num_seeds` seeds and scored on the test split.
 * `num_frames`: one pretraining at `--pretrain_num_frames`; for each frame count the checkpoint is copied
   with its position tables resampled to the new length (`resize_position_embeddings`, the same resampling
   `interpolate_pos_encoding=True` applies at forward time), then fine-tuned with a processor of that frame
-  count and evaluated on the test split.
+  count on all the labels, for `--num_seeds` seeds, and evaluated on the test split.
 * `pretraining`: fine-tune from the checkpoint and `--from_scratch` (same preset and overrides, same steps,
   same recipe) at each `--label_fractions`, for `--num_seeds` fine-tuning seeds; mean and spread.
 * `baselines`: one row per `--models` entry on the same split and labels (all of them): the mean predictor (the
@@ -42,6 +44,10 @@ the `num_frames` 16-frame fine-tuning is the `pretraining` experiment's 100 %-la
   `--eval_num_clips` evenly spaced clips, no augmentation); a ridge regression of EF on the training split's
   features, its penalty chosen by validation MAE, scored on the test split. It asks whether pretraining put EF
   into the features at all, apart from how fine-tuning moves them (the MAE paper's linear-probe protocol).
+
+`--pretrain_data_dir` pretrains on all of a larger unlabeled corpus instead of the labelled training split (the
+paper's setting: far more unlabeled videos than labels), and `--mixed_precision bf16` trains every run in bf16
+autocast (faster on a CPU with bf16 units).
 
 `--checkpoint` names an existing pretraining output to use instead of pretraining here (e.g. one pretrained on a
 larger unlabeled corpus with `scripts/pretrain.py`).
@@ -71,7 +77,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -155,7 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask_ratios", default="0.8,0.9,0.95", help="mask_ratio: the ratios compared.")
     add("--pretrain_num_frames", type=int, default=16, help="Frames per clip of the shared pretraining.")
     add("--frames", default="4,8,16", help="num_frames: the frame counts compared.")
-    add("--label_fractions", default="0.1,1.0", help="pretraining: the label fractions compared.")
+    add(
+        "--label_fractions", default=None,
+        help="pretraining: the label fractions compared (default 0.1,1.0). mask_ratio: the fractions each "
+        "ratio's checkpoint (and a random start) is fine-tuned at, for EF (default 1.0; '' for reconstruction only).",
+    )  # fmt: skip
+    add(
+        "--pretrain_data_dir", default=None,
+        help="An unlabeled EchoNet-layout corpus to pretrain on, all of its videos (e.g. a larger phantom made with "
+        "scripts/make_synthetic_echonet.py); default: the training split of --data_dir.",
+    )  # fmt: skip
+    add(
+        "--mixed_precision", choices=("no", "bf16"), default="no",
+        help="Precision of every pretraining and fine-tuning (the scripts' --mixed_precision); evaluation is fp32.",
+    )  # fmt: skip
     add(
         "--models", default=",".join(BASELINE_MODELS), help=f"baselines: the table's rows, of {list(BASELINE_MODELS)}."
     )
@@ -194,6 +213,8 @@ def settle_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, smoke if args.smoke else full)
     if args.num_seeds is None:
         args.num_seeds = 2 if args.experiment in ("pretraining", "baselines") else 1
+    if args.label_fractions is None:
+        args.label_fractions = "1.0" if args.experiment == "mask_ratio" else "0.1,1.0"
     if args.baseline_overrides is None:
         args.baseline_overrides = BASELINE_SMOKE_OVERRIDES if args.smoke else ""
     if args.config_overrides is None:
@@ -245,15 +266,39 @@ def pretrain(args: argparse.Namespace, corpus: Path, mask_ratio: float, num_fram
         if num_frames != args.pretrain_num_frames or mask_ratio != args.mask_ratio:
             raise ValueError(f"--checkpoint {args.checkpoint} is one pretraining; this experiment needs several")
         return Path(args.checkpoint), 0.0
-    output = args.runs_dir / f"pretrain_mask{mask_ratio:g}_T{num_frames}_steps{args.pretrain_steps}_seed{args.seed}"
+    # Unlabeled videos: all of --pretrain_data_dir, or the labelled corpus's training split (its test split unseen).
+    data = (
+        ["--data_dir", args.pretrain_data_dir]
+        if args.pretrain_data_dir
+        else ["--data_dir", str(corpus), "--splits", "train"]
+    )
+    output = args.runs_dir / (
+        f"pretrain_mask{mask_ratio:g}_T{num_frames}_steps{args.pretrain_steps}{corpus_tag(args)}{precision_tag(args)}"
+        f"_seed{args.seed}"
+    )  # fmt: skip
     argv = [
-        "--data_dir", str(corpus), "--splits", "train", "--config_name", args.config_name,
+        *data, "--config_name", args.config_name,
         "--config_overrides", overrides(args, mask_ratio=mask_ratio, num_frames=num_frames),
         "--max_train_steps", str(args.pretrain_steps), "--per_device_train_batch_size",
         str(args.per_device_train_batch_size), "--seed", str(args.seed), "--reconstruction_steps", "0",
-        "--logging_steps", "50",
+        "--logging_steps", "50", *precision(args),
     ]  # fmt: skip
     return output, run_script("pretrain", output, argv)
+
+
+def corpus_tag(args: argparse.Namespace) -> str:
+    """Run folders of a pretraining on --pretrain_data_dir (and their fine-tunings) name that corpus."""
+    return f"_on_{Path(args.pretrain_data_dir).name}" if args.pretrain_data_dir else ""
+
+
+def precision_tag(args: argparse.Namespace) -> str:
+    """Run folders of bf16 runs say so, so that they never take the place of the fp32 runs of the same settings."""
+    return "_bf16" if args.mixed_precision == "bf16" else ""
+
+
+def precision(args: argparse.Namespace) -> list[str]:
+    """The scripts' precision flag, only when not their fp32 default (so fp32 runs keep the argv they were cached by)."""
+    return ["--mixed_precision", args.mixed_precision] if args.mixed_precision != "no" else []
 
 
 def finetune_and_test(
@@ -275,13 +320,15 @@ def train_and_test(
     """`finetune.py` with the model arguments `init` (and `--max_train_seconds time_budget_s` when > 0), then
     `evaluate.py` of the kept model on the test split; the test metrics, the mean predictor's and the verdict."""
     budget = f"_budget{time_budget_s:g}s" if time_budget_s else ""
-    output = args.runs_dir / f"finetune_{name}_labels{label_fraction:g}_steps{args.finetune_steps}{budget}_seed{seed}"
+    output = args.runs_dir / (
+        f"finetune_{name}_labels{label_fraction:g}_steps{args.finetune_steps}{budget}{precision_tag(args)}_seed{seed}"
+    )
     argv = [
         "--data_dir", str(corpus), *init, "--max_train_steps", str(args.finetune_steps),
         "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--per_device_eval_batch_size", "16",
         "--label_fraction", str(label_fraction), "--seed", str(seed), "--eval_num_clips", "1", "--logging_steps", "50",
         "--eval_steps", str(max(1, args.finetune_steps // 20)),
-        *(["--max_train_seconds", f"{time_budget_s:g}"] if time_budget_s else []),
+        *(["--max_train_seconds", f"{time_budget_s:g}"] if time_budget_s else []), *precision(args),
     ]  # fmt: skip
     finetune_seconds = run_script("finetune", output, argv)
     protocol = ["--protocol", "k_clips", "--num_clips", str(args.eval_num_clips)]
@@ -394,6 +441,23 @@ def seed_summary(runs: list[dict]) -> dict:
     return summary
 
 
+def pretrained_name(args: argparse.Namespace, mask_ratio: float, num_frames: int | None = None) -> str:
+    """The fine-tuning runs' name for a start pretrained here: the shared pretraining's (mask `--mask_ratio`) is the
+    same in every experiment, so `pretraining`, `num_frames` and `mask_ratio` reuse one another's runs."""
+    ratio = "" if mask_ratio == args.mask_ratio else f"_mask{mask_ratio:g}"
+    return f"pretrained{ratio}_T{num_frames or args.pretrain_num_frames}{corpus_tag(args)}"
+
+
+def fine_tuned_at_each_fraction(args: argparse.Namespace, corpus: Path, name: str, start: Path | None) -> dict:
+    """{label fraction: mean and spread over the seeds, and the seeds' runs} of `start` (None: a random start)
+    fine-tuned at each `--label_fractions` for `--num_seeds` seeds."""
+    ef = {}
+    for fraction in floats(args.label_fractions):
+        runs = [finetune_and_test(args, corpus, name, start, fraction, args.seed + i) for i in range(args.num_seeds)]
+        ef[f"{fraction:g}"] = {"train_videos": runs[0]["train_videos"], **seed_summary(runs), "seeds": runs}
+    return ef
+
+
 def experiment_mask_ratio(args: argparse.Namespace, corpus: Path) -> list[dict]:
     test_paths = load_echonet_dynamic(corpus)["test"]["video_path"]
     rows = []
@@ -409,8 +473,11 @@ def experiment_mask_ratio(args: argparse.Namespace, corpus: Path) -> list[dict]:
             {"mask_ratio": ratio, "test_loss_own_ratio": losses["own"]["loss"],
              "test_loss_common_ratio": losses["common"]["loss"], "test_share_predicted": losses["own"]["share"],
              "reconstruction_target": target, "pretrain_seconds": seconds, "picture": picture.name,
-             "run": str(checkpoint)}
+             "run": str(checkpoint),
+             "ef": fine_tuned_at_each_fraction(args, corpus, pretrained_name(args, ratio), checkpoint)}
         )  # fmt: skip
+    if floats(args.label_fractions):  # what pretraining at any ratio is worth: a random start, fine-tuned the same way
+        rows.append({"mask_ratio": None, "ef": fine_tuned_at_each_fraction(args, corpus, "scratch", None)})
     return rows
 
 
@@ -422,27 +489,25 @@ def experiment_num_frames(args: argparse.Namespace, corpus: Path) -> list[dict]:
         if num_frames != args.pretrain_num_frames:
             start = resample_checkpoint(checkpoint, args.runs_dir / f"{checkpoint.name}_resampled_T{num_frames}",
                                         num_frames)  # fmt: skip
-        result = finetune_and_test(args, corpus, f"pretrained_T{num_frames}", start, 1.0, args.seed)
-        rows.append({"num_frames": num_frames, **result, "pretrain_seconds": pretrain_seconds})
+        name = pretrained_name(args, args.mask_ratio, num_frames)
+        runs = [finetune_and_test(args, corpus, name, start, 1.0, args.seed + i) for i in range(args.num_seeds)]
+        rows.append({"num_frames": num_frames, "train_videos": runs[0]["train_videos"], **seed_summary(runs),
+                     "seeds": runs, "pretrain_seconds": pretrain_seconds})  # fmt: skip
     return rows
 
 
 def experiment_pretraining(args: argparse.Namespace, corpus: Path) -> list[dict]:
     checkpoint, pretrain_seconds = pretrain(args, corpus, args.mask_ratio, args.pretrain_num_frames)
-    rows = []
-    for fraction in floats(args.label_fractions):
-        for init, start in (("pretrained", checkpoint), ("scratch", None)):
-            name = f"pretrained_T{args.pretrain_num_frames}" if start else "scratch"
-            runs = [
-                finetune_and_test(args, corpus, name, start, fraction, args.seed + i) for i in range(args.num_seeds)
-            ]
-            row = {"label_fraction": fraction, "init": init, "train_videos": runs[0]["train_videos"]}
-            row.update(seed_summary(runs))
-            row["seeds"] = runs
-            rows.append(row)
-    for row in rows:
-        row["pretrain_seconds"] = pretrain_seconds if row["init"] == "pretrained" else 0.0
-    return rows
+    starts = {
+        "pretrained": (fine_tuned_at_each_fraction(args, corpus, pretrained_name(args, args.mask_ratio), checkpoint),
+                       pretrain_seconds),
+        "scratch": (fine_tuned_at_each_fraction(args, corpus, "scratch", None), 0.0),
+    }  # fmt: skip
+    return [
+        {"label_fraction": float(fraction), "init": init, **ef[fraction], "pretrain_seconds": seconds}
+        for fraction in starts["scratch"][0]
+        for init, (ef, seconds) in starts.items()
+    ]
 
 
 def model_argv(args: argparse.Namespace, corpus: Path, model: str) -> tuple[list[str], float]:
@@ -594,22 +659,39 @@ def markdown_table(columns: list[str], rows: Iterable[list[str]]) -> list[str]:
 
 
 def table_mask_ratio(args: argparse.Namespace, rows: list[dict]) -> list[str]:
-    columns = ["mask ratio", "test loss at own ratio", f"test loss at ratio {args.mask_ratio:g}",
-               "share of the target predicted", "pretraining s", "picture"]  # fmt: skip
-    return markdown_table(
-        columns,
-        ([f"{r['mask_ratio']:g}", fmt(r["test_loss_own_ratio"]), fmt(r["test_loss_common_ratio"]),
-          fmt(r["test_share_predicted"]), f"{r['pretrain_seconds']:.0f}", f"![]({r['picture']})"] for r in rows),
-    )  # fmt: skip
+    """One row per ratio (reconstruction, then EF at each label fraction), the random start, the mean predictor."""
+    fractions = list(rows[0]["ef"])
+    columns = ["start", "test loss at own ratio", f"test loss at ratio {args.mask_ratio:g}",
+               "share of the target predicted"]  # fmt: skip
+    for fraction in fractions:
+        labels = f"{100 * float(fraction):g} % labels ({rows[0]['ef'][fraction]['train_videos']} videos)"
+        columns += [f"test EF MAE, {labels}{seed_spread(args)}", "per-seed MAE", "test R²", "learned EF (seeds)"]
+    columns += ["pretraining s", "picture"]
+
+    def cells(r: dict) -> list[str]:
+        pretrained = r["mask_ratio"] is not None
+        start = [f"mask ratio {r['mask_ratio']:g}", fmt(r["test_loss_own_ratio"]), fmt(r["test_loss_common_ratio"]),
+                 fmt(r["test_share_predicted"])] if pretrained else ["random (scratch)", "—", "—", "—"]  # fmt: skip
+        for fraction in fractions:
+            ef = r["ef"][fraction]
+            mae, _, r2, per_seed = seed_metrics(ef)
+            start += [mae, per_seed, r2, f"{ef['learned_ef']}/{len(ef['seeds'])}"]
+        end = [f"{r['pretrain_seconds']:.0f}", f"![]({r['picture']})"] if pretrained else ["—", "—"]
+        return start + end
+
+    mean = ["mean predictor", "—", "—", "—"]
+    for fraction in fractions:  # its MAE depends on the labels: the training subset's mean EF for every test video
+        mean += [fmt(rows[0]["ef"][fraction]["mean_predictor_mae"]), "—", "≤ 0", "—"]
+    return markdown_table(columns, [*(cells(r) for r in rows), *([mean + ["—", "—"]] if fractions else [])])
 
 
 def table_num_frames(args: argparse.Namespace, rows: list[dict]) -> list[str]:
-    columns = ["frames per clip", "test MAE", "test RMSE", "test R²", "mean-predictor MAE", "learned EF",
-               "fine-tune s"]  # fmt: skip
+    columns = ["frames per clip", f"test MAE{seed_spread(args)}", "test RMSE", "test R²", "per-seed MAE",
+               "mean-predictor MAE", "learned EF (seeds)", "fine-tune s"]  # fmt: skip
     return markdown_table(
         columns,
-        ([str(r["num_frames"]), fmt(r["mae"]), fmt(r["rmse"]), fmt(r["r2"]), fmt(r["mean_predictor_mae"]),
-          LEARNED[r["learned_ef"]], f"{r['finetune_seconds']:.0f}"] for r in rows),
+        ([str(r["num_frames"]), *seed_metrics(r), fmt(r["mean_predictor_mae"]), f"{r['learned_ef']}/{len(r['seeds'])}",
+          " / ".join(f"{s['finetune_seconds']:.0f}" for s in r["seeds"])] for r in rows),
     )  # fmt: skip
 
 
@@ -653,18 +735,35 @@ def gain_cell(row: dict) -> str:
     return f"{row['mae_gain']:.2f} ({low:.2f} to {high:.2f})"
 
 
-def plot_mask_ratio(args: argparse.Namespace, rows: list[dict], axis) -> None:
-    ratios = [r["mask_ratio"] for r in rows]
-    axis.plot(ratios, [r["test_loss_own_ratio"] for r in rows], "o-", label="at its own ratio")
-    axis.plot(ratios, [r["test_loss_common_ratio"] for r in rows], "s--", label=f"at ratio {args.mask_ratio:g}")
+def plot_mask_ratio(args: argparse.Namespace, rows: list[dict], axis, ef_axis=None) -> None:
+    """Held-out reconstruction against the ratio; with `ef_axis` (when EF was measured) the test EF MAE at the first
+    label fraction beside the random start's and the mean predictor's."""
+    pretrained = [r for r in rows if r["mask_ratio"] is not None]
+    ratios = [r["mask_ratio"] for r in pretrained]
+    axis.plot(ratios, [r["test_loss_own_ratio"] for r in pretrained], "o-", label="at its own ratio")
+    axis.plot(ratios, [r["test_loss_common_ratio"] for r in pretrained], "s--", label=f"at ratio {args.mask_ratio:g}")
     axis.set_xlabel("pretraining mask ratio")
     axis.set_ylabel("held-out reconstruction MSE (own target)")
     axis.legend()
+    if ef_axis is None:
+        return
+    fraction = next(iter(pretrained[0]["ef"]))
+    ef = [r["ef"][fraction] for r in pretrained]
+    ef_axis.errorbar(ratios, [e["mae"] for e in ef], yerr=error_bars(ef), fmt="o-", capsize=3, label="pretrained")
+    ef_axis.axhline(rows[-1]["ef"][fraction]["mae"], color="C1", linestyle=":", label="random start")
+    ef_axis.axhline(ef[0]["mean_predictor_mae"], color="0.5", linestyle="--", label="mean predictor")
+    ef_axis.set_ylim(bottom=0)
+    ef_axis.set_xlabel("pretraining mask ratio")
+    ef_axis.set_ylabel(f"test EF MAE (%), {100 * float(fraction):g} % labels")
+    ef_axis.legend()
 
 
 def plot_num_frames(args: argparse.Namespace, rows: list[dict], axis) -> None:
     frames = [r["num_frames"] for r in rows]
-    axis.plot(frames, [r["mae"] for r in rows], "o-")
+    axis.errorbar(frames, [r["mae"] for r in rows], yerr=error_bars(rows), fmt="o-", capsize=3, label="fine-tuned")
+    axis.axhline(rows[0]["mean_predictor_mae"], color="0.5", linestyle="--", label="mean predictor")
+    axis.set_ylim(bottom=0)
+    axis.legend()
     axis.set_xscale("log", base=2)
     axis.set_xticks(frames, [str(f) for f in frames])
     axis.set_xlabel("frames per clip")
@@ -699,11 +798,12 @@ def plot_linear_probe(args: argparse.Namespace, rows: list[dict], axis) -> None:
 
 
 class Experiment(NamedTuple):
-    """One experiment: its runs (one result row per setting), its markdown table, and its plot on one axis."""
+    """One experiment: its runs (one result row per setting), its markdown table, and its plot on one axis (two
+    for `mask_ratio` with EF)."""
 
     run: Callable[[argparse.Namespace, Path], list[dict]]
     table: Callable[[argparse.Namespace, list[dict]], list[str]]
-    plot: Callable[[argparse.Namespace, list[dict], Any], None]
+    plot: Callable[..., None]
 
 
 EXPERIMENTS = {
@@ -716,10 +816,11 @@ EXPERIMENTS = {
 
 
 def plot(args: argparse.Namespace, rows: list[dict], path: Path) -> Path:
-    figure = make_figure((5, 3.6), dpi=100)
-    axis = figure.add_subplot()
-    EXPERIMENTS[args.experiment].plot(args, rows, axis)
-    axis.set_title(f"EchoAI {args.experiment} ({'smoke' if args.smoke else args.config_name})")
+    panels = 2 if args.experiment == "mask_ratio" and rows[0]["ef"] else 1  # reconstruction, then EF beside it
+    figure = make_figure((5 * panels, 3.6), dpi=100)
+    axes = [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+    EXPERIMENTS[args.experiment].plot(args, rows, *axes)
+    figure.suptitle(f"EchoAI {args.experiment} ({'smoke' if args.smoke else args.config_name})")
     figure.tight_layout()
     figure.savefig(path)
     return path
@@ -752,10 +853,11 @@ def run_settings(args: argparse.Namespace, corpus: Path, splits: dict, seconds: 
         "eval_num_clips": args.eval_num_clips, "recon_num_clips": args.recon_num_clips, "seed": args.seed,
         "num_seeds": args.num_seeds, "mask_ratio": args.mask_ratio, "pretrain_num_frames": args.pretrain_num_frames,
         "time_budget_s": args.time_budget_s, "models": names(args.models), "baseline_overrides": args.baseline_overrides,
-        "checkpoint": args.checkpoint,
+        "checkpoint": args.checkpoint, "label_fractions": floats(args.label_fractions),
+        "pretrain_data_dir": args.pretrain_data_dir, "mixed_precision": args.mixed_precision,
         "wall_seconds": round(seconds, 1), "command": " ".join(["python scripts/experiments.py", *(argv or [])]),
     }  # fmt: skip
-    if args.experiment != "mask_ratio":
+    if args.experiment != "mask_ratio" or floats(args.label_fractions):
         # The floor a model must beat: predict the training split's mean EF for every test video.
         train_ef, test_ef = np.asarray(splits["train"]["EF"], float), np.asarray(splits["test"]["EF"], float)
         settings["mean_predictor_test_mae"] = float(np.abs(test_ef - train_ef.mean()).mean())
@@ -767,7 +869,8 @@ def pretraining_words(args: argparse.Namespace) -> str:
     preset, overrides and steps this call pretrains with."""
     if args.checkpoint:
         return f"pretrained model `{args.checkpoint}` (its own preset and length; not pretrained here)"
-    return f"preset `{args.config_name}` with `{args.config_overrides}`; pretraining {args.pretrain_steps} steps"
+    corpus = f"all of {args.pretrain_data_dir}" if args.pretrain_data_dir else "the training split"
+    return f"preset `{args.config_name}` with `{args.config_overrides}`; pretraining {args.pretrain_steps} steps on {corpus}"
 
 
 def report_header(
@@ -781,7 +884,8 @@ def report_header(
         "",
         f"Corpus {corpus} ({settings['videos']}); {pretraining_words(args)}, fine-tuning {args.finetune_steps} steps, batch "
         f"{args.per_device_train_batch_size}; test: {args.eval_num_clips} clip(s) per video "
-        f"(reconstruction: {args.recon_num_clips}); seed {args.seed}, {args.num_seeds} fine-tuning seed(s). "
+        f"(reconstruction: {args.recon_num_clips}); seed {args.seed}, {args.num_seeds} fine-tuning seed(s); "
+        f"training precision {'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}. "
         f"Wall time {seconds:.0f} s for this call (runs found complete in the runs folder are reused, not rerun; each run's own time is in the table / JSON).",
         "",
     ]
@@ -796,7 +900,7 @@ def report_header(
             "",
         ]
     if args.experiment == "mask_ratio":
-        targets = "; ".join(dict.fromkeys(r["reconstruction_target"] for r in rows))
+        targets = "; ".join(dict.fromkeys(r["reconstruction_target"] for r in rows if r["mask_ratio"] is not None))
         header += [
             f"Reconstruction target: {targets}. A loss is on that target's scale: it compares with the other rows, "
             "not with a run of another target. The share of the target predicted (1 - loss / the target's variance, "
@@ -804,6 +908,13 @@ def report_header(
             "its encoder learned nothing from pretraining.",
             "",
         ]
+        if floats(args.label_fractions):
+            header += [
+                "EF: each ratio's checkpoint and a random start fine-tuned alike (finetune.py's recipe, the steps "
+                "above) at each label fraction, scored on the test split; a ratio helps EF only where its row is "
+                "below the random start's by more than the seed spread.",
+                "",
+            ]
     if "mean_predictor_test_mae" in settings:
         header += [
             f"Reference: predicting the training mean EF for every test video gives MAE "

@@ -303,10 +303,13 @@ bland_altman_plot([50, 60, 40], [52, 58, 45], metrics, out / "bland_altman.png")
 sys.path.insert(0, "scripts")
 import experiments
 args = argparse.Namespace(experiment="mask_ratio", mask_ratio=0.9, smoke=True, config_name="tiny")
-rows = [{"mask_ratio": r, "test_loss_own_ratio": 1.0, "test_loss_common_ratio": 1.1} for r in (0.8, 0.9)]
+rows = [{"mask_ratio": r, "test_loss_own_ratio": 1.0, "test_loss_common_ratio": 1.1, "ef": {}} for r in (0.8, 0.9)]
 experiments.plot(args, rows, out / "experiment.png")
+ef = {"0.25": {"mae": 3.0, "mae_std": 0.5, "mean_predictor_mae": 8.6}}
+experiments.plot(args, [*({**r, "ef": ef} for r in rows), {"mask_ratio": None, "ef": ef}], out / "experiment_ef.png")
 assert "matplotlib.pyplot" not in sys.modules, "a picture went through pyplot"
-for name in ("reconstruction", "reconstruction_motion", "reconstruction_hog", "scatter", "bland_altman", "experiment"):
+for name in ("reconstruction", "reconstruction_motion", "reconstruction_hog", "scatter", "bland_altman", "experiment",
+             "experiment_ef"):
     image = Image.open(out / f"{name}.png")
     print(name, *image.size, round(image.info["dpi"][0]))
 """
@@ -323,9 +326,9 @@ def test_every_picture_is_a_bare_figure_of_its_own_size_drawn_without_pyplot(tmp
     assert result.returncode == 0, result.stderr
     sizes = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in result.stdout.splitlines()}
     # 4 frames shown 2 inches wide, 2.1 inches per row (3 rows; a motion target adds its true and predicted
-    # motion; a HOG target shows its true and predicted edges in place of a reconstruction), 80 dpi; 5 x 5 and 6 x 4.5 inches at 120; 5 x 3.6 at 100.
+    # motion; a HOG target shows its true and predicted edges in place of a reconstruction), 80 dpi; 5 x 5 and 6 x 4.5 inches at 120; 5 x 3.6 at 100 (10 x 3.6 with the mask ratios' EF beside their reconstruction).
     assert sizes == {
         "reconstruction": (640, 504, 80), "reconstruction_motion": (640, 840, 80),
         "reconstruction_hog": (640, 672, 80), "scatter": (600, 600, 120),
-        "bland_altman": (720, 540, 120), "experiment": (500, 360, 100),
+        "bland_altman": (720, 540, 120), "experiment": (500, 360, 100), "experiment_ef": (1000, 360, 100),
     }  # fmt: skip

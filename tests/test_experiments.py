@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from data_fixtures import tiny_corpus
-from test_training import load_script
+from test_training import REPO, load_script
 
 from configuration_echoai import EchoAIConfig
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification
@@ -40,7 +42,7 @@ def run_experiment(corpus: Path, runs: Path, output: Path, name: str) -> dict:
 @pytest.mark.parametrize(
     ("name", "settings", "metrics"),
     [
-        ("mask_ratio", [0.8, 0.9, 0.95], ("test_loss_own_ratio", "test_loss_common_ratio")),
+        ("mask_ratio", [0.8, 0.9, 0.95, None], ()),  # three pretrainings, then the random start
         ("num_frames", [4, 8, 16], ("mae", "rmse")),
         ("pretraining", [(0.1, "pretrained"), (0.1, "scratch"), (1.0, "pretrained"), (1.0, "scratch")], ("mae",)),
         ("linear_probe", ["pretrained", "random"], ("mae", "rmse", "validation_mae")),
@@ -57,10 +59,21 @@ def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
     assert all(math.isfinite(r[m]) and r[m] >= 0 for r in rows for m in metrics)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
     table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(settings)  # header + one row per setting
+    # header + one row per setting (+ the mean predictor's, which mask_ratio's table adds below its EF)
+    assert len(table) == 1 + len(settings) + (name == "mask_ratio")
     assert (tmp_path / f"{name}.png").stat().st_size > 0
     if name == "mask_ratio":
-        assert all((tmp_path / r["picture"]).stat().st_size > 0 for r in rows)
+        pretrained, scratch = rows[:3], rows[3]
+        for r in pretrained:
+            assert all(math.isfinite(r[m]) and r[m] >= 0 for m in ("test_loss_own_ratio", "test_loss_common_ratio"))
+        assert all((tmp_path / r["picture"]).stat().st_size > 0 for r in pretrained)
+        # EF at the default fraction (all labels) for every start, the random one's shared with `pretraining`'s.
+        for r in rows:
+            assert list(r["ef"]) == ["1"] and math.isfinite(r["ef"]["1"]["mae"]) and r["ef"]["1"]["train_videos"] == 8
+        assert "finetune_scratch_labels1_" in scratch["ef"]["1"]["seeds"][0]["run"]
+        assert table[-2].startswith("| random (scratch) |")
+        assert table[-1].startswith(f"| mean predictor | — | — | — | {scratch['ef']['1']['mean_predictor_mae']:.3f} |")
+        rows = pretrained
         # Nested masks, same clips: the 0.9 model scores the same at its own and the common ratio.
         row = rows[1]
         assert row["test_loss_own_ratio"] == pytest.approx(row["test_loss_common_ratio"])
@@ -70,8 +83,8 @@ def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
         target = "the hidden tubelets' histograms of oriented gradients in 4 x 4 cells, normalised per frame"
         assert {r["reconstruction_target"] for r in rows} == {target}
         assert f"Reconstruction target: {rows[0]['reconstruction_target']}." in (tmp_path / "results.md").read_text()
+    assert results["mean_predictor_test_mae"] > 0  # the floor every EF row is read against
     if name != "mask_ratio":
-        assert results["mean_predictor_test_mae"] > 0  # the floor every EF row is read against
         assert "| mean-predictor MAE | learned EF" in table[0]  # beside every model, from its own training mean
         assert all(r["mean_predictor_mae"] > 0 for r in rows)
     if name == "pretraining":
@@ -102,6 +115,31 @@ def test_smoke_baselines_put_the_mean_predictor_the_cnn_and_echoai_in_one_table_
     assert len(table) == 1 + len(rows) and table[1].startswith("| mean predictor | 0 |")
     assert "mean ± SD over 2 seeds" in table[0] and "R(2+1)D-18, scratch" in table[2]
     assert (tmp_path / "baselines.png").stat().st_size > 0
+
+
+def test_mask_ratio_pretrains_on_a_separate_unlabeled_corpus_in_bf16_and_names_the_runs_so(
+    corpus, tmp_path, tmp_path_factory
+):
+    unlabeled = tiny_corpus(tmp_path_factory, num_videos=4)
+    argv = ["--experiment", "mask_ratio", "--smoke", "--data_dir", str(corpus), "--output_dir", str(tmp_path / "out"),
+            "--mask_ratios", "0.9", "--label_fractions", "", "--pretrain_data_dir", str(unlabeled),
+            "--mixed_precision", "bf16"]  # fmt: skip
+    # A fresh interpreter: accelerate keeps one precision per process, and this one's earlier runs were fp32.
+    command = [sys.executable, str(REPO / "scripts" / "experiments.py"), *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (row,) = results["rows"]  # reconstruction only: no fine-tuning, so no random start either
+    assert row["ef"] == {} and "mean_predictor_test_mae" not in results
+    run = Path(row["run"])
+    assert run.name == f"pretrain_mask0.9_T16_steps2_on_{unlabeled.name}_bf16_seed0"
+    pretrain_argv = json.loads((run / "run_argv.json").read_text())["argv"]
+    # All of the unlabeled corpus (no --splits), in bf16; the labelled corpus is only fine-tuned and tested on.
+    assert pretrain_argv[:2] == ["--data_dir", str(unlabeled)] and "--splits" not in pretrain_argv
+    assert pretrain_argv[-2:] == ["--mixed_precision", "bf16"]
+    table = [line for line in (tmp_path / "out" / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 2 and "EF MAE" not in table[0]
+    assert f"pretraining 2 steps on all of {unlabeled}" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_a_rerun_reuses_the_finished_runs(corpus, runs, tmp_path):
