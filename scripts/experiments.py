@@ -443,9 +443,14 @@ def seed_summary(runs: list[dict]) -> dict:
 
 def pretrained_name(args: argparse.Namespace, mask_ratio: float, num_frames: int | None = None) -> str:
     """The fine-tuning runs' name for a start pretrained here: the shared pretraining's (mask `--mask_ratio`) is the
-    same in every experiment, so `pretraining`, `num_frames` and `mask_ratio` reuse one another's runs."""
+    same in every experiment, so `pretraining`, `num_frames` and `mask_ratio` reuse one another's runs. It names
+    everything that tells one pretraining from another (ratio, corpus, seed), so that no two pretrainings'
+    fine-tunings share a folder: a run whose argv differs is redone in place, and would replace the other's."""
     ratio = "" if mask_ratio == args.mask_ratio else f"_mask{mask_ratio:g}"
-    return f"pretrained{ratio}_T{num_frames or args.pretrain_num_frames}{corpus_tag(args)}"
+    pretraining = (
+        f"_from_{Path(args.checkpoint).name}" if args.checkpoint else f"{corpus_tag(args)}_pretrainseed{args.seed}"
+    )
+    return f"pretrained{ratio}_T{num_frames or args.pretrain_num_frames}{pretraining}"
 
 
 def fine_tuned_at_each_fraction(args: argparse.Namespace, corpus: Path, name: str, start: Path | None) -> dict:
@@ -670,7 +675,8 @@ def table_mask_ratio(args: argparse.Namespace, rows: list[dict]) -> list[str]:
 
     def cells(r: dict) -> list[str]:
         pretrained = r["mask_ratio"] is not None
-        start = [f"mask ratio {r['mask_ratio']:g}", fmt(r["test_loss_own_ratio"]), fmt(r["test_loss_common_ratio"]),
+        # Losses to 4 significant digits: a target's scale can be anything (gradient histograms' is ~0.003).
+        start = [f"mask ratio {r['mask_ratio']:g}", f"{r['test_loss_own_ratio']:.4g}", f"{r['test_loss_common_ratio']:.4g}",
                  fmt(r["test_share_predicted"])] if pretrained else ["random (scratch)", "—", "—", "—"]  # fmt: skip
         for fraction in fractions:
             ef = r["ef"][fraction]

@@ -142,6 +142,39 @@ def test_mask_ratio_pretrains_on_a_separate_unlabeled_corpus_in_bf16_and_names_t
     assert f"pretraining 2 steps on all of {unlabeled}" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_two_pretraining_seeds_in_one_runs_folder_keep_their_own_fine_tunings(corpus, tmp_path):
+    """Fine-tuning seed 1 of pretraining seed 0 and of pretraining seed 1 are two runs: neither replaces the other."""
+    results = [
+        load_script("experiments").main(
+            [
+                "--experiment",
+                "mask_ratio",
+                "--smoke",
+                "--data_dir",
+                str(corpus),
+                "--mask_ratios",
+                "0.8",
+                "--num_seeds",
+                "2",
+                "--seed",
+                str(seed),
+                "--output_dir",
+                str(tmp_path / f"seed{seed}"),
+                "--runs_dir",
+                str(tmp_path / "runs"),
+            ]
+        )  # fmt: skip
+        for seed in (0, 1)
+    ]
+    seeds = [run for result in results for run in result["rows"][0]["ef"]["1"]["seeds"]]
+    assert len({run["run"] for run in seeds}) == 4  # fine-tuning seeds 0, 1 of the first; 1, 2 of the second
+    for result in results:  # each fine-tuning still starts from its own experiment's pretraining
+        pretraining = result["rows"][0]["run"]
+        for run in result["rows"][0]["ef"]["1"]["seeds"]:
+            argv = json.loads((Path(run["run"]) / "run_argv.json").read_text())["argv"]
+            assert argv[argv.index("--model_name_or_path") + 1] == pretraining
+
+
 def test_a_rerun_reuses_the_finished_runs(corpus, runs, tmp_path):
     first = run_experiment(corpus, runs, tmp_path / "first", "num_frames")
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/run_argv.json")}
