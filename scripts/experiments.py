@@ -430,14 +430,16 @@ def names(text: str) -> list[str]:
 
 
 def seed_summary(runs: list[dict]) -> dict:
-    """Mean and SD (ddof=1; NaN for one seed) over seeds of each test metric, the seeds that learned EF."""
-    summary = {}
+    """Mean and SD (ddof=1; NaN for one seed) over seeds of each test metric, the seeds that learned EF, the
+    training videos (the same for every seed) and the seeds' runs themselves."""
+    summary = {"train_videos": runs[0]["train_videos"]}
     for key in ("mae", "rmse", "r2"):
         values = np.array([r[key] for r in runs], dtype=float)
         summary[key] = float(values.mean())
         summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
     summary["mean_predictor_mae"] = runs[0]["mean_predictor_mae"]  # same training subset for every seed
     summary["learned_ef"] = sum(r["learned_ef"] is True for r in runs)
+    summary["seeds"] = runs
     return summary
 
 
@@ -453,14 +455,19 @@ def pretrained_name(args: argparse.Namespace, mask_ratio: float, num_frames: int
     return f"pretrained{ratio}_T{num_frames or args.pretrain_num_frames}{pretraining}"
 
 
+def fine_tuned_over_seeds(
+    args: argparse.Namespace, corpus: Path, name: str, start: Path | None, label_fraction: float
+) -> dict:
+    """`start` (None: a random start) fine-tuned at `label_fraction` for `--num_seeds` seeds: `seed_summary`."""
+    return seed_summary(
+        [finetune_and_test(args, corpus, name, start, label_fraction, args.seed + i) for i in range(args.num_seeds)]
+    )
+
+
 def fine_tuned_at_each_fraction(args: argparse.Namespace, corpus: Path, name: str, start: Path | None) -> dict:
-    """{label fraction: mean and spread over the seeds, and the seeds' runs} of `start` (None: a random start)
-    fine-tuned at each `--label_fractions` for `--num_seeds` seeds."""
-    ef = {}
-    for fraction in floats(args.label_fractions):
-        runs = [finetune_and_test(args, corpus, name, start, fraction, args.seed + i) for i in range(args.num_seeds)]
-        ef[f"{fraction:g}"] = {"train_videos": runs[0]["train_videos"], **seed_summary(runs), "seeds": runs}
-    return ef
+    """{label fraction: `fine_tuned_over_seeds`} at each `--label_fractions`."""
+    return {f"{fraction:g}": fine_tuned_over_seeds(args, corpus, name, start, fraction)
+            for fraction in floats(args.label_fractions)}  # fmt: skip
 
 
 def experiment_mask_ratio(args: argparse.Namespace, corpus: Path) -> list[dict]:
@@ -494,10 +501,8 @@ def experiment_num_frames(args: argparse.Namespace, corpus: Path) -> list[dict]:
         if num_frames != args.pretrain_num_frames:
             start = resample_checkpoint(checkpoint, args.runs_dir / f"{checkpoint.name}_resampled_T{num_frames}",
                                         num_frames)  # fmt: skip
-        name = pretrained_name(args, args.mask_ratio, num_frames)
-        runs = [finetune_and_test(args, corpus, name, start, 1.0, args.seed + i) for i in range(args.num_seeds)]
-        rows.append({"num_frames": num_frames, "train_videos": runs[0]["train_videos"], **seed_summary(runs),
-                     "seeds": runs, "pretrain_seconds": pretrain_seconds})  # fmt: skip
+        ef = fine_tuned_over_seeds(args, corpus, pretrained_name(args, args.mask_ratio, num_frames), start, 1.0)
+        rows.append({"num_frames": num_frames, **ef, "pretrain_seconds": pretrain_seconds})
     return rows
 
 
@@ -614,14 +619,13 @@ def experiment_baselines(args: argparse.Namespace, corpus: Path) -> list[dict]:
             train_and_test(args, corpus, model, init, 1.0, args.seed + i, args.time_budget_s)
             for i in range(args.num_seeds)
         ]
-        row = {"model": model, "name": BASELINE_MODELS[model], "train_videos": runs[0]["train_videos"],
-               "parameters": runs[0]["parameters"], **seed_summary(runs)}  # fmt: skip
+        row = {"model": model, "name": BASELINE_MODELS[model], "parameters": runs[0]["parameters"],
+               **seed_summary(runs)}  # fmt: skip
         row["steps"] = float(np.mean([r["steps"] for r in runs]))
         row["train_seconds"] = float(
             np.mean([math.nan if r["train_seconds"] is None else r["train_seconds"] for r in runs])
         )
         row["pretrain_seconds"] = pretrain_seconds
-        row["seeds"] = runs
         rows.append(row)
     return rows
 
