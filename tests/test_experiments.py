@@ -34,9 +34,9 @@ def runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("experiment_runs")  # shared: one 16-frame pretraining serves all three
 
 
-def run_experiment(corpus: Path, runs: Path, output: Path, name: str) -> dict:
+def run_experiment(corpus: Path, runs: Path, output: Path, name: str, *extra: str) -> dict:
     argv = ["--experiment", name, "--smoke", "--data_dir", str(corpus), "--output_dir", str(output)]
-    return load_script("experiments").main([*argv, "--runs_dir", str(runs)])
+    return load_script("experiments").main([*argv, "--runs_dir", str(runs), *extra])
 
 
 @pytest.mark.parametrize(
@@ -144,28 +144,10 @@ def test_mask_ratio_pretrains_on_a_separate_unlabeled_corpus_in_bf16_and_names_t
 
 def test_two_pretraining_seeds_in_one_runs_folder_keep_their_own_fine_tunings(corpus, tmp_path):
     """Fine-tuning seed 1 of pretraining seed 0 and of pretraining seed 1 are two runs: neither replaces the other."""
-    results = [
-        load_script("experiments").main(
-            [
-                "--experiment",
-                "mask_ratio",
-                "--smoke",
-                "--data_dir",
-                str(corpus),
-                "--mask_ratios",
-                "0.8",
-                "--num_seeds",
-                "2",
-                "--seed",
-                str(seed),
-                "--output_dir",
-                str(tmp_path / f"seed{seed}"),
-                "--runs_dir",
-                str(tmp_path / "runs"),
-            ]
-        )  # fmt: skip
-        for seed in (0, 1)
-    ]
+    results = []
+    for seed in (0, 1):
+        extra = ["--mask_ratios", "0.8", "--num_seeds", "2", "--seed", str(seed)]
+        results.append(run_experiment(corpus, tmp_path / "runs", tmp_path / f"seed{seed}", "mask_ratio", *extra))
     seeds = [run for result in results for run in result["rows"][0]["ef"]["1"]["seeds"]]
     assert len({run["run"] for run in seeds}) == 4  # fine-tuning seeds 0, 1 of the first; 1, 2 of the second
     for result in results:  # each fine-tuning still starts from its own experiment's pretraining
