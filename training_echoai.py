@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
+    DistributedType,
     ProjectConfiguration,
     TorchDynamoPlugin,
     broadcast,
@@ -1078,13 +1079,15 @@ def train(
     compute_loss: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, object]],
     on_step: Callable[[int, dict, object], dict[str, float] | None] | None = None,
     on_epoch_end: Callable[[int, TrainingState], None] | None = None,
+    ema: ExponentialMovingAverage | None = None,
 ) -> TrainResult:
     """Run the optimisation loop shared by pretraining and fine-tuning (`TrainingLoop`).
 
     `compute_loss(model, batch, global_step) -> (loss, outputs)`; `on_step(global_step, batch, outputs)`
     runs after each optimizer step (e.g. to save a reconstruction picture) and may return a dict of values to
     append to `state.history` (the whole run's record, kept through checkpoints); `on_epoch_end(epoch, state)`
-    after each epoch (e.g. to evaluate). Both prepared objects and `args.max_train_steps` must be set.
+    after each epoch (e.g. to evaluate). Both prepared objects and `args.max_train_steps` must be set. `ema`, a
+    weight average, is updated after every optimizer step, within the training time.
 
     `args.max_train_seconds` (optional) stops the loop after the step that spends it: seconds of training, counted
     in `state.train_seconds` (kept through checkpoints) without the callbacks and checkpoint saving, so models that
@@ -1094,7 +1097,7 @@ def train(
     The loader is either prepared by `accelerate` over a map-style dataset (`TrainingClips`, `MapSource`) or, for
     a stream already split per process (`StreamingClips`, `StreamSource`), left unprepared.
     """
-    loop = TrainingLoop(accelerator, model, optimizer, scheduler, data_source(accelerator, dataloader), args)
+    loop = TrainingLoop(accelerator, model, optimizer, scheduler, data_source(accelerator, dataloader), args, ema)
     return loop.run(compute_loss, on_step, on_epoch_end)
 
 
@@ -1102,9 +1105,9 @@ class TrainingLoop:
     """Setup (resume), `run` (epochs), `run_epoch`, `train_step` (one batch), `after_update` (logging, callbacks,
     checkpoints), as MAE's `engine_pretrain.train_one_epoch` and accelerate's examples split a loop."""
 
-    def __init__(self, accelerator, model, optimizer, scheduler, source: MapSource | StreamSource, args):
+    def __init__(self, accelerator, model, optimizer, scheduler, source: MapSource | StreamSource, args, ema=None):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.source, self.args = source, args
+        self.source, self.args, self.ema = source, args, ema
         self.checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
         self.state, path = TrainingState(), None
         if args.resume_from_checkpoint:
@@ -1234,6 +1237,8 @@ class TrainingLoop:
             accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
         if accelerator.sync_gradients:
+            if self.ema is not None:
+                self.ema.update()
             self.state.train_seconds = self.clock.seconds()
             self.budget_spent = self.spend(self.state.train_seconds)
         self.scheduler.step()
@@ -1283,7 +1288,8 @@ class TrainingLoop:
     def save_checkpoint(self) -> Path:
         self.state.data_state = self.source.state_dict()
         with self.clock.paused():
-            needed = nbytes(self.model.state_dict(), self.optimizer.state_dict())
+            averages = [self.ema.average] if self.ema is not None else []
+            needed = nbytes(self.model.state_dict(), self.optimizer.state_dict(), *averages)
             return self.checkpoints.save(self.accelerator, self.state, needed)
 
     def log_end(self) -> None:
@@ -1401,6 +1407,74 @@ class BestModel:
     def load_state_dict(self, state: dict) -> None:
         self.score, self.step, self.epoch = state["score"], state["step"], state["epoch"]
         self.metrics, self.weights = state["metrics"], state["weights"]
+
+
+class ExponentialMovingAverage:
+    """An exponential moving average of a model's weights over training (Polyak averaging, as timm's `ModelEma`
+    and TensorFlow's `ExponentialMovingAverage`): after each optimizer step `update` moves every average towards the
+    live value by `1 - d`, with `d = min(decay, (1 + t) / (10 + t))` after `t` updates, so the first steps are not
+    held at the starting weights. Floating-point buffers (batch-norm statistics) are averaged too, others copied.
+    The average is kept in fp32 on the model's device; `swapped_in` puts it into the model for evaluation and
+    restores the live weights after. Register it with `accelerator.register_for_checkpointing` so that a resumed
+    run continues the same average.
+
+    Under FSDP each process holds a shard of the weights, which this average does not follow: an error.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the weight average's decay must lie in (0, 1), got {decay:g}")
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError(
+                "an exponential moving average of the weights needs each process to hold the whole model; under FSDP "
+                "the weights are sharded: train without it (drop --ema_decay) or with DDP"
+            )
+        self.decay, self.num_updates = float(decay), 0
+        self.tensors = dict(itertools.chain(unwrap(accelerator, model).named_parameters(),
+                                            unwrap(accelerator, model).named_buffers()))  # fmt: skip
+        self.averaged = [name for name, t in self.tensors.items() if t.is_floating_point()]
+        self.copied = [name for name in self.tensors if name not in self.averaged]
+        self.average = {name: t.detach().float().clone() for name, t in self.tensors.items()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1.0 - self.current_decay()
+        live = [self.tensors[name].detach().float() for name in self.averaged]
+        torch._foreach_lerp_([self.average[name] for name in self.averaged], live, weight)
+        for name in self.copied:
+            self.average[name].copy_(self.tensors[name])
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self):
+        """The model holds the averaged weights inside the block and its live ones again after it."""
+        live = {name: t.detach().clone() for name, t in self.tensors.items()}
+        try:
+            for name, t in self.tensors.items():
+                t.copy_(self.average[name])
+            yield
+        finally:
+            for name, t in self.tensors.items():
+                t.copy_(live[name])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["average"].keys() != self.average.keys():
+            raise ValueError("the checkpoint's weight average is of another model: its tensors' names differ")
+        if state["decay"] != self.decay:
+            raise ValueError(
+                f"the checkpoint averages the weights with decay {state['decay']:g}, this run with {self.decay:g}: "
+                f"resume with --ema_decay {state['decay']:g}"
+            )
+        self.num_updates = state["num_updates"]
+        for name, value in state["average"].items():
+            self.average[name].copy_(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1581,6 +1655,8 @@ def card_hyperparameters(args: argparse.Namespace, config: EchoAIConfig, train_r
             hyperparameters[name.replace("_", " ")] = getattr(args, name)
     if getattr(args, "lv_segmentation_weight", 0):
         hyperparameters["LV segmentation loss weight (ED/ES tracings)"] = args.lv_segmentation_weight
+    if getattr(args, "ema_decay", 0):
+        hyperparameters["weight average (EMA) decay"] = args.ema_decay
     return hyperparameters
 
 

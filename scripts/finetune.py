@@ -62,6 +62,12 @@ trust_remote_code=True)`: an EF model is saved with the EF pipeline (`pipeline_e
 and clip count) and answers `pipeline("video-classification", ...)` as `[{"label": "EF", "score": EF}]`, a
 classifier with the probabilities of its classes (`id2label`: "EF < 50", ...).
 
+Weight averaging (`--ema_decay D`, off by default): an exponential moving average of the weights and batch-norm
+statistics over the steps (`training_echoai.ExponentialMovingAverage`, as timm's `ModelEma`), updated after every
+optimizer step. Validation, the kept model, the test and the saved model are then the average's; the live weights
+train exactly as without it, and every checkpoint carries the average, so a resumed run continues it. Not under
+FSDP (the weights are sharded there). Measured in docs/EXPERIMENTS.md, item 53.
+
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
 (`training_echoai.py`).
@@ -70,6 +76,7 @@ evaluate -> save. The loop, checkpoints, resume and signal handling are shared w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -90,6 +97,7 @@ from perf_echoai import keep_freed_memory, use_fastest_attention
 from pipeline_echoai import save_ef_pipeline
 from training_echoai import (
     BestModel,
+    ExponentialMovingAverage,
     TrainingClips,
     TrainingState,
     add_common_args,
@@ -184,6 +192,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{DEFAULT_LV_SEGMENTATION_WEIGHT:g} when a training video has tracings (EchoNet-Dynamic and the synthetic "
         "corpus do), else 0. With --baseline, a mask head on the CNN's last stage, by the same rule.",
     )  # fmt: skip
+    add(
+        "--ema_decay", type=float, default=0.0,
+        help="Validate, keep and save an exponential moving average of the weights over training instead of the "
+        "live weights (`training_echoai.ExponentialMovingAverage`; its decay ramps up from 0.1 over the first "
+        "steps). 0 is off; 0.99 averages over the last ~100 steps, 0.999 over ~1,000.",
+    )  # fmt: skip
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=None)
     args = parser.parse_args(argv)
     if args.baseline:
@@ -203,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be positive, got {value}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema_decay must lie in [0, 1) (0 is off), got {args.ema_decay:g}")
     if args.lv_segmentation_weight is not None and args.lv_segmentation_weight < 0:
         parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args
@@ -370,6 +386,8 @@ def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_t
     budget = f" or {args.max_train_seconds:g} s of training, whichever first" if args.max_train_seconds else ""
     if args.lv_segmentation_weight:
         recipe += f", LV segmentation loss weight {args.lv_segmentation_weight:g}"
+    if args.ema_decay:
+        recipe += f", weights averaged (EMA decay {args.ema_decay:g})"
     logger.info(
         "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps%s, effective batch %d, "
         "%s, precision %s",
@@ -389,12 +407,13 @@ def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_t
 class Validation:
     """Scores a split with `predict_split` (the predictor `scripts/evaluate.py` reports with); `validate` keeps
     the best weights by validation MAE (accuracy for classification) in `best` and remembers the latest validation
-    in `last`; `on_epoch_end` runs it after every epoch, or with `--eval_steps` at the epoch ends it is due."""
+    in `last`; `on_epoch_end` runs it after every epoch, or with `--eval_steps` at the epoch ends it is due. With
+    `ema` (`--ema_decay`) it validates and keeps the weight average instead of the live weights."""
 
     def __init__(self, args, accelerator, model, processor, splits: DatasetDict, label_column: str, best: BestModel,
-                 epoch_steps: int):  # fmt: skip
+                 epoch_steps: int, ema: ExponentialMovingAverage | None = None):  # fmt: skip
         self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
-        self.splits, self.label_column, self.best = splits, label_column, best
+        self.splits, self.label_column, self.best, self.ema = splits, label_column, best, ema
         self.regression = args.num_labels == 1
         self.epoch_steps = epoch_steps  # optimizer steps per epoch
         self.last = {"step": None, "epoch": None, "validation": None}  # the last step's model at the end
@@ -416,12 +435,13 @@ class Validation:
 
     def validate(self, epoch: int, state) -> None:
         accelerator, best, regression = self.accelerator, self.best, self.regression
-        metrics = self.metrics("validation")
-        self.last.update(step=state.global_step, epoch=epoch, validation=metrics)
-        score = metrics["mae"] if regression else -metrics["accuracy"]
-        if best.improves(score):  # every process takes this branch: the metrics are gathered
-            best.update(score, metrics, model_state_dict(accelerator, self.model), state.global_step, epoch)
-            state.best_metric = best.score
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            metrics = self.metrics("validation")
+            self.last.update(step=state.global_step, epoch=epoch, validation=metrics)
+            score = metrics["mae"] if regression else -metrics["accuracy"]
+            if best.improves(score):  # every process takes this branch: the metrics are gathered
+                best.update(score, metrics, model_state_dict(accelerator, self.model), state.global_step, epoch)
+                state.best_metric = best.score
         accelerator.print(
             f"epoch {epoch} step {state.global_step} validation {shown_metrics(metrics, regression)}"
             + (" (best)" if best.step == state.global_step else "")
@@ -499,9 +519,10 @@ def describe_protocol(args: argparse.Namespace, config, processor, best: BestMod
     """How the reported numbers were measured, for `all_results.json` and the model card."""
     regression = args.num_labels == 1
     clips = f"{args.eval_num_clips} evenly spaced clips averaged" if args.eval_num_clips > 1 else "one clip"
+    weights = f"the weights' exponential moving average (decay {args.ema_decay:g}) at " if args.ema_decay else ""
     eval_protocol = (
         f"{clips} per video ({config.num_frames} frames, every {processor.period}-th frame, no augmentation); "
-        f"the model is the epoch with the best validation {'MAE' if regression else 'accuracy'} "
+        f"the model is {weights}the epoch with the best validation {'MAE' if regression else 'accuracy'} "
         f"(epoch {best.epoch}, step {best.step}), evaluated once on the test split."
     )
     if last["step"] != best.step:
@@ -525,7 +546,7 @@ def collect_results(args, result, best: BestModel, last: dict, test_metrics: dic
         "videos_seen": result.state.videos_seen, "videos_skipped": result.state.videos_skipped,
         "label_fraction": args.label_fraction, "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
         "learning_rate": args.learning_rate, "layer_decay": args.layer_decay, "drop_path_rate": args.drop_path_rate,
-        "lv_segmentation_weight": args.lv_segmentation_weight,
+        "lv_segmentation_weight": args.lv_segmentation_weight, "ema_decay": args.ema_decay,
     }  # fmt: skip
     failure = None
     if args.num_labels == 1:
@@ -587,14 +608,17 @@ def main(argv: list[str] | None = None):
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     best = BestModel()  # in every checkpoint, so a resumed run restores the same best model
     accelerator.register_for_checkpointing(best)
+    ema = ExponentialMovingAverage(accelerator, model, args.ema_decay) if args.ema_decay else None
+    if ema is not None:  # so is the weight average: a resumed run continues it
+        accelerator.register_for_checkpointing(ema)
     log_run(args, accelerator, model, len(splits["train"]), data_dir)
 
     # The loop, validating after every epoch (or every --eval_steps)
     epoch_steps = steps_per_epoch(len(train_loader), args)  # the prepared loader's, as the loop counts them
-    validation = Validation(args, accelerator, model, processor, splits, label_column, best, epoch_steps)
+    validation = Validation(args, accelerator, model, processor, splits, label_column, best, epoch_steps, ema)
     lv_log = LVSegmentationLog(args, accelerator) if lv_masks else None
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, make_compute_loss(args, accelerator),
-                   on_step=lv_log, on_epoch_end=validation.on_epoch_end)  # fmt: skip
+                   on_step=lv_log, on_epoch_end=validation.on_epoch_end, ema=ema)  # fmt: skip
     result.model = unwrap(accelerator, model)
     if result.stopped_by_signal:
         accelerator.end_training()

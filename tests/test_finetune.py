@@ -387,6 +387,42 @@ def test_resumed_finetuning_ends_with_the_weights_of_a_straight_run(corpus, pret
         )
 
 
+def test_weight_average_is_validated_kept_and_resumed_without_changing_the_training(corpus, pretrained, tmp_path):
+    """`--ema_decay`: the live weights train exactly as without it; the saved model is the average at the kept
+    step (the one each checkpoint carries); a run resumed from a checkpoint ends with a straight run's weights."""
+    steps = ("--max_train_steps", "8", "--checkpointing_steps", "4", "--model_name_or_path", str(pretrained))
+    average = ("--ema_decay", "0.9")
+    finetune = load_script("finetune")
+    plain, straight, resumed = tmp_path / "plain", tmp_path / "straight", tmp_path / "resumed"
+    finetune.main(finetune_argv(corpus, plain, *steps))
+    finetune.main(finetune_argv(corpus, straight, *steps, *average))
+    for step in ("step_0000004", "step_0000008"):  # the live weights of both runs, bit for bit
+        expected, got = (load_file(run / "checkpoints" / step / "model.safetensors") for run in (plain, straight))
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"{step} {key}")
+
+    results = json.loads((straight / "all_results.json").read_text())
+    assert results["ema_decay"] == 0.9 and "exponential moving average (decay 0.9)" in results["eval_protocol"]
+    kept = straight / "checkpoints" / f"step_{results['best_step']:07d}"
+    ema_state = torch.load(kept / "custom_checkpoint_1.pkl", weights_only=False)  # [0] is the best model
+    assert ema_state["num_updates"] == results["best_step"]
+    saved, live = load_file(straight / "model.safetensors"), load_file(kept / "model.safetensors")
+    for key in saved:
+        torch.testing.assert_close(saved[key], ema_state["average"][key].to(saved[key].dtype), rtol=0, atol=0)
+    assert any(not torch.equal(saved[key], live[key]) for key in saved)  # the average, not the live weights
+    assert "weight average (EMA) decay" in (straight / "README.md").read_text()
+
+    shutil.copytree(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
+    finetune.main(finetune_argv(corpus, resumed, *steps, *average, "--resume_from_checkpoint", "latest"))
+    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert json.loads((resumed / "all_results.json").read_text())["validation"] == results["validation"]
+    for bad in ("1", "-0.5"):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", "--ema_decay", bad))
+
+
 @pytest.mark.parametrize(
     ("name", "distributed_type", "num_machines", "num_processes"),
     [("4gpu_bf16", "MULTI_GPU", 1, 4), ("fsdp", "FSDP", 1, 4), ("multinode", "MULTI_GPU", 2, 8)],

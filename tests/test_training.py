@@ -405,6 +405,48 @@ def test_time_budget_schedule_is_the_cosine_schedule_until_the_time_budget_binds
     assert lrs[0] > lrs[1] > lrs[2] > 0 and lrs[3] == 0.0  # 12 s of a 10 s budget: decayed to 0
 
 
+def test_weight_average_follows_the_ramped_decay_and_swaps_in_and_out_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    accelerator = Accelerator(cpu=True)
+    ema = training_echoai.ExponentialMovingAverage(accelerator, model, decay=0.5)
+    weight, running_mean = model[0].weight, model[1].running_mean
+    expected = {"weight": weight.detach().clone(), "mean": running_mean.clone()}
+    for t in range(30):  # the ramp (1 + t) / (10 + t) reaches 0.5 at t = 8: both regimes
+        model(torch.randn(5, 3)).sum().backward()  # batch norm updates its running statistics in the forward
+        with torch.no_grad():
+            weight -= 0.1 * weight.grad
+        weight.grad = None
+        decay = min(0.5, (1 + t) / (10 + t))
+        assert ema.current_decay() == decay
+        ema.update()
+        expected = {"weight": decay * expected["weight"] + (1 - decay) * weight.detach(),
+                    "mean": decay * expected["mean"] + (1 - decay) * running_mean}  # fmt: skip
+    torch.testing.assert_close(ema.average["0.weight"], expected["weight"])
+    torch.testing.assert_close(ema.average["1.running_mean"], expected["mean"])
+    assert int(ema.average["1.num_batches_tracked"]) == 30  # an integer buffer is copied, not averaged
+
+    live = {name: t.clone() for name, t in model.state_dict().items()}
+    with ema.swapped_in():
+        torch.testing.assert_close(model[0].weight, ema.average["0.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(model[1].running_var, ema.average["1.running_var"], rtol=0, atol=0)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, live[name], rtol=0, atol=0, msg=name)
+
+    state = ema.state_dict()
+    resumed = training_echoai.ExponentialMovingAverage(accelerator, model, decay=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.num_updates == 30 and resumed.current_decay() == ema.current_decay()
+    torch.testing.assert_close(resumed.average["0.weight"], ema.average["0.weight"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="resume with --ema_decay 0.5"):
+        training_echoai.ExponentialMovingAverage(accelerator, model, decay=0.99).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"decay must lie in \(0, 1\)"):
+        training_echoai.ExponentialMovingAverage(accelerator, model, decay=1.0)
+    sharded = argparse.Namespace(distributed_type=training_echoai.DistributedType.FSDP)  # each process: a shard
+    with pytest.raises(ValueError, match="under FSDP the weights are sharded"):
+        training_echoai.ExponentialMovingAverage(sharded, model, decay=0.5)
+
+
 def test_tracking_writes_tensorboard_events_and_epoch_checkpoints(corpus, tmp_path):
     output = tmp_path / "run"
     load_script("pretrain").main(
