@@ -1430,11 +1430,14 @@ class ExponentialMovingAverage:
                 "the weights are sharded: train without it (drop --ema_decay) or with DDP"
             )
         self.decay, self.num_updates = float(decay), 0
-        self.tensors = dict(itertools.chain(unwrap(accelerator, model).named_parameters(),
-                                            unwrap(accelerator, model).named_buffers()))  # fmt: skip
+        bare = unwrap(accelerator, model)
+        self.tensors = dict(itertools.chain(bare.named_parameters(), bare.named_buffers()))
         self.averaged = [name for name, t in self.tensors.items() if t.is_floating_point()]
         self.copied = [name for name in self.tensors if name not in self.averaged]
-        self.average = {name: t.detach().float().clone() for name, t in self.tensors.items()}
+        self.average = {  # fp32 averages; integer buffers (batch norm's step count) keep their dtype
+            name: (t.detach().float() if name in self.averaged else t.detach()).clone()
+            for name, t in self.tensors.items()
+        }
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))

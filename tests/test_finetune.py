@@ -52,6 +52,14 @@ def finetune_argv(corpus: Path, output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def assert_same_weight_file(expected_path: Path, got_path: Path, msg: str = "") -> None:
+    """Two safetensors files hold the same tensors under the same names, bit for bit."""
+    expected, got = load_file(expected_path), load_file(got_path)
+    assert expected.keys() == got.keys(), msg
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"{msg} {key}")
+
+
 def train_ef(corpus: Path) -> np.ndarray:
     return np.asarray(load_echonet_dynamic(corpus)["train"]["EF"], dtype=np.float64)
 
@@ -377,10 +385,7 @@ def test_resumed_finetuning_ends_with_the_weights_of_a_straight_run(corpus, pret
         shutil.copytree(interrupted / "checkpoints" / step, resumed / "checkpoints" / step)
         finetune.main(finetune_argv(corpus, resumed, *steps, "--resume_from_checkpoint", "latest"))
         for name in ("checkpoints/step_0000006/model.safetensors", "model.safetensors"):
-            expected, got = load_file(straight / name), load_file(resumed / name)
-            assert expected.keys() == got.keys()
-            for key in expected:
-                torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"{step} {name} {key}")
+            assert_same_weight_file(straight / name, resumed / name, msg=f"{step} {name}")
         assert (
             json.loads((resumed / "all_results.json").read_text())["validation"]
             == json.loads((straight / "all_results.json").read_text())["validation"]
@@ -397,9 +402,8 @@ def test_weight_average_is_validated_kept_and_resumed_without_changing_the_train
     finetune.main(finetune_argv(corpus, plain, *steps))
     finetune.main(finetune_argv(corpus, straight, *steps, *average))
     for step in ("step_0000004", "step_0000008"):  # the live weights of both runs, bit for bit
-        expected, got = (load_file(run / "checkpoints" / step / "model.safetensors") for run in (plain, straight))
-        for key in expected:
-            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"{step} {key}")
+        name = f"checkpoints/{step}/model.safetensors"
+        assert_same_weight_file(plain / name, straight / name, msg=step)
 
     results = json.loads((straight / "all_results.json").read_text())
     assert results["ema_decay"] == 0.9 and "exponential moving average (decay 0.9)" in results["eval_protocol"]
@@ -414,9 +418,7 @@ def test_weight_average_is_validated_kept_and_resumed_without_changing_the_train
 
     shutil.copytree(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
     finetune.main(finetune_argv(corpus, resumed, *steps, *average, "--resume_from_checkpoint", "latest"))
-    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert_same_weight_file(straight / "model.safetensors", resumed / "model.safetensors")
     assert json.loads((resumed / "all_results.json").read_text())["validation"] == results["validation"]
     for bad in ("1", "-0.5"):
         with pytest.raises(SystemExit):

@@ -424,7 +424,8 @@ def test_weight_average_follows_the_ramped_decay_and_swaps_in_and_out_exactly():
                     "mean": decay * expected["mean"] + (1 - decay) * running_mean}  # fmt: skip
     torch.testing.assert_close(ema.average["0.weight"], expected["weight"])
     torch.testing.assert_close(ema.average["1.running_mean"], expected["mean"])
-    assert int(ema.average["1.num_batches_tracked"]) == 30  # an integer buffer is copied, not averaged
+    steps_seen = ema.average["1.num_batches_tracked"]
+    assert steps_seen.dtype == torch.int64 and int(steps_seen) == 30  # an integer buffer is copied, not averaged
 
     live = {name: t.clone() for name, t in model.state_dict().items()}
     with ema.swapped_in():
