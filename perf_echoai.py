@@ -3,17 +3,21 @@ that measured it) and each called by name from the scripts, never applied inside
 
 * `keep_freed_memory` -- glibc's malloc keeps freed memory for the next step instead of returning it to the OS.
 * `fastest_attention`, `use_fastest_attention` -- the attention kernel measured fastest on a device in a precision.
+* `warn_if_half_precision_is_emulated` -- a warning where the CPU has no kernels for the half precision asked for.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import sys
 
 import torch
 
 from modeling_echoai import CHUNKED_ATTENTION, EchoAIConfig
 
+
+logger = logging.getLogger(__name__)
 
 # Precisions (accelerate's `mixed_precision` names) in which the chunked kernel beat torch's SDPA on CPU in training.
 CHUNKED_ATTENTION_PRECISIONS = ("bf16", "fp16")
@@ -57,3 +61,30 @@ def use_fastest_attention(model: torch.nn.Module, device: torch.device | str, pr
     which `model.config._attn_implementation` then shows. Any other model (the CNN baseline) is left as it is."""
     if getattr(getattr(model, "config", None), "model_type", None) == EchoAIConfig.model_type:
         model.set_attn_implementation(fastest_attention(device, precision, training))
+
+
+def half_precision_is_native(precision: str) -> bool:
+    """Whether this CPU has oneDNN's kernels for `precision` ("bf16" or "fp16"): AVX-512 or AMX for bf16, AVX-512
+    FP16 or AMX-FP16 for fp16 (torch's own check, which decides whether its CPU convolutions and matmuls take
+    oneDNN's paths). Without them autocast still runs, on arithmetic emulated in fp32, element by element in
+    places. True where torch cannot tell (an older or non-x86 build): no false alarm."""
+    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def warn_if_half_precision_is_emulated(device: torch.device | str, precision: str | None, fix: str) -> bool:
+    """Log a warning, ending with `fix` (the flag to change), when a run on a CPU asks for bf16 or fp16 that
+    the CPU has no kernels for (`half_precision_is_native`): every step then runs many times slower than in fp32
+    (docs/BENCHMARKS.md, *Half precision on a CPU without its kernels*), a cost a user should hear of at the
+    start, not find in the step rate. Returns whether it warned."""
+    if torch.device(device).type != "cpu" or precision not in ("bf16", "fp16") or half_precision_is_native(precision):
+        return False
+    logger.warning(
+        "this CPU has no %s kernels (oneDNN needs AVX-512 or AMX; torch reports %s): %s runs on emulated "
+        "arithmetic, many times slower than fp32. %s",
+        precision, torch.backends.cpu.get_cpu_capability(), precision, fix,
+    )  # fmt: skip
+    return True

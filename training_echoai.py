@@ -76,6 +76,7 @@ from configuration_echoai import PRESETS, EchoAIConfig
 from data_echoai import EchoAIDataCollator, row_pixel_values, row_traced_clip
 from inference_echoai import make_figure, predict_videos
 from modeling_echoai import unpatchify
+from perf_echoai import warn_if_half_precision_is_emulated
 from video_io_echoai import VideoDecodingError, decode_all_frames
 from video_processing_echoai import EchoAIVideoProcessor, compute_mean_std
 
@@ -225,6 +226,9 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     set_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    warn_if_half_precision_is_emulated(
+        accelerator.device, accelerator.mixed_precision, "Train in fp32: --mixed_precision no."
+    )
     if args.torch_compile:
         logger.info("torch.compile (%s backend): the first steps include the compilation", args.torch_compile_backend)
     return accelerator

@@ -48,7 +48,7 @@ from inference_echoai import (
     scatter_plot,
 )
 from metrics_echoai import VERDICT_KEYS, check_against_mean_predictor, compute_ef_metrics
-from perf_echoai import keep_freed_memory, use_fastest_attention
+from perf_echoai import keep_freed_memory, use_fastest_attention, warn_if_half_precision_is_emulated
 
 
 logger = logging.getLogger("evaluate")
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadingError as error:
         sys.exit(f"error: {error}")
     use_fastest_attention(model, args.device, "bf16" if args.bf16 else "no", training=False)
+    warn_if_half_precision_is_emulated(args.device, "bf16" if args.bf16 else "no", "Run without --bf16.")
     logger.info(
         "Evaluating %s on %d %s videos of %s, protocol %s", args.model_name_or_path, len(rows), args.split,
         data_dir, args.protocol,

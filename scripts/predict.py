@@ -46,7 +46,7 @@ from inference_echoai import (
     predict_videos,
     prediction_options,
 )
-from perf_echoai import keep_freed_memory, use_fastest_attention
+from perf_echoai import keep_freed_memory, use_fastest_attention, warn_if_half_precision_is_emulated
 from saliency_echoai import save_saliency, video_saliency
 
 
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     use_fastest_attention(model, args.device, "bf16" if args.bf16 else "no", training=False)
+    warn_if_half_precision_is_emulated(args.device, "bf16" if args.bf16 else "no", "Run without --bf16.")
 
     results = predict_videos(model, processor, videos, progress=len(videos) > 1, **args.prediction)
     root = Path(args.video_or_dir) if Path(args.video_or_dir).is_dir() else None

@@ -1,12 +1,15 @@
 """The speed settings in `perf_echoai` are explicit choices: what they pick, and that they change no prediction."""
 
+import logging
+
 import pytest
 import torch
 from test_modeling import build, clips, tiny_config
 
+import perf_echoai
 from baselines_echoai import build_baseline
 from modeling_echoai import CHUNKED_ATTENTION, EchoAIForVideoClassification
-from perf_echoai import fastest_attention, use_fastest_attention
+from perf_echoai import fastest_attention, half_precision_is_native, use_fastest_attention
 
 
 @pytest.mark.parametrize(
@@ -40,3 +43,37 @@ def test_use_fastest_attention_sets_echoai_visibly_and_leaves_other_models_alone
     baseline = build_baseline("r2plus1d_18", base_width=4, stem_width=4)  # a CNN: no attention to choose
     use_fastest_attention(baseline, "cpu", "bf16", training=True)
     assert not hasattr(baseline.config, "_attn_implementation")
+
+
+@pytest.mark.parametrize(
+    "device, precision, native, warns",
+    [
+        ("cpu", "bf16", False, True),
+        (torch.device("cpu"), "fp16", False, True),
+        ("cpu", "bf16", True, False),
+        ("cpu", "no", False, False),
+        ("cpu", None, False, False),  # accelerate's default when nothing is configured
+        ("cuda", "bf16", False, False),
+    ],
+)
+def test_half_precision_warning_only_where_the_cpu_lacks_its_kernels(monkeypatch, caplog, device, precision, native,
+                                                                     warns):  # fmt: skip
+    monkeypatch.setattr(perf_echoai, "half_precision_is_native", lambda precision: native)
+    with caplog.at_level(logging.WARNING, logger="perf_echoai"):
+        assert perf_echoai.warn_if_half_precision_is_emulated(device, precision, "Run without --bf16.") is warns
+    if warns:
+        (record,) = caplog.records
+        assert f"no {precision} kernels" in record.getMessage() and record.getMessage().endswith("without --bf16.")
+    else:
+        assert not caplog.records
+
+
+def test_half_precision_is_native_asks_torch_and_assumes_native_when_torch_cannot_tell(monkeypatch):
+    for precision in ("bf16", "fp16"):
+        assert isinstance(half_precision_is_native(precision), bool)
+
+    def unknown():
+        raise RuntimeError("no such operator")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", unknown)
+    assert half_precision_is_native("bf16") is True
