@@ -65,8 +65,10 @@ classifier with the probabilities of its classes (`id2label`: "EF < 50", ...).
 Weight averaging (`--ema_decay D`, off by default): an exponential moving average of the weights and batch-norm
 statistics over the steps (`training_echoai.ExponentialMovingAverage`, as timm's `ModelEma`), updated after every
 optimizer step. Validation, the kept model, the test and the saved model are then the average's; the live weights
-train exactly as without it, and every checkpoint carries the average, so a resumed run continues it. Not under
-FSDP (the weights are sharded there). Measured in docs/EXPERIMENTS.md, item 53.
+train exactly as without it, and every checkpoint carries the average, so a resumed run continues it. The live
+weights are validated beside the average and their own best tested too (`live_weights` in `all_results.json`): one
+run tells what the average bought, against the very run it averaged (as timm validates its model and its EMA). Not
+under FSDP (the weights are sharded there). Measured in docs/EXPERIMENTS.md, items 53 and 54.
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
@@ -196,7 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ema_decay", type=float, default=0.0,
         help="Validate, keep and save an exponential moving average of the weights over training instead of the "
         "live weights (`training_echoai.ExponentialMovingAverage`; its decay ramps up from 0.1 over the first "
-        "steps). 0 is off; 0.99 averages over the last ~100 steps, 0.999 over ~1,000.",
+        "steps); the live weights are validated and their best tested beside it (`live_weights` in "
+        "all_results.json). 0 is off; 0.99 averages over the last ~100 steps, 0.999 over ~1,000.",
     )  # fmt: skip
     parser.set_defaults(output_dir="outputs/finetune", adam_beta2=0.999, num_train_epochs=None)
     args = parser.parse_args(argv)
@@ -408,12 +411,17 @@ class Validation:
     """Scores a split with `predict_split` (the predictor `scripts/evaluate.py` reports with); `validate` keeps
     the best weights by validation MAE (accuracy for classification) in `best` and remembers the latest validation
     in `last`; `on_epoch_end` runs it after every epoch, or with `--eval_steps` at the epoch ends it is due. With
-    `ema` (`--ema_decay`) it validates and keeps the weight average instead of the live weights."""
+    `ema` (`--ema_decay`) it validates and keeps the weight average instead of the live weights, and validates the
+    live weights too, keeping their best in `best_live`."""
 
     def __init__(self, args, accelerator, model, processor, splits: DatasetDict, label_column: str, best: BestModel,
-                 epoch_steps: int, ema: ExponentialMovingAverage | None = None):  # fmt: skip
+                 epoch_steps: int, ema: ExponentialMovingAverage | None = None,
+                 best_live: BestModel | None = None):  # fmt: skip
+        if (ema is None) != (best_live is None):
+            raise ValueError("a weight average is validated beside the live weights: give both `ema` and `best_live`")
         self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
         self.splits, self.label_column, self.best, self.ema = splits, label_column, best, ema
+        self.best_live = best_live
         self.regression = args.num_labels == 1
         self.epoch_steps = epoch_steps  # optimizer steps per epoch
         self.last = {"step": None, "epoch": None, "validation": None}  # the last step's model at the end
@@ -433,21 +441,31 @@ class Validation:
         train_mean = unwrap(self.accelerator, self.model).config.regression_target_mean
         return split_metrics(predictions, references, self.regression, train_mean=train_mean)
 
+    def score(self, metrics: dict) -> float:
+        return metrics["mae"] if self.regression else -metrics["accuracy"]
+
+    def keep_if_best(self, best: BestModel, metrics: dict, step: int, epoch: int) -> str:
+        if best.improves(self.score(metrics)):  # every process takes this branch: the metrics are gathered
+            best.update(self.score(metrics), metrics, model_state_dict(self.accelerator, self.model), step, epoch)
+        return " (best)" if best.step == step else ""
+
     def validate(self, epoch: int, state) -> None:
-        accelerator, best, regression = self.accelerator, self.best, self.regression
+        accelerator, best, regression, step = self.accelerator, self.best, self.regression, state.global_step
+        live = ""
+        if self.ema is not None:  # the live weights first, as they stand: what the average is measured against
+            live_metrics = self.metrics("validation")
+            live = f"; live weights {shown_metrics(live_metrics, regression)}"
+            live += self.keep_if_best(self.best_live, live_metrics, step, epoch)
+            shown = {f"validation_live/{k}": live_metrics[k] for k in SHOWN_METRICS[regression]}
+            accelerator.log({k: v for k, v in shown.items() if v is not None}, step=step)
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             metrics = self.metrics("validation")
-            self.last.update(step=state.global_step, epoch=epoch, validation=metrics)
-            score = metrics["mae"] if regression else -metrics["accuracy"]
-            if best.improves(score):  # every process takes this branch: the metrics are gathered
-                best.update(score, metrics, model_state_dict(accelerator, self.model), state.global_step, epoch)
-                state.best_metric = best.score
-        accelerator.print(
-            f"epoch {epoch} step {state.global_step} validation {shown_metrics(metrics, regression)}"
-            + (" (best)" if best.step == state.global_step else "")
-        )
+            self.last.update(step=step, epoch=epoch, validation=metrics)
+            mark = self.keep_if_best(best, metrics, step, epoch)
+            state.best_metric = best.score
+        accelerator.print(f"epoch {epoch} step {step} validation {shown_metrics(metrics, regression)}{mark}{live}")
         shown = {k: metrics[k] for k in SHOWN_METRICS[regression]}
-        accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=state.global_step)
+        accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=step)
 
 
 def validation_due(step: int, epoch_steps: int, eval_steps: int | None) -> bool:
@@ -470,6 +488,18 @@ def validate_last_step(validation: Validation, result) -> None:
         f"last step {last['step']}: validation {shown_metrics(last['validation'], regression)}; kept model: step "
         f"{best.step} (best validation {'MAE' if regression else 'accuracy'})"
     )
+
+
+def live_weights_results(validation: Validation, model) -> dict:
+    """With a weight average: the live weights' best by validation, tested as the kept model is -- the same run
+    without the average, since the average leaves the live weights' training untouched."""
+    best = validation.best_live
+    model.load_state_dict(best.weights)
+    test = validation.metrics("test")
+    validation.accelerator.print(
+        f"live weights' best: epoch {best.epoch} step {best.step}; test {shown_metrics(test, validation.regression)}"
+    )
+    return {"best_epoch": best.epoch, "best_step": best.step, "validation": best.metrics, "test": test}
 
 
 def make_compute_loss(args: argparse.Namespace, accelerator):
@@ -609,13 +639,16 @@ def main(argv: list[str] | None = None):
     best = BestModel()  # in every checkpoint, so a resumed run restores the same best model
     accelerator.register_for_checkpointing(best)
     ema = ExponentialMovingAverage(accelerator, model, args.ema_decay) if args.ema_decay else None
-    if ema is not None:  # so is the weight average: a resumed run continues it
+    best_live = BestModel() if ema is not None else None  # the live weights' best, beside the average's
+    if ema is not None:  # so are the weight average and the live weights' best: a resumed run continues them
         accelerator.register_for_checkpointing(ema)
+        accelerator.register_for_checkpointing(best_live)
     log_run(args, accelerator, model, len(splits["train"]), data_dir)
 
     # The loop, validating after every epoch (or every --eval_steps)
     epoch_steps = steps_per_epoch(len(train_loader), args)  # the prepared loader's, as the loop counts them
-    validation = Validation(args, accelerator, model, processor, splits, label_column, best, epoch_steps, ema)
+    validation = Validation(args, accelerator, model, processor, splits, label_column, best, epoch_steps, ema,
+                            best_live)  # fmt: skip
     lv_log = LVSegmentationLog(args, accelerator) if lv_masks else None
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, make_compute_loss(args, accelerator),
                    on_step=lv_log, on_epoch_end=validation.on_epoch_end, ema=ema)  # fmt: skip
@@ -626,6 +659,7 @@ def main(argv: list[str] | None = None):
     validate_last_step(validation, result)
 
     # The best model: test once, check against the mean predictor, save with the processor, results and card.
+    live = live_weights_results(validation, result.model) if best_live is not None else None
     result.model.load_state_dict(best.weights)
     test_metrics = validation.metrics("test")
     accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {shown_metrics(test_metrics, regression)}")
@@ -635,6 +669,8 @@ def main(argv: list[str] | None = None):
     )
     if lv_log is not None:
         all_results["lv_segmentation"] = lv_log.results(result.state)
+    if live is not None:
+        all_results["live_weights"] = live
     card = dict(
         task="regression" if regression else "classification", dataset_dir=data_dir, num_videos=len(splits["train"]),
         metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol, failure=failure,

@@ -393,8 +393,9 @@ def test_resumed_finetuning_ends_with_the_weights_of_a_straight_run(corpus, pret
 
 
 def test_weight_average_is_validated_kept_and_resumed_without_changing_the_training(corpus, pretrained, tmp_path):
-    """`--ema_decay`: the live weights train exactly as without it; the saved model is the average at the kept
-    step (the one each checkpoint carries); a run resumed from a checkpoint ends with a straight run's weights."""
+    """`--ema_decay`: the live weights train exactly as without it, and are validated and tested beside the
+    average as the plain run is; the saved model is the average at the kept step (the one each checkpoint
+    carries); a run resumed from a checkpoint ends with a straight run's weights and results."""
     steps = ("--max_train_steps", "8", "--checkpointing_steps", "4", "--model_name_or_path", str(pretrained))
     average = ("--ema_decay", "0.9")
     finetune = load_script("finetune")
@@ -407,6 +408,11 @@ def test_weight_average_is_validated_kept_and_resumed_without_changing_the_train
 
     results = json.loads((straight / "all_results.json").read_text())
     assert results["ema_decay"] == 0.9 and "exponential moving average (decay 0.9)" in results["eval_protocol"]
+    # The live weights, validated beside the average, are the plain run: its kept step, validation and test.
+    plain_results = json.loads((plain / "all_results.json").read_text())
+    assert "live_weights" not in plain_results
+    assert results["live_weights"] == {key: plain_results[key] for key in ("best_epoch", "best_step", "validation",
+                                                                           "test")}  # fmt: skip
     kept = straight / "checkpoints" / f"step_{results['best_step']:07d}"
     ema_state = torch.load(kept / "custom_checkpoint_1.pkl", weights_only=False)  # [0] is the best model
     assert ema_state["num_updates"] == results["best_step"]
@@ -419,7 +425,9 @@ def test_weight_average_is_validated_kept_and_resumed_without_changing_the_train
     shutil.copytree(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
     finetune.main(finetune_argv(corpus, resumed, *steps, *average, "--resume_from_checkpoint", "latest"))
     assert_same_weight_file(straight / "model.safetensors", resumed / "model.safetensors")
-    assert json.loads((resumed / "all_results.json").read_text())["validation"] == results["validation"]
+    resumed_results = json.loads((resumed / "all_results.json").read_text())
+    for key in ("validation", "live_weights"):
+        assert resumed_results[key] == results[key], key
     for bad in ("1", "-0.5"):
         with pytest.raises(SystemExit):
             finetune.parse_args(finetune_argv(corpus, tmp_path, "--from_scratch", "--ema_decay", bad))
