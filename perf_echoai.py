@@ -3,7 +3,8 @@ that measured it) and each called by name from the scripts, never applied inside
 
 * `keep_freed_memory` -- glibc's malloc keeps freed memory for the next step instead of returning it to the OS.
 * `fastest_attention`, `use_fastest_attention` -- the attention kernel measured fastest on a device in a precision.
-* `warn_if_half_precision_is_emulated` -- a warning where the CPU has no kernels for the half precision asked for.
+* `warn_if_half_precision_is_emulated` -- a warning where the CPU has no kernels for the half precision asked for
+  (it changes nothing; the training scripts reach it through `training_echoai.build_accelerator`).
 """
 
 from __future__ import annotations
