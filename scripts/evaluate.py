@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_model_and_processor(args.model_name_or_path, args.device)
     except ModelLoadingError as error:
         sys.exit(f"error: {error}")
-    use_fastest_attention(model, args.device, "bf16" if args.bf16 else "no", training=False)
-    warn_if_half_precision_is_emulated(args.device, "bf16" if args.bf16 else "no", "Run without --bf16.")
+    precision = "bf16" if args.bf16 else "no"
+    use_fastest_attention(model, args.device, precision, training=False)
+    warn_if_half_precision_is_emulated(args.device, precision, "Run without --bf16.")
     logger.info(
         "Evaluating %s on %d %s videos of %s, protocol %s", args.model_name_or_path, len(rows), args.split,
         data_dir, args.protocol,

@@ -412,16 +412,13 @@ class Validation:
     the best weights by validation MAE (accuracy for classification) in `best` and remembers the latest validation
     in `last`; `on_epoch_end` runs it after every epoch, or with `--eval_steps` at the epoch ends it is due. With
     `ema` (`--ema_decay`) it validates and keeps the weight average instead of the live weights, and validates the
-    live weights too, keeping their best in `best_live`."""
+    live weights too, keeping their best in `best_live` (None without `ema`)."""
 
     def __init__(self, args, accelerator, model, processor, splits: DatasetDict, label_column: str, best: BestModel,
-                 epoch_steps: int, ema: ExponentialMovingAverage | None = None,
-                 best_live: BestModel | None = None):  # fmt: skip
-        if (ema is None) != (best_live is None):
-            raise ValueError("a weight average is validated beside the live weights: give both `ema` and `best_live`")
+                 epoch_steps: int, ema: ExponentialMovingAverage | None = None):  # fmt: skip
         self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
         self.splits, self.label_column, self.best, self.ema = splits, label_column, best, ema
-        self.best_live = best_live
+        self.best_live = BestModel() if ema is not None else None
         self.regression = args.num_labels == 1
         self.epoch_steps = epoch_steps  # optimizer steps per epoch
         self.last = {"step": None, "epoch": None, "validation": None}  # the last step's model at the end
@@ -456,16 +453,19 @@ class Validation:
             live_metrics = self.metrics("validation")
             live = f"; live weights {shown_metrics(live_metrics, regression)}"
             live += self.keep_if_best(self.best_live, live_metrics, step, epoch)
-            shown = {f"validation_live/{k}": live_metrics[k] for k in SHOWN_METRICS[regression]}
-            accelerator.log({k: v for k, v in shown.items() if v is not None}, step=step)
+            self.log("validation_live", live_metrics, step)
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             metrics = self.metrics("validation")
             self.last.update(step=step, epoch=epoch, validation=metrics)
             mark = self.keep_if_best(best, metrics, step, epoch)
             state.best_metric = best.score
         accelerator.print(f"epoch {epoch} step {step} validation {shown_metrics(metrics, regression)}{mark}{live}")
-        shown = {k: metrics[k] for k in SHOWN_METRICS[regression]}
-        accelerator.log({f"validation/{k}": v for k, v in shown.items() if v is not None}, step=step)
+        self.log("validation", metrics, step)
+
+    def log(self, prefix: str, metrics: dict, step: int) -> None:
+        """The metrics `shown_metrics` prints, to the trackers under `prefix/`."""
+        shown = {f"{prefix}/{k}": metrics[k] for k in SHOWN_METRICS[self.regression]}
+        self.accelerator.log({k: v for k, v in shown.items() if v is not None}, step=step)
 
 
 def validation_due(step: int, epoch_steps: int, eval_steps: int | None) -> bool:
@@ -639,16 +639,14 @@ def main(argv: list[str] | None = None):
     best = BestModel()  # in every checkpoint, so a resumed run restores the same best model
     accelerator.register_for_checkpointing(best)
     ema = ExponentialMovingAverage(accelerator, model, args.ema_decay) if args.ema_decay else None
-    best_live = BestModel() if ema is not None else None  # the live weights' best, beside the average's
+    epoch_steps = steps_per_epoch(len(train_loader), args)  # the prepared loader's, as the loop counts them
+    validation = Validation(args, accelerator, model, processor, splits, label_column, best, epoch_steps, ema)
     if ema is not None:  # so are the weight average and the live weights' best: a resumed run continues them
         accelerator.register_for_checkpointing(ema)
-        accelerator.register_for_checkpointing(best_live)
+        accelerator.register_for_checkpointing(validation.best_live)
     log_run(args, accelerator, model, len(splits["train"]), data_dir)
 
     # The loop, validating after every epoch (or every --eval_steps)
-    epoch_steps = steps_per_epoch(len(train_loader), args)  # the prepared loader's, as the loop counts them
-    validation = Validation(args, accelerator, model, processor, splits, label_column, best, epoch_steps, ema,
-                            best_live)  # fmt: skip
     lv_log = LVSegmentationLog(args, accelerator) if lv_masks else None
     result = train(accelerator, model, optimizer, scheduler, train_loader, args, make_compute_loss(args, accelerator),
                    on_step=lv_log, on_epoch_end=validation.on_epoch_end, ema=ema)  # fmt: skip
@@ -659,7 +657,7 @@ def main(argv: list[str] | None = None):
     validate_last_step(validation, result)
 
     # The best model: test once, check against the mean predictor, save with the processor, results and card.
-    live = live_weights_results(validation, result.model) if best_live is not None else None
+    live = live_weights_results(validation, result.model) if ema is not None else None
     result.model.load_state_dict(best.weights)
     test_metrics = validation.metrics("test")
     accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {shown_metrics(test_metrics, regression)}")

@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    use_fastest_attention(model, args.device, "bf16" if args.bf16 else "no", training=False)
-    warn_if_half_precision_is_emulated(args.device, "bf16" if args.bf16 else "no", "Run without --bf16.")
+    precision = "bf16" if args.bf16 else "no"
+    use_fastest_attention(model, args.device, precision, training=False)
+    warn_if_half_precision_is_emulated(args.device, precision, "Run without --bf16.")
 
     results = predict_videos(model, processor, videos, progress=len(videos) > 1, **args.prediction)
     root = Path(args.video_or_dir) if Path(args.video_or_dir).is_dir() else None
