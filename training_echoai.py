@@ -435,6 +435,23 @@ def from_pretrained_with_geometry(model_class: type, path: str, overrides: dict)
     return model
 
 
+def reinitialize_top_layers(model: torch.nn.Module, num_layers: int) -> list[str]:
+    """Draw an EchoAI model's top `num_layers` encoder layers and the encoder's final LayerNorm afresh, as a new
+    model of its config initialises them (from torch's global generator: seed it first), and keep every other
+    weight. A checkpoint's top layers can be specialised to its pretraining task and make a worse start for few
+    labels than a random initialisation (Zhang et al. 2021 for BERT; docs/EXPERIMENTS.md, items 55, 56). Returns the
+    names of the tensors replaced."""
+    depth = model.config.num_hidden_layers
+    if not 0 < num_layers <= depth:
+        raise ValueError(f"can re-initialise 1 to {depth} top layers of this {depth}-layer encoder, not {num_layers}")
+    base = model.base_model_prefix
+    prefixes = (*(f"{base}.encoder.layer.{i}." for i in range(depth - num_layers, depth)), f"{base}.layernorm.")
+    fresh = type(model)(model.config).state_dict()
+    replaced = [name for name in model.state_dict() if name.startswith(prefixes)]
+    model.load_state_dict({name: fresh[name] for name in replaced}, strict=False)
+    return replaced
+
+
 def build_processor(
     args: argparse.Namespace,
     config: EchoAIConfig,
@@ -1669,6 +1686,9 @@ def card_hyperparameters(args: argparse.Namespace, config: EchoAIConfig, train_r
 
 def card_procedure(args: argparse.Namespace, config: EchoAIConfig, task: str) -> str:
     start = "a randomly initialised encoder" if getattr(args, "from_scratch", False) else "a pretrained encoder"
+    if getattr(args, "reinit_top_layers", 0):
+        n = args.reinit_top_layers
+        start += f" with its top {n} layer{'s' if n > 1 else ''} re-initialised"
     pooling = {
         "mean": "mean-pooled tokens",
         "mean_max_min": "each token slice's mean, pooled by mean, maximum and minimum over time",

@@ -70,6 +70,14 @@ weights are validated beside the average and their own best tested too (`live_we
 run tells what the average bought, against the very run it averaged (as timm validates its model and its EMA). Not
 under FSDP (the weights are sharded there). Measured in docs/EXPERIMENTS.md, items 53 and 54.
 
+Re-initialised top layers (`--reinit_top_layers N`, off by default): the checkpoint's top N encoder layers and its
+final LayerNorm start from a fresh initialisation drawn from `--seed`, every other weight from the checkpoint
+(`training_echoai.reinitialize_top_layers`), as Zhang et al. (2021) did for BERT on few labels: layers shaped by
+the pretraining task can make a worse start than random ones. The `tiny` default start's frozen features hold the
+most EF after its first two layers, and with the top two re-initialised it fine-tuned level with scratch at a tenth
+of the labels, where the whole start is behind, and lower than the whole start at a quarter (docs/EXPERIMENTS.md,
+items 55, 56). Off by default until measured with all the labels, where the whole start is ahead of scratch.
+
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
 (`training_echoai.py`).
@@ -116,6 +124,7 @@ from training_echoai import (
     parse_config_overrides,
     predict_split,
     push_to_hub,
+    reinitialize_top_layers,
     render_model_card,
     save_model,
     save_text,
@@ -177,6 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"Stochastic depth of the last encoder layer (default {echoai['drop_path_rate']:g}; MAE's recipe uses "
         "0.1).",
     )  # fmt: skip
+    add(
+        "--reinit_top_layers", type=int, default=0,
+        help="Re-initialise the checkpoint's top N encoder layers and its final LayerNorm before fine-tuning, drawn "
+        "from --seed (`training_echoai.reinitialize_top_layers`): layers specialised to the pretraining task can "
+        "start worse than random ones from few labels. 0 (default) keeps the whole checkpoint.",
+    )  # fmt: skip
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
     add("--eval_num_clips", type=int, default=1, help="Evenly spaced clips averaged per video in evaluation.")
@@ -222,6 +237,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be positive, got {value}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must lie in [0, 1) (0 is off), got {args.ema_decay:g}")
+    if args.reinit_top_layers < 0:
+        parser.error(f"--reinit_top_layers must be >= 0 (0 is off), got {args.reinit_top_layers}")
+    if args.reinit_top_layers and args.from_scratch:
+        parser.error("--reinit_top_layers re-initialises a checkpoint's layers; a --from_scratch model has no others")
     if args.lv_segmentation_weight is not None and args.lv_segmentation_weight < 0:
         parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args
@@ -235,6 +254,8 @@ def check_baseline_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     for flag in ("layer_decay", "drop_path_rate"):
         if getattr(args, flag) is not None:
             parser.error(f"--{flag} is for EchoAI's transformer layers; --baseline {args.baseline} has none")
+    if args.reinit_top_layers:
+        parser.error(f"--reinit_top_layers is for an EchoAI checkpoint; --baseline {args.baseline} starts at random")
     if args.num_labels != 1:
         parser.error(f"--baseline {args.baseline} regresses one target; drop --num_labels {args.num_labels}")
     if args.push_to_hub:
@@ -336,7 +357,10 @@ def build_model(args: argparse.Namespace, train: Dataset) -> torch.nn.Module:
         overrides.update(lv_segmentation_weight=args.lv_segmentation_weight)
     if args.from_scratch:
         return EchoAIForVideoClassification(EchoAIConfig.from_preset(args.config_name, **overrides))
-    return from_pretrained_with_geometry(EchoAIForVideoClassification, args.model_name_or_path, overrides)
+    model = from_pretrained_with_geometry(EchoAIForVideoClassification, args.model_name_or_path, overrides)
+    if args.reinit_top_layers:
+        reinitialize_top_layers(model, args.reinit_top_layers)
+    return model
 
 
 def split_metrics(
@@ -391,6 +415,8 @@ def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_t
         recipe += f", LV segmentation loss weight {args.lv_segmentation_weight:g}"
     if args.ema_decay:
         recipe += f", weights averaged (EMA decay {args.ema_decay:g})"
+    if args.reinit_top_layers:
+        recipe += f", the checkpoint's top {args.reinit_top_layers} encoder layer(s) re-initialised"
     logger.info(
         "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps%s, effective batch %d, "
         "%s, precision %s",
@@ -577,6 +603,7 @@ def collect_results(args, result, best: BestModel, last: dict, test_metrics: dic
         "label_fraction": args.label_fraction, "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
         "learning_rate": args.learning_rate, "layer_decay": args.layer_decay, "drop_path_rate": args.drop_path_rate,
         "lv_segmentation_weight": args.lv_segmentation_weight, "ema_decay": args.ema_decay,
+        "reinit_top_layers": args.reinit_top_layers,
     }  # fmt: skip
     failure = None
     if args.num_labels == 1:

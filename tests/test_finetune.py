@@ -26,6 +26,7 @@ import modeling_echoai
 from data_echoai import load_echonet_dynamic
 from inference_echoai import predict_videos
 from modeling_echoai import EchoAIForVideoClassification
+from training_echoai import card_procedure
 from video_processing_echoai import EchoAIVideoProcessor
 
 
@@ -215,6 +216,51 @@ def test_the_classifier_starts_from_the_pretrained_encoder_without_unexpected_ke
     assert model.config.drop_path_rate == 0.1 and model.config.regression_target_std == pytest.approx(
         train_ef(corpus).std()
     )
+
+
+def test_reinit_top_layers_draws_the_top_layers_afresh_and_keeps_the_rest_of_the_checkpoint(
+    corpus, pretrained, capsys
+):
+    finetune, train = load_script("finetune"), load_echonet_dynamic(corpus)["train"]
+    checkpoint = load_file(pretrained / "model.safetensors")
+
+    def build(num_layers: int, seed: int = 0) -> EchoAIForVideoClassification:
+        argv = finetune_argv(corpus, Path("unused"), "--model_name_or_path", str(pretrained), "--reinit_top_layers",
+                             str(num_layers))  # fmt: skip
+        torch.manual_seed(seed)  # as `build_accelerator` seeds a run
+        return finetune.build_model(finetune.parse_args(argv), train)
+
+    model = build(1)
+    depth = model.config.num_hidden_layers
+    fresh = (f"echoai.encoder.layer.{depth - 1}.", "echoai.layernorm.")
+    encoder = {name: value for name, value in model.state_dict().items() if name.startswith("echoai.")}
+    replaced = [name for name in encoder if name.startswith(fresh)]
+    assert replaced and any(name.startswith("echoai.layernorm.") for name in replaced) and len(replaced) < len(encoder)
+    for name, value in encoder.items():
+        if name not in replaced:  # the lower layers and the embeddings: the checkpoint's, bit for bit
+            torch.testing.assert_close(value, checkpoint[name], rtol=0, atol=0, msg=name)
+        elif value.ndim == 1:  # LayerNorm weights and every bias: the initialisation's ones and zeros
+            expected = 1.0 if "norm" in name and name.endswith(".weight") else 0.0
+            assert torch.equal(value, torch.full_like(value, expected)), name
+        else:  # matrices: new draws at the initialisation's scale, not the checkpoint's values
+            assert not torch.equal(value, checkpoint[name]), name
+            assert value.std().item() == pytest.approx(model.config.initializer_range, rel=0.3), name
+    again, other_seed = build(1).state_dict(), build(1, seed=1).state_dict()
+    assert all(torch.equal(again[name], encoder[name]) for name in replaced)  # seeded: a run repeats
+    assert not all(torch.equal(other_seed[name], encoder[name]) for name in replaced)
+    whole = build(depth).state_dict()  # every layer: the embeddings alone are left of the checkpoint
+    first_layer = [name for name in encoder if ".layer.0." in name and encoder[name].ndim > 1]
+    assert first_layer and not any(torch.equal(whole[name], checkpoint[name]) for name in first_layer)
+    with pytest.raises(ValueError, match=f"can re-initialise 1 to {depth} top layers"):
+        build(depth + 1)
+    args = finetune.parse_args(["--model_name_or_path", str(pretrained), "--reinit_top_layers", "2"])
+    assert "a pretrained encoder with its top 2 layers re-initialised" in card_procedure(
+        args, model.config, "regression"
+    )
+    for flags in (("--from_scratch", "1"), ("--baseline", "r2plus1d_18", "1"), ("--model_name_or_path", "x", "-1")):
+        with pytest.raises(SystemExit):
+            finetune.parse_args([*flags[:-1], "--reinit_top_layers", flags[-1]])
+        assert "--reinit_top_layers" in capsys.readouterr().err
 
 
 def test_lv_segmentation_loss_trains_from_scratch_and_saves_a_model_that_predicts_ef_as_usual(corpus, tmp_path):
