@@ -5,6 +5,7 @@ that measured it) and each called by name from the scripts, never applied inside
 * `fastest_attention`, `use_fastest_attention` -- the attention kernel measured fastest on a device in a precision.
 * `warn_if_half_precision_is_emulated` -- a warning where the CPU has no kernels for the half precision asked for
   (it changes nothing; the training scripts reach it through `training_echoai.build_accelerator`).
+* `prepare_for_inference` -- both of the above for `scripts/evaluate.py` and `scripts/predict.py` (`--bf16`).
 """
 
 from __future__ import annotations
@@ -89,3 +90,12 @@ def warn_if_half_precision_is_emulated(device: torch.device | str, precision: st
         precision, torch.backends.cpu.get_cpu_capability(), precision, fix,
     )  # fmt: skip
     return True
+
+
+def prepare_for_inference(model: torch.nn.Module, device: torch.device | str, bf16: bool) -> None:
+    """What `scripts/evaluate.py` and `scripts/predict.py` set before they score videos: the attention kernel
+    fastest for inference in their precision (bf16 autocast with `--bf16`, else fp32), and the warning where
+    that bf16 would be emulated."""
+    precision = "bf16" if bf16 else "no"
+    use_fastest_attention(model, device, precision, training=False)
+    warn_if_half_precision_is_emulated(device, precision, "Run without --bf16.")

@@ -48,7 +48,7 @@ from inference_echoai import (
     scatter_plot,
 )
 from metrics_echoai import VERDICT_KEYS, check_against_mean_predictor, compute_ef_metrics
-from perf_echoai import keep_freed_memory, use_fastest_attention, warn_if_half_precision_is_emulated
+from perf_echoai import keep_freed_memory, prepare_for_inference
 
 
 logger = logging.getLogger("evaluate")
@@ -226,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_model_and_processor(args.model_name_or_path, args.device)
     except ModelLoadingError as error:
         sys.exit(f"error: {error}")
-    precision = "bf16" if args.bf16 else "no"
-    use_fastest_attention(model, args.device, precision, training=False)
-    warn_if_half_precision_is_emulated(args.device, precision, "Run without --bf16.")
+    prepare_for_inference(model, args.device, args.bf16)
     logger.info(
         "Evaluating %s on %d %s videos of %s, protocol %s", args.model_name_or_path, len(rows), args.split,
         data_dir, args.protocol,

@@ -46,7 +46,7 @@ from inference_echoai import (
     predict_videos,
     prediction_options,
 )
-from perf_echoai import keep_freed_memory, use_fastest_attention, warn_if_half_precision_is_emulated
+from perf_echoai import keep_freed_memory, prepare_for_inference
 from saliency_echoai import save_saliency, video_saliency
 
 
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    precision = "bf16" if args.bf16 else "no"
-    use_fastest_attention(model, args.device, precision, training=False)
-    warn_if_half_precision_is_emulated(args.device, precision, "Run without --bf16.")
+    prepare_for_inference(model, args.device, args.bf16)
 
     results = predict_videos(model, processor, videos, progress=len(videos) > 1, **args.prediction)
     root = Path(args.video_or_dir) if Path(args.video_or_dir).is_dir() else None
