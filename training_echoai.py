@@ -439,7 +439,7 @@ def reinitialize_top_layers(model: torch.nn.Module, num_layers: int) -> list[str
     """Draw an EchoAI model's top `num_layers` encoder layers and the encoder's final LayerNorm afresh, as a new
     model of its config initialises them (from torch's global generator: seed it first), and keep every other
     weight. A checkpoint's top layers can be specialised to its pretraining task and make a worse start for few
-    labels than a random initialisation (Zhang et al. 2021 for BERT; docs/EXPERIMENTS.md, items 55, 56). Returns the
+    labels than a random initialisation (Zhang et al. 2021 for BERT; docs/EXPERIMENTS.md, items 55-57). Returns the
     names of the tensors replaced."""
     depth = model.config.num_hidden_layers
     if not 0 < num_layers <= depth:
