@@ -418,7 +418,8 @@ def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_t
     if args.ema_decay:
         recipe += f", weights averaged (EMA decay {args.ema_decay:g})"
     if args.reinit_top_layers:
-        recipe += f", the checkpoint's top {args.reinit_top_layers} encoder layer(s) re-initialised"
+        n = args.reinit_top_layers
+        recipe += f", the checkpoint's top {n} encoder layer{'s' if n > 1 else ''} re-initialised"
     logger.info(
         "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps%s, effective batch %d, "
         "%s, precision %s",
