@@ -76,8 +76,8 @@ final LayerNorm start from a fresh initialisation drawn from `--seed`, every oth
 the pretraining task can make a worse start than random ones. The `tiny` default start's frozen features hold the
 most EF after its first two layers, and with the top two re-initialised it fine-tuned level with scratch at a tenth
 of the labels, where the whole start is behind, and lower than the whole start at a quarter; with all the labels it
-is level with scratch and with the whole start (docs/EXPERIMENTS.md, items 55-57). Off by default until both starts'
-seeds are run side by side at every label count; a choice for few labels (tens of videos) meanwhile.
+is level with scratch and with the whole start (docs/EXPERIMENTS.md, items 55-58). Off by default: it gains nothing
+from many labels and is meant for a small checkpoint; a choice for few labels (tens of videos).
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
