@@ -500,8 +500,9 @@ def test_accelerate_configs_load_with_accelerate(name, distributed_type, num_mac
 def test_recipe_defaults_are_the_ones_the_readme_states():
     """From scratch and from a checkpoint alike: lr 1e-3, no layer decay, no stochastic depth (the MAE recipe held
     a `tiny` checkpoint at the mean predictor). Both: every 4th frame, mild augmentation (the processor's
-    defaults), the `tiny` preset with stem and extreme-state pooling. A checkpoint is fine-tuned whole: its top
-    layers re-initialised help from few labels, are level from all of them (docs/EXPERIMENTS.md, items 55-58)."""
+    defaults), the `tiny` preset with stem and extreme-state pooling. A checkpoint is fine-tuned whole: with its top
+    layers re-initialised it reads EF within the seed spread of the whole one at every label count
+    (docs/EXPERIMENTS.md, items 55-59)."""
     finetune = load_script("finetune")
     scratch = finetune.parse_args(["--from_scratch"])
     assert (scratch.learning_rate, scratch.layer_decay, scratch.drop_path_rate) == (1e-3, 1.0, 0.0)
