@@ -76,9 +76,9 @@ final LayerNorm start from a fresh initialisation drawn from `--seed`, every oth
 the pretraining task can make a worse start than random ones. The `tiny` default start's frozen features hold the
 most EF after its first two layers, and with the top two re-initialised it fine-tuned level with scratch at a tenth
 of the labels, where the whole start is behind; at a quarter and with all the labels it is level with scratch and
-with the whole start run beside it (docs/EXPERIMENTS.md, items 55-59). Off by default: from few labels its lead over
-the whole start is within the seed spread, and from many it gains nothing; a start to try, beside scratch, with a
-small checkpoint and tens of labelled videos.
+with the whole start run beside it (docs/EXPERIMENTS.md, items 55-60). Off by default: from few labels its lead over
+the whole start is within the seed spread and moves with the pretraining build, and from many it gains nothing; a
+start to try, beside scratch, with a small checkpoint and tens of labelled videos.
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
