@@ -581,9 +581,15 @@ def select_rows(x: torch.Tensor, keep: torch.BoolTensor) -> torch.Tensor:
 
 def select_positions(table: torch.Tensor, keep: torch.BoolTensor) -> torch.Tensor:
     """(L, width) per-position table, (B, L) bool -> (B, K, width): each sample's rows at its K kept positions, in
-    order. Indexes the table itself, so neither the forward nor the backward builds a (B, L, width) copy."""
+    order. Indexes the table itself, so neither the forward nor the backward builds a (B, L, width) copy.
+
+    `index_select`, not `table[columns]`: the samples select many of the same rows, so the backward sums repeats.
+    On CPU advanced indexing's backward adds them atomically from several threads, in an order that changes from
+    call to call, and two runs of one pretraining command drifted apart by a rounding per step; `index_select`'s
+    backward adds them in index order at any thread count.
+    """
     columns = keep.nonzero()[:, 1]  # row-major: sample by sample, positions ascending (as `x[keep]` orders them)
-    return table[columns].view(keep.shape[0], -1, table.shape[-1])
+    return table.index_select(0, columns).view(keep.shape[0], -1, table.shape[-1])
 
 
 def token_grid(

@@ -19,6 +19,7 @@ from modeling_echoai import (
     make_mask,
     masked_group_norm,
     patchify,
+    select_positions,
     unpatchify,
 )
 from video_io_echoai import write_video
@@ -306,6 +307,25 @@ def test_model_draws_its_mask_reproducibly():
     b = model.make_mask(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert not torch.equal(a, model.make_mask(x, generator=torch.Generator().manual_seed(4)))
+
+
+def test_position_table_gradients_are_bit_identical_from_run_to_run():
+    """Every sample selects rows of the same position table, so the backward sums repeated rows; it must sum them
+    in a fixed order. The backward of `table[index]` on CPU did not with several threads, and two runs of one
+    pretraining command drifted apart by a rounding per step (docs/EXPERIMENTS.md, item 61)."""
+    torch.set_num_threads(2)  # the race needs threads; conftest restores the default
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(392, 64, generator=generator, requires_grad=True)  # the tiny preset's decoder: 8 x 7 x 7
+    keep = make_mask(8, (8, 7, 7), 0.9, "tube", generator=generator)  # the hidden rows the mask tokens take
+    upstream = torch.randn(8, int(keep[0].sum()), 64, generator=generator)
+    gradients = []
+    for _ in range(10):
+        table.grad = None
+        selected = select_positions(table, keep)
+        (selected * upstream).sum().backward()
+        gradients.append(table.grad.clone())
+    assert torch.equal(selected, table[keep.nonzero()[:, 1]].view_as(selected))
+    assert all(torch.equal(gradients[0], gradient) for gradient in gradients[1:])
 
 
 def test_random_mask_strategy_is_used_by_the_model():
