@@ -76,9 +76,10 @@ final LayerNorm start from a fresh initialisation drawn from `--seed`, every oth
 the pretraining task can make a worse start than random ones. The `tiny` default start's frozen features hold the
 most EF after its first two layers, and with the top two re-initialised it fine-tuned level with scratch at a tenth
 of the labels, where the whole start is behind; at a quarter and with all the labels it is level with scratch and
-with the whole start run beside it (docs/EXPERIMENTS.md, items 55-60). Off by default: from few labels its lead over
-the whole start is within the seed spread and moves with the pretraining build, and from many it gains nothing; a
-start to try, beside scratch, with a small checkpoint and tens of labelled videos.
+with the whole start run beside it, and on a second build of the start level with that build's whole start
+(docs/EXPERIMENTS.md, items 55-62). Off by default: from few labels its lead over the whole start is within the seed
+spread and moves with the pretraining build, and from many it gains nothing; a start to try, beside scratch, with a
+small checkpoint and tens of labelled videos.
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
@@ -193,8 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Re-initialise the checkpoint's top N encoder layers and its final LayerNorm before fine-tuning, drawn "
         "from --seed (`training_echoai.reinitialize_top_layers`): layers specialised to the pretraining task can "
         "start worse than random ones from few labels (with 2, a `tiny` checkpoint fine-tuned from tens of labelled "
-        "videos was level with scratch and a little, within the seed spread, ahead of the whole checkpoint; from 180 it "
-        "changed nothing). 0 (default) keeps the whole checkpoint.",
+        "videos was level with scratch and a little, within the seed spread, ahead of the whole checkpoint on one "
+        "pretraining build and level with it on another; from 180 it changed nothing). 0 (default) keeps the whole checkpoint.",
     )  # fmt: skip
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
