@@ -195,7 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "from --seed (`training_echoai.reinitialize_top_layers`): layers specialised to the pretraining task can "
         "start worse than random ones from few labels (with 2, a `tiny` checkpoint fine-tuned from tens of labelled "
         "videos was level with scratch and a little, within the seed spread, ahead of the whole checkpoint on one "
-        "pretraining build and level with it on another; from 180 it changed nothing). 0 (default) keeps the whole checkpoint.",
+        "pretraining build and level with it on another; from 180 it changed nothing). 0 (default) keeps the whole "
+        "checkpoint.",
     )  # fmt: skip
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
