@@ -20,7 +20,6 @@ import datasets
 import httpx2  # huggingface_hub's HTTP client, for a real HfHubHTTPError
 import pyarrow.parquet as pq
 import pytest
-import torch
 from data_fixtures import tiny_corpus, truncate
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
@@ -28,7 +27,7 @@ from safetensors.torch import load_file
 from test_corpus_training import argv as corpus_argv
 from test_corpus_training import prepared  # noqa: F401 -- the prepared 8-shard corpus fixture
 from test_finetune import finetune_argv
-from test_training import REPO, final_weights, load_script, pretrain_argv
+from test_training import REPO, assert_same_weights, load_script, pretrain_argv
 
 import training_echoai
 from training_echoai import MANIFEST_FILE, Checkpoints
@@ -55,13 +54,6 @@ def straight(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def no_stream_shutdown_sleep(monkeypatch):
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
-
-
-def assert_same_weights(expected_dir: Path, output_dir: Path) -> None:
-    expected, got = final_weights(expected_dir), final_weights(output_dir)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
 def run_script(script: str, argv: list[str], patch: str = "", env: dict | None = None):
