@@ -55,7 +55,12 @@ encoded from grey, so the decoded chroma is neutral (R = G = B).
 
 Everything is drawn from ``numpy.random.SeedSequence(seed)``, one child sequence per video, so the
 same seed gives byte-identical CSVs and identical decoded frames, whatever the number of worker
-processes.
+processes, on CPUs with the same vector instructions. Across CPUs the labels and tracings stay
+byte-identical but a few pixels do not: numpy chooses the kernels of its math functions (``cos``,
+``tanh``, ``exp`` ...) by the CPU, and its AVX-512 kernels round some results in the last bit apart
+from the others, which moves a few pixels in 100,000 by 1-3 grey levels and changes the encoded
+files. To render on an AVX-512 CPU the videos an AVX2-only CPU renders, run the script with
+``NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL"`` (numpy then skips its AVX-512 kernels).
 """
 
 from __future__ import annotations
@@ -458,7 +463,8 @@ def make_synthetic_echonet(
     Args:
         output_dir: Folder to create (may exist; existing files of the same names are overwritten).
         num_videos: Number of videos (``FileList.csv`` rows).
-        seed: Seed of the whole corpus; the same seed gives the same files.
+        seed: Seed of the whole corpus; the same seed gives the same files on CPUs with the same
+            vector instructions (see the module docstring for other CPUs).
         num_workers: Processes rendering videos in parallel (default: all CPU cores, at most 8).
             The output does not depend on it.
     """

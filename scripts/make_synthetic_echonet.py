@@ -16,7 +16,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, help="Folder to write the corpus to.")
     parser.add_argument("--num_videos", type=int, default=200, help="Number of videos (FileList.csv rows).")
-    parser.add_argument("--seed", type=int, default=0, help="Corpus seed; the same seed gives the same files.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=(
+            "Corpus seed; the same seed gives the same files on CPUs with the same vector instructions "
+            "(across CPUs the labels match and a few pixels differ; see synthetic_echonet.py)."
+        ),
+    )
     parser.add_argument("--num_workers", type=int, default=None, help="Rendering processes (default: all cores).")
     return parser.parse_args(argv)
 
