@@ -76,10 +76,11 @@ final LayerNorm start from a fresh initialisation drawn from `--seed`, every oth
 the pretraining task can make a worse start than random ones. The `tiny` default start's frozen features hold the
 most EF after its first two layers, and with the top two re-initialised it fine-tuned level with scratch at a tenth
 of the labels, where that build's whole start is behind (later builds' whole starts land on either side of scratch
-there); at a quarter and with all the labels it is level with scratch and with the whole start run beside it, and on
-a second build of the start level with that build's whole start (docs/EXPERIMENTS.md, items 55-65). Off by default:
-from few labels its lead over the whole start is within the seed spread and moves with the pretraining build, and
-from many it gains nothing; a start to try, beside scratch, with a small checkpoint and tens of labelled videos.
+there, behind it over the fixed pretraining's three seeds); at a quarter and with all the labels it is level with
+scratch and with the whole start run beside it, and on a second build of the start level with that build's whole
+start (docs/EXPERIMENTS.md, items 55-66). Off by default: from few labels its lead over the whole start is within
+the seed spread and moves with the pretraining build, and from many it gains nothing; a start to try, beside
+scratch, with a small checkpoint and tens of labelled videos.
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
