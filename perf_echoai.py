@@ -45,17 +45,30 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeons from Sapphire Rapids on), by torch's own check; False where torch
+    cannot tell (an older or non-x86 build)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def fastest_attention(device: torch.device | str, precision: str, training: bool) -> str:
     """The `attn_implementation` EchoAI runs fastest with on `device` in `precision` ("no" / "fp32", "bf16",
     "fp16"), for training (forward + backward) or for inference (forward only).
 
-    The chunked matmul kernel for training on a CPU in half precision, where it beat torch's fused SDPA at every
-    training shape EchoAI runs on each CPU measured; transformers' default "sdpa" everywhere else: faster on CPU in
-    fp32, faster for bf16 inference on one of the two CPUs measured and slower on the other, and not measured on
-    GPUs (docs/BENCHMARKS.md, *Attention kernels*).
+    The chunked matmul kernel on a CPU in half precision -- for training, where it beat torch's fused SDPA at every
+    training shape EchoAI runs on each CPU measured, and for bf16 inference on CPUs without AMX, where it beat SDPA
+    on the AVX-512 CPU measured while SDPA won on the CPU with AMX; transformers' default "sdpa" everywhere else:
+    faster on CPU in fp32, for inference on a CPU with AMX, for fp16 inference (measured with AMX only), and not
+    measured on GPUs (docs/BENCHMARKS.md, *Attention kernels*).
     """
-    on_cpu = torch.device(device).type == "cpu"
-    return CHUNKED_ATTENTION if training and on_cpu and precision in CHUNKED_ATTENTION_PRECISIONS else "sdpa"
+    if torch.device(device).type != "cpu" or precision not in CHUNKED_ATTENTION_PRECISIONS:
+        return "sdpa"
+    if training or (precision == "bf16" and not cpu_has_amx()):
+        return CHUNKED_ATTENTION
+    return "sdpa"
 
 
 def use_fastest_attention(model: torch.nn.Module, device: torch.device | str, precision: str, training: bool) -> None:

@@ -27,7 +27,9 @@ warm-up, so every ratio pairs steps taken moments apart; medians and interquarti
 ratios are reported. VideoMAE runs with each of its CPU attention implementations (`--videomae_attention`,
 default both SDPA and eager: on this CPU eager is the faster one in bf16), and EchoAI is compared with the
 **fastest VideoMAE at each precision** (the lowest median of that table), so no ratio leans on a slow kernel of
-the reference.
+the reference. EchoAI runs the attention kernel the scripts choose for this CPU and precision
+(`perf_echoai.fastest_attention`); `--echoai_attention` adds a row EchoAI-<kernel> per kernel named, which tells
+whether that choice is the fastest here (the goals are checked on the scripts' choice only).
 
 The peak resident memory of each contender's pretraining step is read in a fresh subprocess per contender
 and precision (`VmHWM` of /proc/self/status, the process's peak RSS including torch itself; the median of 3 such
@@ -53,6 +55,7 @@ higher kept).
 
     python bench/bench_pretrain.py              # the full run (about 10 minutes on the 2-core machine)
     python bench/bench_pretrain.py --compile    # + both models under torch.compile (a few minutes more)
+    python bench/bench_pretrain.py --echoai_attention sdpa echoai_chunked   # + EchoAI with each kernel named
     python bench/bench_pretrain.py --quick      # a smoke run (about a minute)
     python bench/bench_pretrain.py --profile    # where a bf16 step's time goes, by kind of operator
 
@@ -93,6 +96,7 @@ from common import (  # noqa: E402
 from configuration_echoai import EchoAIConfig  # noqa: E402
 from inference_echoai import compile_for_inference, protocol_clip_indices  # noqa: E402
 from modeling_echoai import (  # noqa: E402
+    CHUNKED_ATTENTION,
     EchoAIForPreTraining,
     EchoAIForVideoClassification,
     make_mask,
@@ -104,6 +108,7 @@ from video_processing_echoai import EchoAIVideoProcessor  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 VIDEOMAE_ATTENTIONS = ("sdpa", "eager")
+ECHOAI_ATTENTIONS = ("sdpa", "eager", CHUNKED_ATTENTION)
 VIDEO_FRAMES = 200  # the inference benchmark's video length (EchoNet-Dynamic's median is about 175)
 
 
@@ -218,30 +223,38 @@ def inference_flops(config: EchoAIConfig, num_clips: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def set_attention(model: torch.nn.Module, precision: str, training: bool, attention: str | None) -> None:
+    """EchoAI's attention kernel: `attention` where named, else the one the scripts give it on this CPU at
+    `precision` (`perf_echoai.use_fastest_attention`)."""
+    if attention is None:
+        use_fastest_attention(model, "cpu", precision, training=training)
+    else:
+        model.set_attn_implementation(attention)
+
+
 def build_pretraining(
-    name: str, config: EchoAIConfig, precision: str, videomae_attention: str = "sdpa"
+    name: str, config: EchoAIConfig, precision: str, attention: str | None = None
 ) -> torch.nn.Module:
-    """EchoAI with the attention kernel the scripts give it at `precision` (`perf_echoai.use_fastest_attention`)."""
+    """`name`'s pretraining model with the attention kernel `attention`; None is the scripts' choice for EchoAI
+    (`set_attention`) and transformers' default, SDPA, for VideoMAE."""
     torch.manual_seed(0)
     if name == "EchoAI":
         model = EchoAIForPreTraining(copy.deepcopy(config)).train()
-        use_fastest_attention(model, "cpu", precision, training=True)
+        set_attention(model, precision, True, attention)
         return model
-    return VideoMAEForPreTraining(videomae_config(config, videomae_attention)).train()
+    return VideoMAEForPreTraining(videomae_config(config, attention or "sdpa")).train()
 
 
-def build_classifier(
-    name: str, config: EchoAIConfig, precision: str, videomae_attention: str = "sdpa"
-) -> torch.nn.Module:
-    """EchoAI with the attention kernel the scripts give it at `precision` (`perf_echoai.use_fastest_attention`)."""
+def build_classifier(name: str, config: EchoAIConfig, precision: str, attention: str | None = None) -> torch.nn.Module:
+    """`name`'s EF regressor (`num_labels=1`) with the attention kernel `attention`, as `build_pretraining`."""
     torch.manual_seed(0)
     if name == "EchoAI":
         config = copy.deepcopy(config)
         config.num_labels = 1
         model = EchoAIForVideoClassification(config).eval()
-        use_fastest_attention(model, "cpu", precision, training=False)
+        set_attention(model, precision, False, attention)
         return model
-    return VideoMAEForVideoClassification(videomae_config(config, videomae_attention, num_labels=1)).eval()
+    return VideoMAEForVideoClassification(videomae_config(config, attention or "sdpa", num_labels=1)).eval()
 
 
 def pretraining_step(
@@ -303,7 +316,7 @@ def video_inputs(config: EchoAIConfig, num_frames: int) -> tuple[torch.Tensor, t
 # --------------------------------------------------------------------------------------------------
 
 
-def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps: int, attention: str) -> None:
+def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps: int, attention: str | None) -> None:
     """Run in a subprocess: build, record RSS, run `steps` training steps, print peak RSS as JSON."""
     model = build_pretraining(name, config, precision, attention)
     pixel_values, mask = inputs(config, batch)
@@ -314,13 +327,15 @@ def rss_child(name: str, precision: str, config: EchoAIConfig, batch: int, steps
     print(json.dumps({"peak_mib": proc_status_mib("VmHWM"), "before_mib": before}))
 
 
-def measure_rss(args, name: str, precision: str, steps: int, attention: str = "sdpa") -> dict[str, float]:
+def measure_rss(args, name: str, precision: str, steps: int, attention: str | None = None) -> dict[str, float]:
     """Peak RSS of `args.rss_runs` fresh processes (the median, and the range): one process's peak varies by a few
-    tens of MiB from run to run with where the allocator happens to place things."""
+    tens of MiB from run to run with where the allocator happens to place things. `attention` as for
+    `build_pretraining`."""
     command = [
         sys.executable, __file__, "--rss_child", name, precision, "--preset", args.preset,
-        "--batch_size", str(args.batch_size), "--steps", str(steps), "--videomae_attention", attention,
-    ] + (["--default_malloc"] if args.default_malloc else [])  # fmt: skip
+        "--batch_size", str(args.batch_size), "--steps", str(steps),
+        *(["--rss_attention", attention] if attention else []), *(["--default_malloc"] if args.default_malloc else []),
+    ]  # fmt: skip
     runs = []
     for _ in range(args.rss_runs):
         result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -431,7 +446,7 @@ def run_profile(args, config: EchoAIConfig) -> None:
     for label, name in ((f"VideoMAE-{attention}", "VideoMAE"), ("EchoAI", "EchoAI")):
         if name not in args.profile_models:
             continue
-        model = build_pretraining(name, config, precision, attention)
+        model = build_pretraining(name, config, precision, attention if name == "VideoMAE" else None)
         step = pretraining_step(model, pixel_values, mask, precision)
         medians[label] = statistics.median(alternate({label: step}, args.warmup, args.steps)[label]) * 1e3
         self_cpu_us = profile_step(step, args.steps, model)
@@ -579,6 +594,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--videomae_attention", nargs="+", default=list(VIDEOMAE_ATTENTIONS), choices=VIDEOMAE_ATTENTIONS,
         help="VideoMAE's attention implementations to run; the fastest at each precision is the reference.",
     )  # fmt: skip
+    parser.add_argument(
+        "--echoai_attention", nargs="+", default=[], choices=ECHOAI_ATTENTIONS,
+        help="Also run EchoAI with these attention kernels (rows EchoAI-<kernel>), beside the row EchoAI, which "
+        "runs the kernel the scripts choose on this CPU at each precision (perf_echoai.fastest_attention) and is "
+        "the one the goals are checked on: whether the scripts' choice is the fastest here.",
+    )  # fmt: skip
     parser.add_argument("--rss_runs", type=int, default=None, help="Fresh processes per peak-RSS figure (3).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: batch 2, 1 warm-up, 2 rounds, 40 frames.")
     parser.add_argument(
@@ -593,16 +614,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the same process can show time in its loss that its unprofiled step does not spend.",
     )  # fmt: skip
     parser.add_argument("--rss_child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--rss_attention", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     fill_unset(args, quick=dict(batch_size=2, steps=2, videos=1, warmup=1, rss_runs=1),
                full=dict(batch_size=8, steps=12, videos=3, warmup=3, rss_runs=3))  # fmt: skip
     return args
 
 
-def contenders(args) -> list[tuple[str, str, str]]:
-    """(label, model, VideoMAE attention) of every eager-mode contender: VideoMAE once per attention, then EchoAI
-    (whose kernel `perf_echoai.use_fastest_attention` picks)."""
-    return [(f"VideoMAE-{a}", "VideoMAE", a) for a in args.videomae_attention] + [("EchoAI", "EchoAI", "sdpa")]
+def contenders(args, with_kernels: bool = True) -> list[tuple[str, str, str | None]]:
+    """(label, model, attention kernel) of every eager-mode contender: VideoMAE once per attention, EchoAI with
+    the scripts' kernel (None: `perf_echoai.use_fastest_attention` picks), then, `with_kernels`, EchoAI once per
+    `--echoai_attention` kernel."""
+    videomae = [(f"VideoMAE-{a}", "VideoMAE", a) for a in args.videomae_attention]
+    kernels = [(f"EchoAI-{a}", "EchoAI", a) for a in args.echoai_attention] if with_kernels else []
+    return videomae + [("EchoAI", "EchoAI", None)] + kernels
 
 
 def time_pretraining(args, config: EchoAIConfig) -> tuple[dict[str, list[float]], int]:
@@ -694,7 +719,7 @@ def main(argv=None) -> None:
     if not args.default_malloc:
         keep_freed_memory()
     if args.rss_child:
-        rss_child(*args.rss_child, config, args.batch_size, args.steps, args.videomae_attention[0])
+        rss_child(*args.rss_child, config, args.batch_size, args.steps, args.rss_attention)
         return
 
     started = time.perf_counter()
@@ -723,7 +748,7 @@ def main(argv=None) -> None:
     rss = {  # each contender's peak RSS, each in fresh processes
         f"{label} {p}": measure_rss(args, name, p, 1 if args.quick else 2, attention)
         for p in PRECISIONS
-        for label, name, attention in contenders(args)
+        for label, name, attention in contenders(args, with_kernels=False)  # the goals' rows
     }
     end_peaks = {p: matmul_peak_gflops(dtypes[p], repeats=repeats) for p in PRECISIONS}
     print(f"matmul peak 2048³ (end): fp32 {end_peaks['fp32']:.0f} GFLOP/s, bf16 {end_peaks['bf16']:.0f} GFLOP/s")

@@ -13,22 +13,39 @@ from perf_echoai import fastest_attention, half_precision_is_native, use_fastest
 
 
 @pytest.mark.parametrize(
-    "device, precision, training, expected",
+    "device, precision, training, without_amx, with_amx",
     [
-        ("cpu", "bf16", True, CHUNKED_ATTENTION),
-        ("cpu", "fp16", True, CHUNKED_ATTENTION),
-        (torch.device("cpu"), "bf16", True, CHUNKED_ATTENTION),
-        ("cpu", "bf16", False, "sdpa"),
-        ("cpu", "no", True, "sdpa"),
-        ("cpu", "fp32", False, "sdpa"),
-        ("cuda", "bf16", True, "sdpa"),
+        ("cpu", "bf16", True, CHUNKED_ATTENTION, CHUNKED_ATTENTION),
+        ("cpu", "fp16", True, CHUNKED_ATTENTION, CHUNKED_ATTENTION),
+        (torch.device("cpu"), "bf16", True, CHUNKED_ATTENTION, CHUNKED_ATTENTION),
+        ("cpu", "bf16", False, CHUNKED_ATTENTION, "sdpa"),
+        ("cpu", "fp16", False, "sdpa", "sdpa"),
+        ("cpu", "no", True, "sdpa", "sdpa"),
+        ("cpu", "fp32", False, "sdpa", "sdpa"),
+        ("cuda", "bf16", True, "sdpa", "sdpa"),
+        ("cuda", "bf16", False, "sdpa", "sdpa"),
     ],
 )
-def test_fastest_attention_is_chunked_only_for_cpu_training_in_half_precision(device, precision, training, expected):
-    assert fastest_attention(device, precision, training) == expected
+def test_fastest_attention_is_chunked_for_cpu_half_precision_but_bf16_inference_with_amx(
+    monkeypatch, device, precision, training, without_amx, with_amx
+):
+    """The chunked kernel trains in half precision on any CPU and runs bf16 inference where the CPU has no AMX;
+    SDPA runs everything else, bf16 inference on an AMX CPU included."""
+    for amx, expected in ((False, without_amx), (True, with_amx)):
+        monkeypatch.setattr(perf_echoai, "cpu_has_amx", lambda amx=amx: amx)
+        assert fastest_attention(device, precision, training) == expected, f"AMX: {amx}"
 
 
-def test_use_fastest_attention_sets_echoai_visibly_and_leaves_other_models_alone():
+def test_cpu_has_amx_follows_torch_and_is_false_where_torch_cannot_tell(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert perf_echoai.cpu_has_amx() is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert perf_echoai.cpu_has_amx() is False
+
+
+@pytest.mark.parametrize("amx, inference", [(False, CHUNKED_ATTENTION), (True, "sdpa")])
+def test_use_fastest_attention_sets_echoai_visibly_and_leaves_other_models_alone(monkeypatch, amx, inference):
+    monkeypatch.setattr(perf_echoai, "cpu_has_amx", lambda: amx)
     model = build(EchoAIForVideoClassification, tiny_config(num_labels=1))
     x = clips(model.config)
     with torch.no_grad():
@@ -38,6 +55,8 @@ def test_use_fastest_attention_sets_echoai_visibly_and_leaves_other_models_alone
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
     use_fastest_attention(model, "cpu", "bf16", training=False)
+    assert model.config._attn_implementation == inference
+    use_fastest_attention(model, "cpu", "no", training=False)
     assert model.config._attn_implementation == "sdpa"
 
     baseline = build_baseline("r2plus1d_18", base_width=4, stem_width=4)  # a CNN: no attention to choose

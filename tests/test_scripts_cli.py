@@ -69,6 +69,33 @@ def test_bench_pretrain_takes_the_fastest_videomae_as_its_reference():
     assert by_key["VideoMAE-sdpa bf16"][5].startswith("0.67")
 
 
+def test_bench_pretrain_runs_echoai_with_the_scripts_kernel_and_each_kernel_named(monkeypatch):
+    """The row "EchoAI" is the scripts' choice (`perf_echoai.fastest_attention`), the one the goals are checked on;
+    `--echoai_attention` adds a row per kernel named, and VideoMAE keeps its own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pretrain
+
+    import perf_echoai
+
+    args = bench_pretrain.parse_args(
+        ["--quick", "--videomae_attention", "eager", "--echoai_attention", "sdpa", "eager"]
+    )
+    assert bench_pretrain.contenders(args) == [
+        ("VideoMAE-eager", "VideoMAE", "eager"), ("EchoAI", "EchoAI", None),
+        ("EchoAI-sdpa", "EchoAI", "sdpa"), ("EchoAI-eager", "EchoAI", "eager"),
+    ]  # fmt: skip
+    assert bench_pretrain.contenders(args, with_kernels=False)[-1] == ("EchoAI", "EchoAI", None)
+    config = bench_pretrain.echoai_config("tiny")
+    monkeypatch.setattr(perf_echoai, "cpu_has_amx", lambda: False)
+    kernels = {
+        attention: bench_pretrain.build_classifier("EchoAI", config, "bf16", attention).config._attn_implementation
+        for attention in (None, "eager")
+    }
+    assert kernels == {None: perf_echoai.fastest_attention("cpu", "bf16", training=False), "eager": "eager"}
+    videomae = bench_pretrain.build_pretraining("VideoMAE", config, "bf16", "eager")
+    assert videomae.config._attn_implementation == "eager"
+
+
 def test_bench_pretrain_profile_accounts_every_operator_once(capsys):
     """`bench/bench_pretrain.py --profile` sorts each profiled operator's self time into one kind: the kinds add
     up to the whole profile, and a real (tiny) profiled step puts time under the linear layers."""
