@@ -58,13 +58,16 @@ def fastest_attention(device: torch.device | str, precision: str, training: bool
     """The `attn_implementation` EchoAI runs fastest with on `device` in `precision` ("no" / "fp32", "bf16",
     "fp16"), for training (forward + backward) or for inference (forward only).
 
-    The chunked matmul kernel on a CPU in half precision -- for training, where it beat torch's fused SDPA at every
-    training shape EchoAI runs on each CPU measured, and for bf16 inference on CPUs without AMX, where it beat SDPA
-    on the AVX-512 CPU measured while SDPA won on the CPU with AMX; transformers' default "sdpa" everywhere else:
-    faster on CPU in fp32, for inference on a CPU with AMX, for fp16 inference (measured with AMX only), and not
-    measured on GPUs (docs/BENCHMARKS.md, *Attention kernels*).
+    The chunked matmul kernel on a CPU with native kernels for the half precision (`half_precision_is_native`) --
+    for training, where it beat torch's fused SDPA at every training shape EchoAI runs on both such CPUs measured,
+    and for bf16 inference where the CPU has no AMX, where it beat SDPA on the AVX-512 CPU while SDPA won on the CPU
+    with AMX; transformers' default "sdpa" everywhere else: in fp32, for inference on a CPU with AMX and fp16
+    inference (measured with AMX only), on a CPU whose half precision is emulated (there SDPA was the faster at
+    every shape), and on GPUs (not measured). docs/BENCHMARKS.md, *Attention kernels*.
     """
     if torch.device(device).type != "cpu" or precision not in CHUNKED_ATTENTION_PRECISIONS:
+        return "sdpa"
+    if not half_precision_is_native(precision):
         return "sdpa"
     if training or (precision == "bf16" and not cpu_has_amx()):
         return CHUNKED_ATTENTION

@@ -26,14 +26,17 @@ from perf_echoai import fastest_attention, half_precision_is_native, use_fastest
         ("cuda", "bf16", False, "sdpa", "sdpa"),
     ],
 )
-def test_fastest_attention_is_chunked_for_cpu_half_precision_but_bf16_inference_with_amx(
+def test_fastest_attention_is_chunked_for_native_cpu_half_precision_but_bf16_inference_with_amx(
     monkeypatch, device, precision, training, without_amx, with_amx
 ):
-    """The chunked kernel trains in half precision on any CPU and runs bf16 inference where the CPU has no AMX;
-    SDPA runs everything else, bf16 inference on an AMX CPU included."""
-    for amx, expected in ((False, without_amx), (True, with_amx)):
-        monkeypatch.setattr(perf_echoai, "cpu_has_amx", lambda amx=amx: amx)
-        assert fastest_attention(device, precision, training) == expected, f"AMX: {amx}"
+    """Where the CPU has kernels for the half precision, the chunked kernel trains in it and runs bf16 inference
+    unless the CPU has AMX; SDPA runs everything else, and everything where the half precision is emulated."""
+    for native in (True, False):
+        monkeypatch.setattr(perf_echoai, "half_precision_is_native", lambda precision, native=native: native)
+        for amx, expected in ((False, without_amx), (True, with_amx)):
+            monkeypatch.setattr(perf_echoai, "cpu_has_amx", lambda amx=amx: amx)
+            chosen = fastest_attention(device, precision, training)
+            assert chosen == (expected if native else "sdpa"), f"native: {native}, AMX: {amx}"
 
 
 def test_cpu_has_amx_follows_torch_and_is_false_where_torch_cannot_tell(monkeypatch):
@@ -46,6 +49,7 @@ def test_cpu_has_amx_follows_torch_and_is_false_where_torch_cannot_tell(monkeypa
 @pytest.mark.parametrize("amx, inference", [(False, CHUNKED_ATTENTION), (True, "sdpa")])
 def test_use_fastest_attention_sets_echoai_visibly_and_leaves_other_models_alone(monkeypatch, amx, inference):
     monkeypatch.setattr(perf_echoai, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(perf_echoai, "half_precision_is_native", lambda precision: True)
     model = build(EchoAIForVideoClassification, tiny_config(num_labels=1))
     x = clips(model.config)
     with torch.no_grad():
