@@ -65,9 +65,8 @@ def fastest_attention(device: torch.device | str, precision: str, training: bool
     inference (measured with AMX only), on a CPU whose half precision is emulated (there SDPA was the faster at
     every shape), and on GPUs (not measured). docs/BENCHMARKS.md, *Attention kernels*.
     """
-    if torch.device(device).type != "cpu" or precision not in CHUNKED_ATTENTION_PRECISIONS:
-        return "sdpa"
-    if not half_precision_is_native(precision):
+    cpu_half = torch.device(device).type == "cpu" and precision in CHUNKED_ATTENTION_PRECISIONS
+    if not cpu_half or not half_precision_is_native(precision):
         return "sdpa"
     if training or (precision == "bf16" and not cpu_has_amx()):
         return CHUNKED_ATTENTION
