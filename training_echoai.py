@@ -66,7 +66,7 @@ from accelerate.utils import (
     set_seed,
 )
 from datasets import Dataset, IterableDataset
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, try_to_load_from_cache
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -433,6 +433,58 @@ def from_pretrained_with_geometry(model_class: type, path: str, overrides: dict)
     if geometry:
         model.resize_position_embeddings(**geometry)
     return model
+
+
+def describe_start(model_name_or_path: str | None) -> dict | None:
+    """Which weights a fine-tuning run started from, for `all_results.json` and the model card: the folder or Hub
+    id, and the sha256 of its weights (`*.safetensors`, read in name order: for a single-file checkpoint,
+    `sha256sum model.safetensors`), which tells two starts apart when a name does not (two builds of one
+    pretraining command saved under one name, a Hub repo pushed to again). A Hub id's files are read from the cache
+    `from_pretrained` just filled, and the commit it resolved is kept as `revision`. None for a random
+    initialisation. Runs that share a fingerprint share their pretraining draw: `scripts/compare_runs.py` groups
+    by it."""
+    if not model_name_or_path:
+        return None
+    start = {"model_name_or_path": str(model_name_or_path), "sha256": None, "revision": None}
+    if Path(model_name_or_path).is_dir():
+        files = sorted(Path(model_name_or_path).glob("*.safetensors"))
+    else:
+        files = cached_hub_weights(str(model_name_or_path))
+        if files:
+            start["revision"] = files[0].parent.name  # the cache keeps a commit's files under snapshots/<commit>/
+    if files:
+        digest = hashlib.sha256()
+        for file in files:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        start["sha256"] = digest.hexdigest()
+    return start
+
+
+def cached_hub_weights(repo_id: str) -> list[Path]:
+    """The cached `*.safetensors` files of the Hub model `repo_id` (one file, or the shards its index names), in
+    name order; [] when the cache does not hold them all."""
+    single = try_to_load_from_cache(repo_id, "model.safetensors")
+    if isinstance(single, str):
+        return [Path(single)]
+    index = try_to_load_from_cache(repo_id, "model.safetensors.index.json")
+    if not isinstance(index, str):
+        return []
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    files = [try_to_load_from_cache(repo_id, shard) for shard in shards]
+    return [Path(file) for file in files] if all(isinstance(file, str) for file in files) else []
+
+
+def start_fingerprint(start: dict | None) -> str:
+    """`describe_start`'s record in a few words: the folder or Hub id and the first 12 digits of its fingerprint."""
+    if not start or not start.get("model_name_or_path"):
+        return "a random initialisation"
+    if start.get("sha256"):
+        return f"{start['model_name_or_path']} (weights sha256 {start['sha256'][:12]}…)"
+    if start.get("revision"):
+        return f"{start['model_name_or_path']} (revision {start['revision'][:12]})"
+    return start["model_name_or_path"]
 
 
 def reinitialize_top_layers(model: torch.nn.Module, num_layers: int) -> list[str]:
@@ -1576,6 +1628,7 @@ def render_model_card(
     eval_protocol: str = "",
     dataset_name: str | None = None,
     failure: str | None = None,
+    start: dict | None = None,
 ) -> ModelCard:
     """Fill `model_card.md` from the run: architecture, size, data, hyper-parameters and, for a fine-tuned
     model, the metrics (also written as the card's `model-index`, task regression, metrics MAE/RMSE/R²).
@@ -1584,7 +1637,8 @@ def render_model_card(
     a split ("validation", "test") to {"mae": ..., "rmse": ..., "r2": ...} (or {"accuracy": ...}), with the mean
     predictor's figures on the same videos under "mean_predictor" (`metrics_echoai.check_against_mean_predictor`),
     shown beside the model's. `failure`: why the model did not learn EF (the same check), stated at the top of the
-    card.
+    card. `start`: the checkpoint fine-tuning started from (`describe_start`), named with its weights' sha256 in the
+    hyper-parameters and, when it is a Hub model, as the card's `base_model`.
     """
     config = model.config
     synthetic = dataset_dir is not None and "synthetic_echonet" in str(dataset_dir)
@@ -1598,6 +1652,7 @@ def render_model_card(
         pipeline_tag="video-classification",
         model_name=repo_id,
         eval_results=eval_results or None,
+        base_model=start["model_name_or_path"] if start and start.get("revision") else None,
     )
     training_data = (
         f"{num_videos} videos of {dataset_name}" if num_videos is not None else f"{dataset_name}, streamed"
@@ -1616,7 +1671,7 @@ def render_model_card(
         training_data_short=dataset_name,
         training_data=training_data,
         procedure=card_procedure(args, config, task),
-        hyperparameters=card_hyperparameters(args, config, train_result),
+        hyperparameters=card_hyperparameters(args, config, train_result, start),
         eval_rows=eval_rows,
         eval_protocol=eval_protocol,
         mean_predictor_ef=f"{mean_predictor_ef:.1f}" if mean_predictor_ef is not None else None,
@@ -1662,9 +1717,13 @@ def card_eval_results(
     return eval_results, eval_rows, mean_predictor_ef
 
 
-def card_hyperparameters(args: argparse.Namespace, config: EchoAIConfig, train_result: TrainResult) -> dict:
+def card_hyperparameters(
+    args: argparse.Namespace, config: EchoAIConfig, train_result: TrainResult, start: dict | None = None
+) -> dict:
+    # A fine-tuned model names the checkpoint it started from (`--config_name` is then unused); the rest their preset.
+    where = {"start": start_fingerprint(start)} if start else {"preset": args.config_name}
     hyperparameters = {
-        "preset": getattr(args, "config_name", None) or args.model_name_or_path,
+        **where,
         "optimizer": f"AdamW (0.9, {args.adam_beta2}), weight decay {args.weight_decay}",
         "learning rate": f"{args.learning_rate:g}, {args.num_warmup_steps} warm-up steps, cosine decay",
         "steps": train_result.state.global_step,

@@ -121,6 +121,7 @@ from training_echoai import (
     count_parameters,
     create_hub_repo,
     derive_seed,
+    describe_start,
     exit_on_run_error,
     from_pretrained_with_geometry,
     make_dataloader,
@@ -598,10 +599,13 @@ def describe_protocol(args: argparse.Namespace, config, processor, best: BestMod
     return eval_protocol
 
 
-def collect_results(args, result, best: BestModel, last: dict, test_metrics: dict, num_train: int, eval_protocol: str):
-    """`all_results.json` and, for regression, why the model did not learn EF (None when it did)."""
+def collect_results(
+    args, result, best: BestModel, last: dict, test_metrics: dict, num_train: int, eval_protocol: str, start
+):
+    """`all_results.json` and, for regression, why the model did not learn EF (None when it did). `start`: the
+    checkpoint the run fine-tuned (`describe_start`; None from scratch)."""
     all_results = {
-        "model": args.baseline or "echoai", "parameters": count_parameters(result.model),
+        "model": args.baseline or "echoai", "start": start, "parameters": count_parameters(result.model),
         "validation": best.metrics, "test": test_metrics,
         "best_epoch": best.epoch, "best_step": best.step, "last_step": last,
         "epochs": result.state.epoch, "steps": result.state.global_step, "seconds": round(result.seconds, 2),
@@ -658,6 +662,7 @@ def main(argv: list[str] | None = None):
     data_dir, splits = load_splits(args, accelerator)
     label_column = LABEL if args.class_boundaries else args.label_column
     model = build_model(args, splits["train"])
+    start = describe_start(None if args.from_scratch else args.model_name_or_path)  # before --output_dir is written
     use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
     with accelerator.main_process_first():
         processor = build_processor(args, model.config, splits["train"])
@@ -698,7 +703,7 @@ def main(argv: list[str] | None = None):
     accelerator.print(f"best: epoch {best.epoch} step {best.step}; test {shown_metrics(test_metrics, regression)}")
     eval_protocol = describe_protocol(args, result.model.config, processor, best, validation.last)
     all_results, failure = collect_results(
-        args, result, best, validation.last, test_metrics, len(splits["train"]), eval_protocol
+        args, result, best, validation.last, test_metrics, len(splits["train"]), eval_protocol, start
     )
     if lv_log is not None:
         all_results["lv_segmentation"] = lv_log.results(result.state)
@@ -707,6 +712,7 @@ def main(argv: list[str] | None = None):
     card = dict(
         task="regression" if regression else "classification", dataset_dir=data_dir, num_videos=len(splits["train"]),
         metrics={"validation": best.metrics, "test": test_metrics}, eval_protocol=eval_protocol, failure=failure,
+        start=start,
     )  # fmt: skip
     save_outputs(args, accelerator, model, processor, result, all_results, card)
     accelerator.end_training()

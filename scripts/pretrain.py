@@ -52,6 +52,7 @@ from training_echoai import (
     count_parameters,
     create_hub_repo,
     derive_seed,
+    describe_start,
     exit_on_run_error,
     from_pretrained_with_geometry,
     make_dataloader,
@@ -254,12 +255,14 @@ def masked_reconstruction_step(args: argparse.Namespace, accelerator, model, pro
     return compute_loss, on_step
 
 
-def collect_results(args: argparse.Namespace, result, share: float | None) -> dict:
-    """`all_results.json`: the run's length, its losses, the share of its target the decoder predicts at the end
-    (and whether that says it collapsed), and the data it could not read."""
+def collect_results(args: argparse.Namespace, result, share: float | None, start: dict | None) -> dict:
+    """`all_results.json`: the checkpoint pretraining continued (`describe_start`; None from a random
+    initialisation), the run's length, its losses, the share of its target the decoder predicts at the end (and
+    whether that says it collapsed), and the data it could not read."""
     state = result.state
     losses = state.history.get("loss", [])  # the whole run's, also when it was resumed
     return {
+        "start": start,
         "steps": state.global_step, "epochs": state.epoch, "seconds": round(result.seconds, 2),
         "train_seconds": round(state.train_seconds, 2), "stopped_by_time": result.stopped_by_time,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -270,18 +273,20 @@ def collect_results(args: argparse.Namespace, result, share: float | None) -> di
 
 
 def save_outputs(
-    args: argparse.Namespace, accelerator, model, processor, result, share: float | None, data_dir, num_videos
+    args: argparse.Namespace, accelerator, model, processor, result, share: float | None, data_dir, num_videos, start
 ) -> None:
     """The model (safetensors + remote code), its processor, `all_results.json`, the model card (with a warning at
     its top when the decoder collapsed) and the Hub upload."""
     save_model(accelerator, model, processor, args.output_dir)
     if not accelerator.is_main_process:
         return
-    save_text(Path(args.output_dir) / "all_results.json", json.dumps(collect_results(args, result, share), indent=2))
+    save_text(
+        Path(args.output_dir) / "all_results.json", json.dumps(collect_results(args, result, share, start), indent=2)
+    )
     card = render_model_card(unwrap(accelerator, model), args, task="pretraining", dataset_dir=data_dir,
                              num_videos=num_videos, train_result=result,
                              dataset_name="prepared echo corpus" if args.dataset_path else None,
-                             failure=collapse_warning(share))  # fmt: skip
+                             failure=collapse_warning(share), start=start)  # fmt: skip
     save_text(Path(args.output_dir) / "README.md", str(card))
     if args.push_to_hub:
         push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token)
@@ -297,6 +302,7 @@ def main(argv: list[str] | None = None):
     # Data
     data_dir, videos = load_videos(args, accelerator)
     model = build_model(args)
+    start = describe_start(args.model_name_or_path)  # before --output_dir is written
     use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
     processor, dataset = build_data(args, accelerator, model.config, videos)
     dataloader = make_dataloader(dataset, args.per_device_train_batch_size, args.num_workers)
@@ -320,7 +326,7 @@ def main(argv: list[str] | None = None):
     share, _ = mean_of_last(result.state.history.get(SHARE, []))  # what the decoder predicts at the run's end
     print_loss_trend(accelerator, result, share)
 
-    save_outputs(args, accelerator, model, processor, result, share, data_dir, num_videos)
+    save_outputs(args, accelerator, model, processor, result, share, data_dir, num_videos, start)
     accelerator.end_training()
     return result
 

@@ -6,6 +6,7 @@ Nothing is downloaded: each VideoMAE is built at random at a tiny geometry and s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -187,6 +188,11 @@ def test_continued_pretraining_then_fine_tuning_at_32_px_and_4_frames(converted,
     )  # fmt: skip
     assert pretrain.state.global_step == 2 and all(torch.isfinite(torch.tensor(pretrain.losses)))
     continued = EchoAIForPreTraining.from_pretrained(tmp_path / "pretrain")
+    start = json.loads((tmp_path / "pretrain" / "all_results.json").read_text())["start"]  # what it continued
+    assert (
+        start["model_name_or_path"] == str(converted)
+        and start["sha256"] == hashlib.sha256((converted / "model.safetensors").read_bytes()).hexdigest()
+    )
     assert (continued.config.image_size, continued.config.num_frames) == (32, 4)
     assert continued.config.position_embedding_type == "sinusoidal" and continued.config.norm_pix_per_channel
     assert EchoAIVideoProcessor.from_pretrained(tmp_path / "pretrain").image_std == pytest.approx(

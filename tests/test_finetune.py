@@ -3,6 +3,7 @@ results and a model card; EF scaling, label fractions, from-scratch runs, exact 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -106,6 +107,9 @@ def test_finetuning_from_a_pretraining_checkpoint_saves_a_loadable_ef_model_resu
         assert baseline["rmse"] >= baseline["mae"] and results[split]["prediction_sd"] >= 0
     assert isinstance(results["learned_ef"], bool) and results["learned_ef"] == (results["failure"] is None)
     assert results["last_step"]["step"] == 6 and "mae" in results["last_step"]["validation"]  # not only the best
+    # The start is named with its weights' sha256, which tells two builds saved under one name apart.
+    weights_sha = hashlib.sha256((pretrained / "model.safetensors").read_bytes()).hexdigest()
+    assert results["start"] == {"model_name_or_path": str(pretrained), "sha256": weights_sha, "revision": None}
 
     card = ModelCard.load(output / "README.md")
     assert card.data.library_name == "transformers" and "not a medical device" in card.text
@@ -114,6 +118,10 @@ def test_finetuning_from_a_pretraining_checkpoint_saves_a_loadable_ef_model_resu
     test_mae = found[("test", "mae")]
     assert test_mae.task_type == "regression" and test_mae.dataset_name == "EchoAI synthetic echo phantom"
     assert test_mae.metric_value == pytest.approx(results["test"]["mae"])
+    assert (
+        f"| start | {pretrained} (weights sha256 {weights_sha[:12]}…) |" in card.text and "| preset |" not in card.text
+    )
+    assert card.data.base_model is None  # a local folder is no Hub model to link to
     assert "| split | metric | this model | mean predictor |" in card.text
     assert (
         f"| test | MAE | {results['test']['mae']:.3f} | {results['test']['mean_predictor']['mae']:.3f} |" in card.text
@@ -281,7 +289,9 @@ def test_lv_segmentation_loss_trains_from_scratch_and_saves_a_model_that_predict
     assert segmentation["steps"] == 4 and segmentation["window"] == 4
     assert 0 < segmentation["loss_first_steps"] < 10 and math.isfinite(segmentation["loss_last_steps"])
     assert any(key.startswith("lv_head.") for key in load_file(output / "model.safetensors"))
-    assert "LV segmentation loss weight (ED/ES tracings) | 1.0" in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    assert "LV segmentation loss weight (ED/ES tracings) | 1.0" in card
+    assert results["start"] is None and "| preset | tiny |" in card and "| start |" not in card  # from scratch
     model = AutoModelForVideoClassification.from_pretrained(output)
     assert model.config.lv_segmentation_weight == 1.0
     video = load_echonet_dynamic(corpus)["test"]["video_path"][:1]

@@ -1,5 +1,6 @@
 """Tests for the EF metrics (`metrics_echoai`) and their local `evaluate` module (`metrics/ef_metrics`)."""
 
+import itertools
 import json
 import math
 import socket
@@ -10,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metrics_echoai import EFMetrics, check_against_mean_predictor, compute_ef_metrics, load_ef_metric
+from metrics_echoai import (
+    EFMetrics,
+    check_against_mean_predictor,
+    compute_ef_metrics,
+    load_ef_metric,
+    nested_spread,
+    permutation_test,
+)
 
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "ef_metrics"
@@ -312,3 +320,72 @@ def test_evaluate_load_works_offline_and_matches_the_function(monkeypatch, tmp_p
     direct = load_ef_metric(cache_dir=str(tmp_path))
     assert isinstance(direct, EFMetrics)
     assert direct.compute(predictions=predictions, references=references, **kwargs) == expected
+
+
+# Comparing runs over seeds: the permutation test and the nested spread.
+
+
+def _brute_force_p(candidate: list[float], reference: list[float]) -> float:
+    """The share of the pooled values' splits into groups of the same sizes whose reference-minus-candidate mean
+    difference reaches the observed one, counted one split at a time."""
+    pooled, k = candidate + reference, len(candidate)
+    observed = np.mean(reference) - np.mean(candidate)
+    hits = total = 0
+    for chosen in itertools.combinations(range(len(pooled)), k):
+        group = [pooled[i] for i in chosen]
+        rest = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        hits += np.mean(rest) - np.mean(group) >= observed - 1e-9
+        total += 1
+    return hits / total
+
+
+@pytest.mark.parametrize(
+    "candidate, reference",
+    [
+        ([1.0, 2.0], [3.0, 4.0]),  # the lowest split of six: p = 1/6, the least two a side can reach
+        ([3.0, 4.0], [1.0, 2.0]),  # the candidate is the higher: p = 1
+        ([2.0, 2.0, 2.0], [2.0, 2.0, 2.0]),  # no difference at all: every split reaches it
+        ([2.35, 2.54, 2.41, 2.55, 2.51, 2.75], [2.93, 2.52, 3.09]),  # six runs against three, with near-ties
+        ([4.1, 5.0, 3.9, 4.4], [4.2, 5.1, 4.8, 6.0, 4.9]),
+    ],
+)
+def test_permutation_test_counts_every_split_as_a_brute_force_count_does(candidate, reference):
+    result = permutation_test(candidate, reference)
+    assert result["exact"] and result["splits"] == math.comb(len(candidate) + len(reference), len(candidate))
+    assert result["p_value"] == pytest.approx(_brute_force_p(candidate, reference))
+    assert result["difference"] == pytest.approx(np.mean(reference) - np.mean(candidate))
+    assert result["least_p"] == pytest.approx(1 / result["splits"]) and result["p_value"] >= result["least_p"]
+
+
+def test_permutation_test_draws_splits_beyond_max_splits_and_lands_near_the_exact_p():
+    rng = np.random.default_rng(3)
+    candidate, reference = list(rng.normal(4.0, 1.0, 8)), list(rng.normal(4.8, 1.0, 8))  # 12,870 splits
+    exact = permutation_test(candidate, reference)
+    drawn = permutation_test(candidate, reference, max_splits=4000, seed=1)
+    assert not drawn["exact"] and drawn["splits"] == 4000 and drawn["least_p"] == exact["least_p"]
+    assert abs(drawn["p_value"] - exact["p_value"]) < 0.03  # binomial SD at p ≈ 0.1 and 4,000 draws: 0.005
+    assert permutation_test(candidate, reference, max_splits=4000, seed=1) == drawn  # seeded
+    assert permutation_test([0.0] * 8, [9.0] * 8, max_splits=100)["p_value"] > 0  # (1 + count) / (1 + draws)
+
+
+@pytest.mark.parametrize("candidate, reference", [([], [1.0]), ([1.0], []), ([1.0, math.nan], [2.0])])
+def test_permutation_test_refuses_empty_or_non_finite_groups(candidate, reference):
+    with pytest.raises(ValueError, match="at least one finite value"):
+        permutation_test(candidate, reference)
+
+
+def test_nested_spread_splits_the_runs_spread_into_the_groups_means_and_the_seeds_within_them():
+    groups = [[2.35, 2.54, 2.41], [2.55, 2.51, 2.75], [2.9]]
+    spread = nested_spread(groups)
+    values = [v for g in groups for v in g]
+    assert spread["runs"] == 7 and spread["mean"] == pytest.approx(np.mean(values))
+    assert spread["std"] == pytest.approx(np.std(values, ddof=1))
+    assert spread["group_means"] == pytest.approx([np.mean(g) for g in groups])
+    assert spread["between_std"] == pytest.approx(np.std([np.mean(g) for g in groups], ddof=1))
+    # Pooled within: the squared deviations from each group's own mean over the 2 + 2 + 0 degrees of freedom.
+    squares = sum(((np.array(g) - np.mean(g)) ** 2).sum() for g in groups)
+    assert spread["within_std"] == pytest.approx(math.sqrt(squares / 4))
+    single = nested_spread([[1.0], [2.0]])
+    assert math.isnan(single["within_std"]) and single["between_std"] == pytest.approx(math.sqrt(0.5))
+    with pytest.raises(ValueError, match="at least one value"):
+        nested_spread([[1.0], []])

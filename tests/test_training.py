@@ -109,6 +109,7 @@ def test_pretraining_run_saves_a_loadable_model_processor_card_and_pictures(corp
     assert results["target_share_predicted"] < 1 and math.isfinite(results["target_share_predicted"])
     assert results["decoder_collapsed"] == (results["target_share_predicted"] < 0.02)
     assert ("did not learn its pretraining task" in card.text) == results["decoder_collapsed"]
+    assert results["start"] is None and "| preset |" in card.text  # from a preset, not a checkpoint
 
 
 def test_the_share_of_the_target_predicted_tells_a_collapsed_decoder_from_a_learning_one():
