@@ -85,7 +85,7 @@ import torch
 from configuration_echoai import EchoAIConfig
 from data_echoai import load_echonet_dynamic, synthetic_echonet_dir
 from inference_echoai import make_figure, predict_videos
-from metrics_echoai import VERDICT_KEYS, check_against_mean_predictor, compute_ef_metrics
+from metrics_echoai import VERDICT_KEYS, check_against_mean_predictor, compute_ef_metrics, permutation_test
 from modeling_echoai import EchoAIForPreTraining, EchoAIForVideoClassification, make_mask, token_grid
 from training_echoai import (
     describe_reconstruction_target,
@@ -707,12 +707,24 @@ def table_num_frames(args: argparse.Namespace, rows: list[dict]) -> list[str]:
 
 def table_pretraining(args: argparse.Namespace, rows: list[dict]) -> list[str]:
     columns = ["labels", "train videos", "init", f"test MAE{seed_spread(args)}", "test RMSE", "test R²",
-               "per-seed MAE", "mean-predictor MAE", "learned EF (seeds)"]  # fmt: skip
+               "per-seed MAE", "mean-predictor MAE", "learned EF (seeds)",
+               "below scratch by (one-sided p over the seeds, least p)"]  # fmt: skip
+    scratch = {r["label_fraction"]: r for r in rows if r["init"] == "scratch"}
     return markdown_table(
         columns,
         ([f"{100 * r['label_fraction']:g} %", str(r["train_videos"]), r["init"], *seed_metrics(r),
-          fmt(r["mean_predictor_mae"]), f"{r['learned_ef']}/{len(r['seeds'])}"] for r in rows),
+          fmt(r["mean_predictor_mae"]), f"{r['learned_ef']}/{len(r['seeds'])}",
+          "—" if r["init"] == "scratch" else lead_cell(r, scratch[r["label_fraction"]])] for r in rows),
     )  # fmt: skip
+
+
+def lead_cell(row: dict, reference: dict) -> str:
+    """How far `row`'s mean test MAE is below `reference`'s, with the one-sided permutation test of that lead over
+    their seeds (`metrics_echoai.permutation_test`) and the least p-value their numbers of seeds can reach. The
+    seeds of one pretraining share its draw: the test says whether this pretraining beats scratch, not whether
+    the pretraining recipe does (for that, several pretraining seeds: `scripts/compare_runs.py`)."""
+    test = permutation_test([s["mae"] for s in row["seeds"]], [s["mae"] for s in reference["seeds"]])
+    return f"{test['difference']:.2f} (p = {test['p_value']:.3f}, least {test['least_p']:.3f})"
 
 
 def table_baselines(args: argparse.Namespace, rows: list[dict]) -> list[str]:

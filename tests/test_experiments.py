@@ -89,6 +89,10 @@ def test_smoke_experiment_writes_one_finite_row_per_setting_a_table_and_a_plot(
         assert all(r["mean_predictor_mae"] > 0 for r in rows)
     if name == "pretraining":
         assert rows[0]["train_videos"] == 1 and rows[2]["train_videos"] == 8  # 10 % / 100 % of 8 videos
+        # The pretrained start's lead over scratch at each fraction, tested over the seeds; one seed a side: p 1/2.
+        lead = rows[1]["mae"] - rows[0]["mae"]
+        assert table[1].endswith(f"| {lead:.2f} (p = {0.5 if lead > 0 else 1.0:.3f}, least 0.500) |")
+        assert table[2].endswith("| — |")
 
 
 def test_smoke_baselines_put_the_mean_predictor_the_cnn_and_echoai_in_one_table_with_seed_spread(
