@@ -1652,7 +1652,7 @@ def render_model_card(
         pipeline_tag="video-classification",
         model_name=repo_id,
         eval_results=eval_results or None,
-        base_model=start["model_name_or_path"] if start and start.get("revision") else None,
+        base_model=start["model_name_or_path"] if start and not Path(start["model_name_or_path"]).is_dir() else None,
     )
     training_data = (
         f"{num_videos} videos of {dataset_name}" if num_videos is not None else f"{dataset_name}, streamed"

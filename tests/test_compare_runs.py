@@ -1,5 +1,5 @@
-"""Which weights a run started from (`training_echoai.describe_start`), and `scripts/compare_runs.py`, which groups
-runs by it to compare fine-tuning arms over seeds and over pretraining draws."""
+"""Which weights a run started from (`training_echoai.describe_start`) and how its model card names them, and
+`scripts/compare_runs.py`, which groups runs by them to compare fine-tuning arms over seeds and pretraining draws."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
+from test_modeling import tiny_config
 from test_training import load_script
 
 from metrics_echoai import permutation_test
-from training_echoai import describe_start, start_fingerprint
+from modeling_echoai import EchoAIForVideoClassification
+from training_echoai import describe_start, render_model_card, start_fingerprint
 
 
 def write_weights(folder: Path, name: str, payload: bytes) -> Path:
@@ -125,3 +128,16 @@ def test_compare_runs_names_the_folder_that_cannot_be_compared(tmp_path, caplog)
     assert "does not record the checkpoint it started from" in caplog.text
     assert report["arms"][1]["mean"] == pytest.approx(3.75) and math.isnan(report["arms"][1]["std"])
     assert report["tests"][0]["starts"] is None
+
+
+def test_the_card_names_a_hub_start_as_its_base_model_and_a_folder_only_in_its_table(tmp_path):
+    model = EchoAIForVideoClassification(tiny_config(num_labels=1, problem_type="regression"))
+    args = load_script("finetune").parse_args(["--model_name_or_path", "echoai/tiny-pretrained", "--output_dir",
+                                               str(tmp_path / "run")])  # fmt: skip
+    trained = SimpleNamespace(state=SimpleNamespace(global_step=3))
+    hub = {"model_name_or_path": "echoai/tiny-pretrained", "sha256": "ab" * 32, "revision": "c" * 40}
+    card = render_model_card(model, args, "regression", None, 8, trained, start=hub)
+    assert card.data.base_model == "echoai/tiny-pretrained"
+    assert f"| start | echoai/tiny-pretrained (weights sha256 {'ab' * 6}…) |" in card.text
+    folder = {"model_name_or_path": str(tmp_path), "sha256": "ab" * 32, "revision": None}
+    assert render_model_card(model, args, "regression", None, 8, trained, start=folder).data.base_model is None
