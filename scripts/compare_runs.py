@@ -116,22 +116,22 @@ def load_run(folder: Path, split: str, metric: str) -> dict:
 
 def summarise_arm(name: str, runs: list[dict]) -> dict:
     """An arm's spread over its runs and over the groups (starts) they come in."""
-    values = np.array([r["value"] for r in runs])
     groups: dict[str, list[float]] = {}
     for r in runs:
         groups.setdefault(r["group"], []).append(r["value"])
+    nested = nested_spread(list(groups.values()))  # its mean and SD are the arm's over every run
     label_sd = [r["label_sd"] for r in runs if r["label_sd"]]
     mean_predictor = [r["mean_predictor"] for r in runs if r["mean_predictor"] is not None]
     return {
         "name": name,
         "runs": runs,
-        "mean": float(values.mean()),
-        "std": float(values.std(ddof=1)) if values.size > 1 else math.nan,
+        "mean": nested["mean"],
+        "std": nested["std"],
         "label_sd": float(np.mean(label_sd)) if label_sd else math.nan,
         "mean_predictor": float(np.mean(mean_predictor)) if mean_predictor else math.nan,
         "learned_ef": sum(r["learned_ef"] is True for r in runs),
         "groups": groups,
-        "nested": nested_spread(list(groups.values())),
+        "nested": nested,
         "shared_starts": any(len(v) > 1 for v in groups.values()),
     }
 
@@ -146,7 +146,10 @@ def check_comparable(arms: list[dict], metric: str) -> None:
             f"the runs were scored on different numbers of videos ({sorted(videos)}): compare runs tested on one "
             "corpus's split"
         )
-    spread = [arm["name"] for arm in arms if np.ptp([r["mean_predictor"] or 0 for r in arm["runs"]]) > 1e-6]
+    spread = [
+        arm["name"] for arm in arms
+        if np.ptp([r["mean_predictor"] for r in arm["runs"] if r["mean_predictor"] is not None] or [0.0]) > 1e-6
+    ]  # fmt: skip
     if spread:
         logger.warning(
             "the mean predictor's %s differs between the runs of %s: they were trained on different labelled "

@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None):
     data_dir, splits = load_splits(args, accelerator)
     label_column = LABEL if args.class_boundaries else args.label_column
     model = build_model(args, splits["train"])
-    start = describe_start(None if args.from_scratch else args.model_name_or_path)  # before --output_dir is written
+    start = describe_start(args.model_name_or_path)  # before --output_dir is written; None from scratch
     use_fastest_attention(model, accelerator.device, accelerator.mixed_precision, training=True)
     with accelerator.main_process_first():
         processor = build_processor(args, model.config, splits["train"])
