@@ -75,12 +75,11 @@ final LayerNorm start from a fresh initialisation drawn from `--seed`, every oth
 (`training_echoai.reinitialize_top_layers`), as Zhang et al. (2021) did for BERT on few labels: layers shaped by
 the pretraining task can make a worse start than random ones. The `tiny` default start's frozen features hold the
 most EF after its first two layers, and with the top two re-initialised it fine-tuned level with scratch at a tenth
-of the labels, where that build's whole start is behind (later builds' whole starts land on either side of scratch
-there, behind it over the fixed pretraining's three seeds); at a quarter and with all the labels it is level with
-scratch and with the whole start run beside it, and on a second build of the start level with that build's whole
-start (docs/EXPERIMENTS.md, items 55-66). Off by default: from few labels its lead over the whole start is within
-the seed spread and moves with the pretraining build, and from many it gains nothing; a start to try, beside
-scratch, with a small checkpoint and tens of labelled videos.
+of the labels, where that build's whole start is behind; on the build of the fixed pretraining that fails at a
+tenth it did not help (one seed of three beyond chance, as with the whole start). At a quarter and with all the
+labels it is level with scratch and with the whole start run beside it, and on a second build level with that
+build's whole start (docs/EXPERIMENTS.md, items 55-71). Off by default: it gains nothing beyond the seed spread
+anywhere measured, and what it does moves with the pretraining build.
 
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
@@ -197,8 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "from --seed (`training_echoai.reinitialize_top_layers`): layers specialised to the pretraining task can "
         "start worse than random ones from few labels (with 2, a `tiny` checkpoint fine-tuned from tens of labelled "
         "videos was level with scratch and a little, within the seed spread, ahead of the whole checkpoint on one "
-        "pretraining build and level with it on another; from 180 it changed nothing). 0 (default) keeps the whole "
-        "checkpoint.",
+        "pretraining build, level with it on another, and did not rescue a third that fails from 18; from 180 it "
+        "changed nothing). 0 (default) keeps the whole checkpoint.",
     )  # fmt: skip
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
