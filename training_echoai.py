@@ -563,24 +563,52 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(
-    model: torch.nn.Module, weight_decay: float, learning_rate: float, layer_decay: float | None = None
+    model: torch.nn.Module,
+    weight_decay: float,
+    learning_rate: float,
+    layer_decay: float | None = None,
+    encoder_apart: bool = False,
 ) -> list[dict]:
     """AdamW parameter groups: decay / no decay, each scaled by layer-wise learning-rate decay if given
     (layer l of L gets learning_rate * layer_decay ** (L + 1 - l), so the head learns fastest). Without layer decay
-    any module will do (the R(2+1)D baseline has no transformer layers)."""
+    any module will do (the R(2+1)D baseline has no transformer layers). With `encoder_apart`, the base model's
+    parameters (`model.base_model_prefix`: the encoder) never share a group with the heads', and every group says
+    which it holds (`"encoder"`), so that a schedule can treat them apart (`build_optimizer`'s `encoder_delay`)."""
     num_layers = model.config.num_hidden_layers if layer_decay is not None else 0
-    groups: dict[tuple[bool, int], dict] = {}
+    prefix = f"{model.base_model_prefix}." if encoder_apart else None
+    groups: dict[tuple[bool, int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         decay = not no_weight_decay(name, parameter)
         depth = layer_id(name, num_layers) if layer_decay is not None else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - depth) if layer_decay is not None else 1.0
-        group = groups.setdefault(
-            (decay, depth), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr": learning_rate * scale}
-        )
+        encoder = prefix is not None and name.startswith(prefix)
+        group = groups.get((decay, depth, encoder))
+        if group is None:
+            group = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr": learning_rate * scale}
+            if encoder_apart:
+                group["encoder"] = encoder
+            groups[decay, depth, encoder] = group
         group["params"].append(parameter)
     return list(groups.values())
+
+
+def delayed_start(schedule: Callable[[int], float], delay: int, warmup: int) -> Callable[[int], float]:
+    """The learning-rate factor of a parameter group that joins training late: 0 for the first `delay` scheduler
+    steps, then a linear ramp to 1 over the next `warmup` steps, times the run's own schedule (`schedule`, a
+    `LambdaLR` factor). At factor 0 AdamW leaves a parameter exactly as it was (its decoupled weight decay is
+    scaled by the learning rate too) while its moments still follow the gradients, so the group joins with moment
+    estimates of the current loss rather than fresh ones; the ramp keeps its first updates small all the same.
+
+    A plain function, not a callable object: `LambdaLR.state_dict` then stores nothing of it, and a checkpoint
+    stays loadable with `weights_only` (the factor depends on the step alone, which the scheduler's state holds)."""
+    warmup = max(1, warmup)
+
+    def factor(step: int) -> float:
+        return schedule(step) * min(1.0, max(0.0, (step - delay) / warmup))
+
+    return factor
 
 
 def build_optimizer(
@@ -589,11 +617,21 @@ def build_optimizer(
     accelerator: Accelerator,
     dataloader: torch.utils.data.DataLoader,
     layer_decay: float | None = None,
+    encoder_delay: int = 0,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW (0.9, `--adam_beta2`) over `param_groups`, linear warm-up then cosine decay (MAE's pretraining and
-    fine-tuning recipes); settles `args.max_train_steps` etc. from the unprepared loader (see `schedule_steps`)."""
+    fine-tuning recipes); settles `args.max_train_steps` etc. from the unprepared loader (see `schedule_steps`).
+
+    `encoder_delay` N > 0: only the heads learn for the first N optimizer steps; then the encoder joins, its
+    learning rate warming up again over `--num_warmup_steps` (`delayed_start`): linear probing, then fine-tuning
+    (LP-FT, Kumar et al. 2022), within the same number of steps."""
+    if encoder_delay and getattr(args, "max_train_seconds", None):
+        raise ValueError(
+            "a delayed encoder start counts optimizer steps, and --max_train_seconds stretches the schedule by "
+            "time; give one of the two"
+        )
     optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay, args.learning_rate, layer_decay),
+        param_groups(model, args.weight_decay, args.learning_rate, layer_decay, encoder_apart=encoder_delay > 0),
         lr=args.learning_rate,
         betas=(0.9, args.adam_beta2),
         # One kernel over all tensors (CPU and CUDA), the same update to float rounding (docs/BENCHMARKS.md,
@@ -602,6 +640,11 @@ def build_optimizer(
     )
     streamed = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)  # no length: --max_train_steps
     schedule_steps(args, None if streamed else math.ceil(len(dataloader) / accelerator.num_processes))
+    if encoder_delay >= args.max_train_steps:
+        raise ValueError(
+            f"the encoder would join after step {encoder_delay} of a {args.max_train_steps}-step run and never "
+            "train; give fewer heads-only steps or more --max_train_steps"
+        )
     # A prepared scheduler steps once per process per optimizer step, hence the factor.
     num_warmup_steps = args.num_warmup_steps * accelerator.num_processes
     num_training_steps = args.max_train_steps * accelerator.num_processes
@@ -609,6 +652,17 @@ def build_optimizer(
         scheduler = TimeBudgetSchedule(optimizer, num_warmup_steps, num_training_steps, args.max_train_seconds)
     else:
         scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
+    if encoder_delay:
+        delay = encoder_delay * accelerator.num_processes
+        scheduler.lr_lambdas = [
+            delayed_start(factor, delay, num_warmup_steps) if group["encoder"] else factor
+            for factor, group in zip(scheduler.lr_lambdas, optimizer.param_groups, strict=True)
+        ]
+        # The first step's rates were set before the lambdas were replaced.
+        for group, base_lr, factor in zip(
+            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
     return optimizer, scheduler
 
 
@@ -1748,6 +1802,8 @@ def card_procedure(args: argparse.Namespace, config: EchoAIConfig, task: str) ->
     if getattr(args, "reinit_top_layers", 0):
         n = args.reinit_top_layers
         start += f" with its top {n} layer{'s' if n > 1 else ''} re-initialised"
+    if getattr(args, "linear_probe_steps", 0):
+        start += f", the heads alone trained for the first {args.linear_probe_steps} steps (LP-FT)"
     pooling = {
         "mean": "mean-pooled tokens",
         "mean_max_min": "each token slice's mean, pooled by mean, maximum and minimum over time",

@@ -81,6 +81,13 @@ labels it is level with scratch and with the whole start run beside it, and on a
 build's whole start (docs/EXPERIMENTS.md, items 55-71). Off by default: it gains nothing beyond the seed spread
 anywhere measured, and what it does moves with the pretraining build.
 
+Linear probing, then fine-tuning (`--linear_probe_steps N`, off by default; LP-FT, Kumar et al. 2022): for the
+first N optimizer steps only the heads learn (the EF head and, with the tracings, the LV-mask head), on the
+checkpoint's features; then the encoder joins, its learning rate warming up again over `--num_warmup_steps`
+(`training_echoai.delayed_start`), and the run ends after the same `--max_train_steps`. A random head's first
+gradients can pull pretrained features apart before the head has learned to read them; from few labels that is
+where a start can lose what pretraining gave it. Measured in docs/EXPERIMENTS.md, item 80.
+
 Reads top to bottom: arguments -> accelerator -> data -> model, optimizer, schedule -> prepare -> loop ->
 evaluate -> save. The loop, checkpoints, resume and signal handling are shared with pretraining
 (`training_echoai.py`).
@@ -199,6 +206,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pretraining build, level with it on another, and did not rescue a third that fails from 18; from 180 it "
         "changed nothing). 0 (default) keeps the whole checkpoint.",
     )  # fmt: skip
+    add(
+        "--linear_probe_steps", type=int, default=0,
+        help="Train only the heads (EF and LV mask) on the checkpoint's features for the first N optimizer steps, "
+        "then fine-tune the whole model, the encoder's learning rate warming up again over --num_warmup_steps: "
+        "linear probing, then fine-tuning (LP-FT, Kumar et al. 2022), within --max_train_steps. A random head's "
+        "first gradients can pull pretrained features apart before the head has learned to read them. 0 "
+        "(default) fine-tunes everything from the first step.",
+    )  # fmt: skip
     add("--label_fraction", type=float, default=1.0, help="Use this fraction of the training videos (seeded).")
     add("--label_fraction_seed", type=int, default=0, help="Seed of the --label_fraction subset (not --seed).")
     add("--eval_num_clips", type=int, default=1, help="Evenly spaced clips averaged per video in evaluation.")
@@ -248,6 +263,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--reinit_top_layers must be >= 0 (0 is off), got {args.reinit_top_layers}")
     if args.reinit_top_layers and args.from_scratch:
         parser.error("--reinit_top_layers re-initialises a checkpoint's layers; a --from_scratch model has no others")
+    if args.linear_probe_steps < 0:
+        parser.error(f"--linear_probe_steps must be >= 0 (0 is off), got {args.linear_probe_steps}")
+    if args.linear_probe_steps and args.from_scratch:
+        parser.error("--linear_probe_steps trains the heads on a checkpoint's features first; a --from_scratch "
+                     "encoder has none worth probing")  # fmt: skip
+    if args.linear_probe_steps and args.max_train_seconds:
+        parser.error("--linear_probe_steps counts optimizer steps and --max_train_seconds stretches the schedule by "
+                     "time; give one of the two")  # fmt: skip
     if args.lv_segmentation_weight is not None and args.lv_segmentation_weight < 0:
         parser.error(f"--lv_segmentation_weight must be >= 0 (0 is off), got {args.lv_segmentation_weight:g}")
     return args
@@ -261,8 +284,9 @@ def check_baseline_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     for flag in ("layer_decay", "drop_path_rate"):
         if getattr(args, flag) is not None:
             parser.error(f"--{flag} is for EchoAI's transformer layers; --baseline {args.baseline} has none")
-    if args.reinit_top_layers:
-        parser.error(f"--reinit_top_layers is for an EchoAI checkpoint; --baseline {args.baseline} starts at random")
+    for flag in ("reinit_top_layers", "linear_probe_steps"):
+        if getattr(args, flag):
+            parser.error(f"--{flag} is for an EchoAI checkpoint; --baseline {args.baseline} starts at random")
     if args.num_labels != 1:
         parser.error(f"--baseline {args.baseline} regresses one target; drop --num_labels {args.num_labels}")
     if args.push_to_hub:
@@ -425,6 +449,8 @@ def log_run(args: argparse.Namespace, accelerator, model: torch.nn.Module, num_t
     if args.reinit_top_layers:
         n = args.reinit_top_layers
         recipe += f", the checkpoint's top {n} encoder layer{'s' if n > 1 else ''} re-initialised"
+    if args.linear_probe_steps:
+        recipe += f", only the heads trained for the first {args.linear_probe_steps} steps (LP-FT)"
     logger.info(
         "Fine-tuning %s (%.2f M parameters) on %d training videos of %s (%s, %s): %d steps%s, effective batch %d, "
         "%s, precision %s",
@@ -614,7 +640,7 @@ def collect_results(
         "label_fraction": args.label_fraction, "eval_num_clips": args.eval_num_clips, "eval_protocol": eval_protocol,
         "learning_rate": args.learning_rate, "layer_decay": args.layer_decay, "drop_path_rate": args.drop_path_rate,
         "lv_segmentation_weight": args.lv_segmentation_weight, "ema_decay": args.ema_decay,
-        "reinit_top_layers": args.reinit_top_layers,
+        "reinit_top_layers": args.reinit_top_layers, "linear_probe_steps": args.linear_probe_steps,
     }  # fmt: skip
     failure = None
     if args.num_labels == 1:
@@ -673,7 +699,9 @@ def main(argv: list[str] | None = None):
 
     # Optimizer and schedule: AdamW with layer-wise learning-rate decay, warm-up and cosine decay (MAE fine-tuning);
     # the baseline: AdamW without layer decay, the same schedule.
-    optimizer, scheduler = build_optimizer(model, args, accelerator, train_loader, layer_decay=args.layer_decay)
+    optimizer, scheduler = build_optimizer(
+        model, args, accelerator, train_loader, layer_decay=args.layer_decay, encoder_delay=args.linear_probe_steps
+    )
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     best = BestModel()  # in every checkpoint, so a resumed run restores the same best model
     accelerator.register_for_checkpointing(best)

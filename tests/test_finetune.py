@@ -265,10 +265,22 @@ def test_reinit_top_layers_draws_the_top_layers_afresh_and_keeps_the_rest_of_the
     assert "a pretrained encoder with its top 2 layers re-initialised" in card_procedure(
         args, model.config, "regression"
     )
-    for flags in (("--from_scratch", "1"), ("--baseline", "r2plus1d_18", "1"), ("--model_name_or_path", "x", "-1")):
-        with pytest.raises(SystemExit):
-            finetune.parse_args([*flags[:-1], "--reinit_top_layers", flags[-1]])
-        assert "--reinit_top_layers" in capsys.readouterr().err
+    for flag in ("--reinit_top_layers", "--linear_probe_steps"):
+        for flags in (
+            ("--from_scratch", "1"),
+            ("--baseline", "r2plus1d_18", "1"),
+            ("--model_name_or_path", "x", "-1"),
+        ):
+            with pytest.raises(SystemExit):
+                finetune.parse_args([*flags[:-1], flag, flags[-1]])
+            assert flag in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # heads-only steps are steps: a time budget would stretch them
+        finetune.parse_args(["--model_name_or_path", "x", "--max_train_seconds", "60", "--linear_probe_steps", "10"])
+    assert "give one of the two" in capsys.readouterr().err
+    args = finetune.parse_args(["--model_name_or_path", str(pretrained), "--linear_probe_steps", "200"])
+    assert "the heads alone trained for the first 200 steps (LP-FT)" in card_procedure(
+        args, model.config, "regression"
+    )
 
 
 def test_lv_segmentation_loss_trains_from_scratch_and_saves_a_model_that_predicts_ef_as_usual(corpus, tmp_path):
@@ -427,11 +439,22 @@ def test_from_scratch_with_half_the_labels_trains_and_scales_to_its_own_subset(c
     assert "| Stem | 3 strided 3-D convolutions (24/48/96 channels)" in card
 
 
-def test_resumed_finetuning_ends_with_the_weights_of_a_straight_run(corpus, pretrained, tmp_path):
+@pytest.mark.parametrize("heads_first", [(), ("--linear_probe_steps", "4")], ids=["whole", "linear_probe_first"])
+def test_resumed_finetuning_ends_with_the_weights_of_a_straight_run(corpus, pretrained, tmp_path, heads_first):
     """Copy a checkpoint to a fresh output folder and resume there: the final and the best weights equal a straight
     run's, bit for bit (same batches, clips, augmentation, stochastic depth; the best model travels with the
-    checkpoint). 4 steps per epoch, validation at steps 4 and 8."""
-    steps = ("--max_train_steps", "8", "--checkpointing_steps", "3", "--model_name_or_path", str(pretrained))
+    checkpoint). 4 steps per epoch, validation at steps 4 and 8. With `--linear_probe_steps 4` one checkpoint falls
+    in the heads-only steps, whose encoder is still the pretrained one bit for bit, and one after the encoder
+    joined."""
+    steps = (
+        "--max_train_steps",
+        "8",
+        "--checkpointing_steps",
+        "3",
+        "--model_name_or_path",
+        str(pretrained),
+        *heads_first,
+    )
     finetune = load_script("finetune")
     straight, interrupted, resumed = tmp_path / "straight", tmp_path / "interrupted", tmp_path / "resumed"
     finetune.main(finetune_argv(corpus, straight, *steps))
@@ -446,6 +469,13 @@ def test_resumed_finetuning_ends_with_the_weights_of_a_straight_run(corpus, pret
             json.loads((resumed / "all_results.json").read_text())["validation"]
             == json.loads((straight / "all_results.json").read_text())["validation"]
         )
+    if heads_first:
+        checkpoint, early = load_file(pretrained / "model.safetensors"), straight / "checkpoints" / "step_0000003"
+        encoder = {k: v for k, v in load_file(early / "model.safetensors").items() if k.startswith("echoai.")}
+        assert encoder and all(torch.equal(value, checkpoint[name]) for name, value in encoder.items())
+        final = load_file(straight / "checkpoints" / "step_0000006" / "model.safetensors")
+        assert not all(torch.equal(final[name], checkpoint[name]) for name in encoder)
+        assert json.loads((straight / "all_results.json").read_text())["linear_probe_steps"] == 4
 
 
 def test_weight_average_is_validated_kept_and_resumed_without_changing_the_training(corpus, pretrained, tmp_path):
@@ -519,7 +549,7 @@ def test_recipe_defaults_are_the_ones_the_readme_states():
     assert scratch.period == 4 and scratch.config_name == "tiny"
     pretrained = finetune.parse_args(["--model_name_or_path", "outputs/pretrain"])
     assert (pretrained.learning_rate, pretrained.layer_decay, pretrained.drop_path_rate) == (1e-3, 1.0, 0.0)
-    assert pretrained.reinit_top_layers == 0
+    assert pretrained.reinit_top_layers == pretrained.linear_probe_steps == 0
     explicit = finetune.parse_args(["--from_scratch", "--learning_rate", "3e-4", "--layer_decay", "0.8"])
     assert (explicit.learning_rate, explicit.layer_decay) == (3e-4, 0.8)
     assert scratch.lv_segmentation_weight is pretrained.lv_segmentation_weight is None  # settled by the training split

@@ -427,6 +427,65 @@ def test_time_budget_schedule_is_the_cosine_schedule_until_the_time_budget_binds
     assert lrs[0] > lrs[1] > lrs[2] > 0 and lrs[3] == 0.0  # 12 s of a 10 s budget: decayed to 0
 
 
+def test_a_delayed_encoder_stays_exactly_put_then_warms_up_and_its_schedule_survives_a_checkpoint(tmp_path):
+    """`build_optimizer(..., encoder_delay=N)` (finetune.py's --linear_probe_steps): for N steps only the heads
+    move, the encoder bit for bit unchanged; then its learning rate ramps up over the warm-up to the heads'. The
+    scheduler's state loads with `weights_only`, as accelerate loads a checkpoint, and gives the same rates."""
+    from modeling_echoai import EchoAIForVideoClassification
+
+    config = EchoAIConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, num_labels=1, problem_type="regression")  # fmt: skip
+    args = argparse.Namespace(weight_decay=0.05, learning_rate=1e-2, adam_beta2=0.999, max_train_steps=8,
+                              num_warmup_steps=2, num_train_epochs=None, gradient_accumulation_steps=1)  # fmt: skip
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8)), batch_size=2)
+    accelerator = argparse.Namespace(num_processes=1)
+
+    def build(seed: int = 0):
+        torch.manual_seed(seed)
+        model = EchoAIForVideoClassification(config)
+        return (model, *training_echoai.build_optimizer(model, args, accelerator, loader, encoder_delay=3))
+
+    model, optimizer, scheduler = build()
+    encoder = [g for g in optimizer.param_groups if g["encoder"]]
+    heads = [g for g in optimizer.param_groups if not g["encoder"]]
+    assert (
+        encoder
+        and heads
+        and {id(p) for g in heads for p in g["params"]}
+        == {id(p) for n, p in model.named_parameters() if not n.startswith("echoai.")}
+    )
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    rates = []
+    for step in range(6):
+        rates.append((encoder[0]["lr"], heads[0]["lr"]))
+        pixels = torch.randn(2, 4, 3, 32, 32, generator=generator)
+        model(pixel_values=pixels, labels=torch.randn(2, generator=generator)).loss.backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+        if step <= 3:  # the encoder's rates of steps 0-3 are 0 (step 0's the heads' too): it has not moved at all
+            assert bool(moved) == (step > 0) and not any(n.startswith("echoai.") for n in moved), step
+    assert any(n.startswith("echoai.") for n in moved)  # steps 4 and 5 moved it
+    factor = lambda step: min(1.0, step / 2) * 0.5 * (1 + math.cos(math.pi * max(0, step - 2) / 6))  # noqa: E731
+    for step, (encoder_lr, head_lr) in enumerate(rates):
+        assert head_lr == pytest.approx(1e-2 * factor(step), abs=1e-12), step
+        assert encoder_lr == pytest.approx(1e-2 * factor(step) * min(1.0, max(0.0, (step - 3) / 2)), abs=1e-12), step
+    assert rates[3][0] == 0.0 and 0 < rates[4][0] < rates[4][1] and rates[5][0] == rates[5][1]
+
+    torch.save(scheduler.state_dict(), tmp_path / "scheduler.bin")
+    _, _, resumed = build(seed=1)
+    resumed.load_state_dict(torch.load(tmp_path / "scheduler.bin", weights_only=True))
+    resumed.step(), scheduler.step()
+    assert resumed.get_last_lr() == scheduler.get_last_lr() and resumed.get_last_lr()[0] > 0
+
+    with pytest.raises(ValueError, match="never train"):
+        training_echoai.build_optimizer(model, args, accelerator, loader, encoder_delay=8)
+    with pytest.raises(ValueError, match="--max_train_seconds"):
+        budget = argparse.Namespace(**vars(args), max_train_seconds=60.0)
+        training_echoai.build_optimizer(model, budget, accelerator, loader, encoder_delay=3)
+    assert "encoder" not in training_echoai.param_groups(model, 0.05, 1e-3)[0]  # the default groups are unchanged
+
+
 def test_weight_average_follows_the_ramped_decay_and_swaps_in_and_out_exactly():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
