@@ -13,7 +13,8 @@ The two scripts differ only in their model, data and loss; everything else lives
   matches, else one normalised with the training videos' mean and std.
 * `param_groups`, `build_optimizer` -- AdamW groups with no weight decay on norms, biases, position tables and
   the mask token (MAE), optional layer-wise learning-rate decay (BEiT / MAE fine-tuning); warm-up + cosine, over
-  the steps or, with `--max_train_seconds`, over whichever of steps and seconds is further spent.
+  the steps or, with `--max_train_seconds`, over whichever of steps and seconds is further spent; optionally the
+  encoder held still while the heads learn, then warmed up (`delayed_start`: linear probing, then fine-tuning).
 * `Checkpoints` -- `accelerator.save_state` written to a temporary folder, sealed by a manifest and renamed into
   place (a killed save never leaves a half checkpoint), rotated, and found again by `latest` (the newest that
   verifies).
