@@ -641,7 +641,7 @@ def build_optimizer(
     )
     streamed = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)  # no length: --max_train_steps
     schedule_steps(args, None if streamed else math.ceil(len(dataloader) / accelerator.num_processes))
-    if encoder_delay >= args.max_train_steps:
+    if encoder_delay and encoder_delay >= args.max_train_steps:
         raise ValueError(
             f"the encoder would join after step {encoder_delay} of a {args.max_train_steps}-step run and never "
             "train; give fewer heads-only steps or more --max_train_steps"
